@@ -1,0 +1,103 @@
+"""Load a preset, apply `key=value` overrides and validate, with errors that name key, value and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .schema import CascadeConfig
+
+PRESET_DIR = Path(__file__).parent
+
+
+class ConfigError(ValueError):
+    """A preset or override that does not fit the schema."""
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_preset(preset: str | Path) -> tuple[str, dict[str, Any]]:
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {str(preset)!r}: expected one of {preset_names()} or a path to a .yaml file")
+    elif not path.is_file():
+        raise ConfigError(f"preset file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    data.setdefault("preset", path.stem)
+    return str(path), data
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. stage_1.steps=50")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`stage_1.steps`) in a nested dict; values given as text are parsed as YAML scalars."""
+    items = overrides.items() if isinstance(overrides, Mapping) else (_parse_override(o) for o in overrides)
+    for key, value in items:
+        path = key.split(".") if isinstance(key, str) else key
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(path)!r}: {part!r} is a value ({child!r}), not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<config>"
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {key!r} (value {value!r}); expected one of {_known_keys(model, err['loc'][:-1])}"
+    if err["type"] == "missing":
+        return f"missing key {key!r}"
+    return f"{key} = {value!r}: {err['msg']}"
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return sorted(model.model_fields)
+
+
+def validate(data: Mapping[str, Any], origin: str = "config") -> CascadeConfig:
+    try:
+        return CascadeConfig.model_validate(dict(data))
+    except ValidationError as e:
+        problems = "; ".join(_describe(err, CascadeConfig) for err in e.errors())
+        raise ConfigError(f"{origin}: {problems}") from None
+
+
+def load_config(preset: str | Path = "tiny", overrides: Iterable[str] | Mapping[str, Any] = ()) -> CascadeConfig:
+    """Read a preset by name (`tiny`, `if-xl`, ...) or path, apply overrides, validate."""
+    origin, data = _read_preset(preset)
+    data = apply_overrides(data, overrides)
+    return validate(data, origin)

@@ -1,0 +1,124 @@
+"""The typed run configuration: every knob of a run, its default, its bounds, in one place.
+
+Defaults are the model card's (DeepFloyd IF-I-XL + IF-II-L + SD x4 upscaler, fp16, 100/50/75 steps,
+guidance 7/4/9, noise 250/100). Presets in this folder override only what differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+Device = Literal["auto", "cpu", "cuda"]
+TimestepPreset = Literal["fast27", "smart27", "smart50", "smart100", "smart185", "super27", "super40", "super100"]
+
+# Sub-directories of a generated tiny cascade, laid out like the real hub repos.
+TINY_LAYOUT = {"text_encoder": "IF-I", "stage_1": "IF-I", "stage_2": "IF-II", "stage_3": "x4-upscaler", "safety": "IF-I"}
+
+
+class Section(BaseModel):
+    """Strict, frozen, closed: unknown keys and wrong types are errors, never silently coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+
+
+class ModelRef(Section):
+    source: str = Field(min_length=1, description="Hub repo id (org/name) or a local directory laid out like it.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit; null = the repo's default branch.")
+    variant: str | None = Field("fp16", description="Weight file variant, e.g. 'fp16'; null = the plain files.")
+    dtype: Dtype = Field("float16", description="Compute dtype of this stage's weights.")
+
+
+class Execution(Section):
+    batch_size: int = Field(4, ge=1, le=1024, description="Rows per model call.")
+    num_gpus: float = Field(1.0, ge=0, le=8, description="GPUs per actor; fractions colocate stages on one GPU.")
+    replicas: int = Field(1, ge=1, le=1024, description="Actors running this stage.")
+
+
+class TextEncoderConfig(ModelRef, Execution):
+    source: str = Field("DeepFloyd/IF-I-XL-v1.0", min_length=1,
+                        description="Repo or directory holding text_encoder/ and tokenizer/ (any IF-I repo).")
+    max_length: int = Field(77, ge=1, le=512, description="T5 tokens per prompt; longer prompts are truncated and reported.")
+    batch_size: int = Field(32, ge=1, le=1024)
+
+
+class DiffusionStage(ModelRef, Execution):
+    steps: int | None = Field(None, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
+    timesteps: TimestepPreset | None = Field(None, description="A named IF timestep schedule instead of steps.")
+    guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="Classifier-free guidance scale (<=1 disables it).")
+
+    @model_validator(mode="after")
+    def _steps_or_timesteps(self) -> DiffusionStage:
+        if self.steps is None and self.timesteps is None:
+            raise ValueError("one of 'steps' (an int >= 1) or 'timesteps' (a named schedule) must be set; both are null")
+        return self
+
+
+class Stage1Config(DiffusionStage):
+    source: str = Field("DeepFloyd/IF-I-XL-v1.0", min_length=1)
+    steps: int | None = Field(100, ge=1, le=1000)
+    guidance_scale: float = Field(7.0, ge=0.0, le=50.0)
+    batch_size: int = Field(8, ge=1, le=1024)
+
+
+class Stage2Config(DiffusionStage):
+    source: str = Field("DeepFloyd/IF-II-L-v1.0", min_length=1)
+    steps: int | None = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(4.0, ge=0.0, le=50.0)
+    noise_level: int = Field(250, ge=0, le=1000, description="Noise added to the 64 px image before upscaling.")
+
+
+class Stage3Config(DiffusionStage):
+    source: str = Field("stabilityai/stable-diffusion-x4-upscaler", min_length=1)
+    steps: int | None = Field(75, ge=1, le=1000)
+    timesteps: None = Field(None, description="The x4 upscaler has no named schedules; use steps.")
+    guidance_scale: float = Field(9.0, ge=0.0, le=50.0)
+    noise_level: int = Field(100, ge=0, le=350, description="Noise added to the 256 px image (max 350).")
+    batch_size: int = Field(2, ge=1, le=1024)
+
+
+class SafetyConfig(Section):
+    checker: bool = Field(True, description="Run IF's safety checker; results are per-row flags, images are kept.")
+    watermark: bool = Field(True, description="Stamp IF's watermark on the final images.")
+    source: str | None = Field(None, description="Repo or directory with safety_checker/, feature_extractor/, "
+                                                 "watermarker/; null = stage_1.source.")
+    revision: str | None = None
+    p_threshold: float = Field(0.5, ge=0.0, le=1.0, description="NSFW score threshold.")
+    w_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Watermark score threshold.")
+
+
+class TinyCascade(Section):
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the random weights.")
+    dir: str = Field("~/.cache/ifbatch/tiny-cascade", min_length=1,
+                     description="Where the generated cascade is saved (built once if missing).")
+
+
+class CascadeConfig(Section):
+    preset: str = Field("if-xl", description="Name of the preset this config came from.")
+    device: Device = Field("auto", description="'auto' picks CUDA when available.")
+    tiny: TinyCascade | None = Field(None, description="Generate a seeded random-weight cascade and load it.")
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    stage_1: Stage1Config = Stage1Config()
+    stage_2: Stage2Config = Stage2Config()
+    stage_3: Stage3Config = Stage3Config()
+    safety: SafetyConfig = SafetyConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tiny_sources(cls, data: Any) -> Any:
+        """A tiny cascade supplies the source of every model the preset leaves unset."""
+        if not isinstance(data, dict) or not isinstance(data.get("tiny"), dict):
+            return data
+        tiny_dir = TinyCascade(**data["tiny"]).dir.rstrip("/")
+        data = dict(data)
+        for section, sub in TINY_LAYOUT.items():
+            part = dict(data.get(section) or {})
+            part.setdefault("source", f"{tiny_dir}/{sub}")
+            data[section] = part
+        return data
+
+    @property
+    def safety_source(self) -> str:
+        return self.safety.source or self.stage_1.source

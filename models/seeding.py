@@ -1,0 +1,21 @@
+"""Per-row, per-stage random generators: a row's noise depends on its seed and the stage alone."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+
+SEED_MAX = 2**63 - 1
+
+
+def derive_seed(seed: int, salt: str) -> int:
+    """A stable 63-bit seed from a row seed and a salt (a stage name, or a row id for default seeds)."""
+    digest = hashlib.blake2b(f"{seed}:{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & SEED_MAX
+
+
+def generators(seeds: Sequence[int], stage: str) -> list[torch.Generator]:
+    """One CPU generator per row. CPU generators make the noise identical on every device and node."""
+    return [torch.Generator("cpu").manual_seed(derive_seed(int(s), stage)) for s in seeds]

@@ -1,0 +1,75 @@
+"""The typed config: presets resolve to the right models, bad values are refused by name."""
+
+import pytest
+
+from ifbatch.configs import ConfigError, load_config, preset_names
+
+
+def test_presets_exist():
+    assert {"tiny", "if-xl", "if-l", "if-m"} <= set(preset_names())
+
+
+def test_if_xl_resolves_to_the_model_card_defaults():
+    c = load_config("if-xl")
+    assert (c.stage_1.source, c.stage_2.source, c.stage_3.source) == (
+        "DeepFloyd/IF-I-XL-v1.0", "DeepFloyd/IF-II-L-v1.0", "stabilityai/stable-diffusion-x4-upscaler")
+    assert c.text_encoder.source == "DeepFloyd/IF-I-XL-v1.0"
+    assert {s.variant for s in (c.text_encoder, c.stage_1, c.stage_2, c.stage_3)} == {"fp16"}
+    assert {s.dtype for s in (c.text_encoder, c.stage_1, c.stage_2, c.stage_3)} == {"float16"}
+    assert (c.stage_1.steps, c.stage_2.steps, c.stage_3.steps) == (100, 50, 75)
+    assert (c.stage_1.guidance_scale, c.stage_2.guidance_scale, c.stage_3.guidance_scale) == (7.0, 4.0, 9.0)
+    assert (c.stage_2.noise_level, c.stage_3.noise_level) == (250, 100)
+    assert c.safety.checker and c.safety.watermark and c.safety_source == "DeepFloyd/IF-I-XL-v1.0"
+    assert c.tiny is None
+    assert sum(s.num_gpus for s in (c.text_encoder, c.stage_1, c.stage_2, c.stage_3)) <= 1.0
+
+
+@pytest.mark.parametrize("preset,stage_1,stage_2", [
+    ("if-l", "DeepFloyd/IF-I-L-v1.0", "DeepFloyd/IF-II-L-v1.0"),
+    ("if-m", "DeepFloyd/IF-I-M-v1.0", "DeepFloyd/IF-II-M-v1.0"),
+])
+def test_smaller_presets_override_only_the_models(preset, stage_1, stage_2):
+    c, xl = load_config(preset), load_config("if-xl")
+    assert (c.stage_1.source, c.stage_2.source) == (stage_1, stage_2)
+    assert c.stage_1.model_dump(exclude={"source", "num_gpus"}) == xl.stage_1.model_dump(exclude={"source", "num_gpus"})
+    assert c.stage_3 .model_dump(exclude={"num_gpus"}) == xl.stage_3.model_dump(exclude={"num_gpus"})
+
+
+def test_tiny_preset_points_every_model_at_the_generated_cascade():
+    c = load_config("tiny", ["tiny.dir=/somewhere/tc"])
+    assert c.text_encoder.source == c.stage_1.source == c.safety_source == "/somewhere/tc/IF-I"
+    assert (c.stage_2.source, c.stage_3.source) == ("/somewhere/tc/IF-II", "/somewhere/tc/x4-upscaler")
+    assert c.stage_1.dtype == "float32" and c.stage_1.variant is None
+
+
+def test_overrides_are_typed():
+    c = load_config("if-xl", ["stage_1.timesteps=smart27", "stage_2.guidance_scale=5", "stage_1.revision=abc123"])
+    assert c.stage_1.timesteps == "smart27" and c.stage_2.guidance_scale == 5.0 and c.stage_1.revision == "abc123"
+
+
+@pytest.mark.parametrize("override,must_say", [
+    ("stage_1.stepz=5", ["unknown key 'stage_1.stepz'", "5", "steps"]),
+    ("stage_1.steps=0", ["stage_1.steps", "0", "greater than or equal to 1"]),
+    ("stage_1.steps=abc", ["stage_1.steps", "'abc'", "valid integer"]),
+    ("stage_1.dtype=float64", ["stage_1.dtype", "'float64'", "'float32', 'float16' or 'bfloat16'"]),
+    ("stage_2.timesteps=smart99", ["stage_2.timesteps", "'smart99'", "'fast27'"]),
+    ("stage_3.noise_level=351", ["stage_3.noise_level", "351", "less than or equal to 350"]),
+    ("stage_2.guidance_scale=high", ["stage_2.guidance_scale", "'high'", "valid number"]),
+    ("bogus=1", ["unknown key 'bogus'", "stage_1"]),
+    ("stage_1.steps", ["'stage_1.steps'", "key=value"]),
+])
+def test_bad_values_are_refused_by_name(override, must_say):
+    with pytest.raises(ConfigError) as e:
+        load_config("if-xl", [override])
+    for text in must_say:
+        assert text in str(e.value), (text, str(e.value))
+
+
+def test_a_stage_needs_steps_or_timesteps():
+    with pytest.raises(ConfigError, match="stage_1.*'steps'.*'timesteps'"):
+        load_config("if-xl", ["stage_1.steps=null"])
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown preset 'if-xxl'.*'if-xl'"):
+        load_config("if-xxl")
