@@ -25,16 +25,20 @@ class Encoded:
 class TextEncoder:
     """Tokenizer + T5 encoder from `<source>/tokenizer` and `<source>/text_encoder` (the IF-I repo layout)."""
 
-    def __init__(self, cfg: TextEncoderConfig, device: str = "auto"):
+    def __init__(self, cfg: TextEncoderConfig, device: str = "auto", tokenizer=None, model=None):
+        """Load from cfg.source, or wrap an already built tokenizer and model (benchmarks)."""
         from transformers import AutoTokenizer, T5EncoderModel
 
         self.cfg = cfg
         self.device = resolve_device(device)
-        self.resolved: Resolved = resolve("text_encoder", cfg.source, cfg.revision, cfg.variant, cfg.dtype,
-                                          probe_file="text_encoder/config.json")
-        self.tokenizer = load(self.resolved, AutoTokenizer.from_pretrained, None, dtype_kw=None, subfolder="tokenizer")
-        self.model = load(self.resolved, T5EncoderModel.from_pretrained, self.device, dtype_kw="dtype",
-                          subfolder="text_encoder", variant=cfg.variant).eval()
+        self.resolved: Resolved | None = None
+        if model is None:
+            self.resolved = resolve("text_encoder", cfg.source, cfg.revision, cfg.variant, cfg.dtype,
+                                    probe_file="text_encoder/config.json")
+            tokenizer = load(self.resolved, AutoTokenizer.from_pretrained, None, dtype_kw=None, subfolder="tokenizer")
+            model = load(self.resolved, T5EncoderModel.from_pretrained, self.device, dtype_kw="dtype",
+                         subfolder="text_encoder", variant=cfg.variant)
+        self.tokenizer, self.model = tokenizer, model.eval()
         self._empty: torch.Tensor | None = None
 
     @torch.inference_mode()

@@ -40,11 +40,19 @@ class SafetyResult:
 class Safety:
     """Loads `<source>/safety_checker`, `feature_extractor`, `watermarker` (the IF-I repo layout) as switched on."""
 
-    def __init__(self, cfg: SafetyConfig, source: str, dtype: str = "float32", device: str = "auto"):
+    def __init__(self, cfg: SafetyConfig, source: str, dtype: str = "float32", device: str = "auto",
+                 parts: dict | None = None):
+        """Load from `source`, or take already built `parts` (safety_checker, feature_extractor, watermarker)."""
         self.cfg = cfg
         self.device = resolve_device(device)
         self.checker = self.processor = self.watermarker = None
         self.resolved: Resolved | None = None
+        if parts is not None:
+            if cfg.checker:
+                self.checker, self.processor = parts["safety_checker"].to(self.device), parts["feature_extractor"]
+            if cfg.watermark:
+                self.watermarker = parts["watermarker"]
+            return
         if not (cfg.checker or cfg.watermark):
             return
         probe = "safety_checker/config.json" if cfg.checker else "watermarker/config.json"

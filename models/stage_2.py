@@ -18,14 +18,18 @@ from .timesteps import steps_kwargs
 class Stage2:
     name = "stage_2"
 
-    def __init__(self, cfg: Stage2Config, device: str = "auto"):
+    def __init__(self, cfg: Stage2Config, device: str = "auto", pipe=None):
+        """Load from cfg.source, or wrap an already built `pipe` (benchmarks of random-weight models)."""
         from diffusers import IFSuperResolutionPipeline
 
         self.cfg = cfg
         self.device = resolve_device(device)
-        self.resolved: Resolved = resolve(self.name, cfg.source, cfg.revision, cfg.variant, cfg.dtype)
-        self.pipe = load(self.resolved, IFSuperResolutionPipeline.from_pretrained, self.device, variant=cfg.variant,
-                         **NO_TEXT_OR_SAFETY)
+        self.resolved: Resolved | None = None
+        if pipe is None:
+            self.resolved = resolve(self.name, cfg.source, cfg.revision, cfg.variant, cfg.dtype)
+            pipe = load(self.resolved, IFSuperResolutionPipeline.from_pretrained, self.device, variant=cfg.variant,
+                        **NO_TEXT_OR_SAFETY)
+        self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
         self.dtype = torch_dtype(cfg.dtype)
 

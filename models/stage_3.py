@@ -17,14 +17,18 @@ from .tensors import to_torch
 class Stage3:
     name = "stage_3"
 
-    def __init__(self, cfg: Stage3Config, device: str = "auto"):
+    def __init__(self, cfg: Stage3Config, device: str = "auto", pipe=None):
+        """Load from cfg.source, or wrap an already built `pipe` (benchmarks of random-weight models)."""
         from diffusers import StableDiffusionUpscalePipeline
 
         self.cfg = cfg
         self.device = resolve_device(device)
-        self.resolved: Resolved = resolve(self.name, cfg.source, cfg.revision, cfg.variant, cfg.dtype)
-        self.pipe = load(self.resolved, StableDiffusionUpscalePipeline.from_pretrained, self.device,
-                         variant=cfg.variant, safety_checker=None, feature_extractor=None, watermarker=None)
+        self.resolved: Resolved | None = None
+        if pipe is None:
+            self.resolved = resolve(self.name, cfg.source, cfg.revision, cfg.variant, cfg.dtype)
+            pipe = load(self.resolved, StableDiffusionUpscalePipeline.from_pretrained, self.device,
+                        variant=cfg.variant, safety_checker=None, feature_extractor=None, watermarker=None)
+        self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
         self.dtype = torch_dtype(cfg.dtype)
 

@@ -70,47 +70,69 @@ def _seeded(seed: int, salt: int):
     torch.manual_seed(seed * 1000 + salt)
 
 
-def _components(seed: int) -> dict[str, object]:
+def _sizes(real_size: bool) -> dict[str, dict]:
+    """Architectures: the real ones from `arch/` (for GPU benchmarks), or their narrow tiny forms."""
+    t5 = arch("google-t5-v1_1-xxl_config")
+    u1, u2, u3, vae = (arch("IF-I-XL-v1.0_unet"), arch("IF-II-L-v1.0_unet"), arch("sd-x4-upscaler_unet"),
+                       arch("sd-x4-upscaler_vae"))
+    if real_size:  # the x4 upscaler's OpenCLIP ViT-H text tower; IF's safety checker is CLIP ViT-L/14
+        clip = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                    vocab_size=49408, projection_dim=512)
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=224, patch_size=14, projection_dim=768)
+        return dict(t5=t5, unet_1=u1, unet_2=u2, unet_3=u3, vae=vae, clip=clip, vision=vision, image_size=224)
+    t5.update(d_model=TEXT_DIM, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+              vocab_size=len(_t5_tokenizer()))
+    vae.update(block_out_channels=[32, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=64)
+    clip = dict(hidden_size=CLIP_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                vocab_size=len(_clip_tokenizer()), projection_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, projection_dim=16)
+    return dict(t5=t5, unet_1=_tiny_unet(u1, 32, TEXT_DIM, 16), unet_2=_tiny_unet(u2, 32, TEXT_DIM, 64),
+                unet_3=_tiny_unet(u3, CLIP_DIM, None, 64), vae=vae, clip=clip, vision=vision, image_size=32)
+
+
+def random_components(seed: int, real_size: bool = False, device: str = "cpu",
+                      dtypes: dict[str, torch.dtype] | None = None) -> dict[str, object]:
+    """Every component of the cascade with seeded random weights, built directly on `device`.
+
+    `dtypes` maps "text_encoder", "stage_1", "stage_2", "stage_3" to the dtype each is cast to (default fp32).
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
     from diffusers.pipelines.deepfloyd_if import IFWatermarker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    t5 = arch("google-t5-v1_1-xxl_config")
-    t5.update(d_model=TEXT_DIM, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
-              vocab_size=len(_t5_tokenizer()))
-    _seeded(seed, 1)
-    text_encoder = T5EncoderModel(T5Config(**t5)).eval()
-    _seeded(seed, 2)
-    unet_1 = UNet2DConditionModel.from_config(_tiny_unet(arch("IF-I-XL-v1.0_unet"), 32, TEXT_DIM, 16))
-    _seeded(seed, 3)
-    unet_2 = UNet2DConditionModel.from_config(_tiny_unet(arch("IF-II-L-v1.0_unet"), 32, TEXT_DIM, 64))
-    _seeded(seed, 4)
-    unet_3 = UNet2DConditionModel.from_config(_tiny_unet(arch("sd-x4-upscaler_unet"), CLIP_DIM, None, 64))
-    vae_cfg = arch("sd-x4-upscaler_vae")
-    vae_cfg.update(block_out_channels=[32, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=64)
-    _seeded(seed, 5)
-    vae = AutoencoderKL.from_config(vae_cfg)
-    _seeded(seed, 6)
-    clip_text = CLIPTextModel(CLIPTextConfig(hidden_size=CLIP_DIM, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, max_position_embeddings=77,
-                                             vocab_size=len(_clip_tokenizer()), hidden_act="gelu",
-                                             projection_dim=16, bos_token_id=0, eos_token_id=1,
-                                             pad_token_id=1)).eval()
-    _seeded(seed, 7)
-    safety = checker_class()(CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, projection_dim=16),
-        projection_dim=16)).eval()
+    dt = {k: torch.float32 for k in ("text_encoder", "stage_1", "stage_2", "stage_3")} | (dtypes or {})
+    z = _sizes(real_size)
+    with torch.device(device):
+        _seeded(seed, 1)
+        text_encoder = T5EncoderModel(T5Config(**z["t5"])).to(dt["text_encoder"]).eval()
+        _seeded(seed, 2)
+        unet_1 = UNet2DConditionModel.from_config(z["unet_1"]).to(dt["stage_1"])
+        _seeded(seed, 3)
+        unet_2 = UNet2DConditionModel.from_config(z["unet_2"]).to(dt["stage_2"])
+        _seeded(seed, 4)
+        unet_3 = UNet2DConditionModel.from_config(z["unet_3"]).to(dt["stage_3"])
+        _seeded(seed, 5)
+        vae = AutoencoderKL.from_config(z["vae"]).to(dt["stage_3"])
+        _seeded(seed, 6)
+        clip_text = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, hidden_act="gelu", bos_token_id=0,
+                                                 eos_token_id=1, pad_token_id=1, **z["clip"]))
+        clip_text = clip_text.to(dt["stage_3"]).eval()
+        _seeded(seed, 7)
+        safety = checker_class()(CLIPConfig(
+            text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+            vision_config=z["vision"], projection_dim=z["vision"]["projection_dim"])).eval()
     _seeded(seed, 8)
     watermarker = IFWatermarker()
     mark = torch.rand(62, 62, 4) * 255
     mark[..., 3] = 128.0
     watermarker.watermark_image.copy_(mark.round())
+    size = z["image_size"]
     return dict(
         t5_tokenizer=_t5_tokenizer(), text_encoder=text_encoder, unet_1=unet_1, unet_2=unet_2, unet_3=unet_3,
         vae=vae, clip_text=clip_text, clip_tokenizer=_clip_tokenizer(), safety_checker=safety,
-        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
         watermarker=watermarker,
         scheduler_1=DDPMScheduler.from_config(arch("IF-I_scheduler")),
         scheduler_2=DDPMScheduler.from_config(arch("IF-II_scheduler")),
@@ -120,25 +142,34 @@ def _components(seed: int) -> dict[str, object]:
     )
 
 
-def build_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Write IF-I/, IF-II/ and x4-upscaler/ under `directory` (atomically: a half-built cascade never appears)."""
+def pipelines(c: dict[str, object]) -> dict[str, object]:
+    """Assemble the three diffusers pipelines the way the hub repos hold them."""
     from diffusers import IFPipeline, IFSuperResolutionPipeline, StableDiffusionUpscalePipeline
 
+    return {
+        "IF-I": IFPipeline(tokenizer=c["t5_tokenizer"], text_encoder=c["text_encoder"], unet=c["unet_1"],
+                           scheduler=c["scheduler_1"], safety_checker=c["safety_checker"],
+                           feature_extractor=c["feature_extractor"], watermarker=c["watermarker"],
+                           requires_safety_checker=True),
+        "IF-II": IFSuperResolutionPipeline(tokenizer=None, text_encoder=None, unet=c["unet_2"],
+                                           scheduler=c["scheduler_2"], image_noising_scheduler=c["noising_2"],
+                                           safety_checker=None, feature_extractor=None, watermarker=None,
+                                           requires_safety_checker=False),
+        "x4-upscaler": StableDiffusionUpscalePipeline(vae=c["vae"], text_encoder=c["clip_text"],
+                                                      tokenizer=c["clip_tokenizer"], unet=c["unet_3"],
+                                                      low_res_scheduler=c["low_res_3"], scheduler=c["scheduler_3"],
+                                                      max_noise_level=350),
+    }
+
+
+def build_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Write IF-I/, IF-II/ and x4-upscaler/ under `directory` (atomically: a half-built cascade never appears)."""
     target = Path(os.path.expanduser(str(directory)))
     target.parent.mkdir(parents=True, exist_ok=True)
-    c = _components(seed)
+    pipes = pipelines(random_components(seed))
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-        IFPipeline(tokenizer=c["t5_tokenizer"], text_encoder=c["text_encoder"], unet=c["unet_1"],
-                   scheduler=c["scheduler_1"], safety_checker=c["safety_checker"],
-                   feature_extractor=c["feature_extractor"], watermarker=c["watermarker"],
-                   requires_safety_checker=True).save_pretrained(f"{tmp}/IF-I")
-        IFSuperResolutionPipeline(tokenizer=None, text_encoder=None, unet=c["unet_2"], scheduler=c["scheduler_2"],
-                                  image_noising_scheduler=c["noising_2"], safety_checker=None,
-                                  feature_extractor=None, watermarker=None,
-                                  requires_safety_checker=False).save_pretrained(f"{tmp}/IF-II")
-        StableDiffusionUpscalePipeline(vae=c["vae"], text_encoder=c["clip_text"], tokenizer=c["clip_tokenizer"],
-                                       unet=c["unet_3"], low_res_scheduler=c["low_res_3"], scheduler=c["scheduler_3"],
-                                       max_noise_level=350).save_pretrained(f"{tmp}/x4-upscaler")
+        for name, pipe in pipes.items():
+            pipe.save_pretrained(f"{tmp}/{name}")
         (Path(tmp) / "TINY_CASCADE.json").write_text(json.dumps({"seed": seed, "format": 1}))
         if target.exists():
             shutil.rmtree(target)
