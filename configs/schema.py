@@ -34,6 +34,7 @@ class ModelRef(Section):
 class Execution(Section):
     batch_size: int = Field(4, ge=1, le=1024, description="Rows per model call.")
     num_gpus: float = Field(1.0, ge=0, le=8, description="GPUs per actor; fractions colocate stages on one GPU.")
+    num_cpus: float = Field(1.0, ge=0, le=64, description="CPUs reserved per actor.")
     replicas: int = Field(1, ge=1, le=1024, description="Actors running this stage.")
 
 
@@ -95,8 +96,42 @@ class TinyCascade(Section):
                      description="Where the generated cascade is saved (built once if missing).")
 
 
+class DataConfig(Section):
+    prompt_column: str = Field("prompt", min_length=1, description="Column holding the prompt text.")
+    id_column: str = Field("id", min_length=1, description="Optional column of row ids (safe file names).")
+    negative_prompt_column: str = Field("negative_prompt", min_length=1, description="Optional negative prompts.")
+    seed_column: str = Field("seed", min_length=1, description="Optional per-row seeds (0 <= seed < 2**63).")
+    read_batch_rows: int = Field(65536, ge=1, le=10_000_000, description="Rows read from the table at a time.")
+    row_overrides: bool = Field(True, description="Allow per-row columns stage_N_steps / stage_N_guidance_scale.")
+
+
+class OutputConfig(Section):
+    image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
+    shard_depth: int = Field(2, ge=0, le=3, description="Levels of 256-way hashed sub-folders under images/.")
+    manifest_part_rows: int = Field(256, ge=1, le=1_000_000, description="Rows per manifest part file.")
+    manifest_flush_seconds: float = Field(30.0, gt=0, le=3600, description="Write a part at least this often; "
+                                                                          "a killed run loses at most these rows.")
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); null = "
+                                                   "start a local one.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (null: all).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local cluster (null: detect).")
+    object_store_gb: float | None = Field(None, gt=0, description="Object store size of a local cluster.")
+
+
+class S3Config(Section):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; null = AWS or AWS_ENDPOINT_URL. "
+                                                        "Credentials come from the environment only.")
+    region: str | None = Field(None, description="Region name; null = the environment's.")
+
+
 class CascadeConfig(Section):
     preset: str = Field("if-xl", description="Name of the preset this config came from.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Run seed: rows without a seed get one derived from it and "
+                                                     "their id.")
     device: Device = Field("auto", description="'auto' picks CUDA when available.")
     tiny: TinyCascade | None = Field(None, description="Generate a seeded random-weight cascade and load it.")
     text_encoder: TextEncoderConfig = TextEncoderConfig()
@@ -104,6 +139,10 @@ class CascadeConfig(Section):
     stage_2: Stage2Config = Stage2Config()
     stage_3: Stage3Config = Stage3Config()
     safety: SafetyConfig = SafetyConfig()
+    data: DataConfig = DataConfig()
+    output: OutputConfig = OutputConfig()
+    ray: RayConfig = RayConfig()
+    s3: S3Config = S3Config()
 
     @model_validator(mode="before")
     @classmethod
@@ -122,3 +161,6 @@ class CascadeConfig(Section):
     @property
     def safety_source(self) -> str:
         return self.safety.source or self.stage_1.source
+
+
+RunConfig = CascadeConfig  # the whole run's configuration; the cascade is most of it

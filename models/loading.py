@@ -9,6 +9,15 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+def quiet_progress_bars() -> None:
+    """Loading bars from diffusers/transformers flood batch logs (and Ray's driver log); ifbatch reports progress."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 T = TypeVar("T")
 
@@ -124,13 +133,14 @@ def resolve(role: str, source: str, revision: str | None, variant: str | None, d
     return Resolved(role, source, source, revision, commit, variant, dtype)
 
 
-def load(resolved: Resolved, loader: Callable[..., T], device: torch.device | None, dtype_kw: str | None = "torch_dtype",
+def load(resolved: Resolved, loader: Callable[..., T], device: torch.device | None, dtype_kw: str | None = "dtype",
          **kwargs: Any) -> T:
     """Call a `from_pretrained` with the resolved location, revision, variant and dtype; move to `device`.
 
-    `dtype_kw` is the loader's name for the dtype argument (diffusers: torch_dtype, transformers 5: dtype;
+    `dtype_kw` is the loader's name for the dtype argument ("dtype" in diffusers 0.42 and transformers 5;
     None for tokenizers and processors).
     """
+    quiet_progress_bars()
     if dtype_kw:
         kwargs[dtype_kw] = torch_dtype(resolved.dtype)
     try:

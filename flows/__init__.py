@@ -1,0 +1,1 @@
+"""Prefect flows (thin: the work lives in tasks/ and models/) and the `ifbatch` command line."""

@@ -1,0 +1,72 @@
+"""The `generate` flow: a prompt table in, images plus a manifest out, resumable, Failed when rows failed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed
+from pydantic import BaseModel, ConfigDict, Field
+
+from ifbatch.configs import load_config, preset_names
+from ifbatch.configs.schema import CascadeConfig
+from ifbatch.tasks.steps import (RunSummary, generate_rows, new_run_id, plan_resume, read_prompt_table,
+                                 write_records)
+
+Preset = Literal[tuple(preset_names())]  # type: ignore[valid-type]  # the dashboard renders a dropdown
+
+
+class GenerateParams(BaseModel):
+    """What to generate, from where, to where. Every field shows in the Prefect dashboard's run form."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: str = Field(description="Prompt table: a Parquet file, a folder of parts, or s3://bucket/key.")
+    output: str = Field(description="Output folder or s3://bucket/prefix. Rerunning into it resumes.")
+    preset: Preset = Field("tiny", description="Model preset: tiny (random weights, CPU), if-xl, if-l, if-m.")
+    overrides: list[str] = Field(default_factory=list,
+                                 description="Config overrides as key=value, e.g. stage_1.steps=50.")
+    prompt_column: str | None = Field(None, description="Name of the prompt column when it is not 'prompt'.")
+    ray_address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); "
+                                                      "empty = a local cluster.")
+    overwrite: bool = Field(False, description="Delete earlier images and manifest in the output and start over.")
+
+    def config(self) -> CascadeConfig:
+        extra = []
+        if self.prompt_column:
+            extra.append(f"data.prompt_column={self.prompt_column}")
+        if self.ray_address:
+            extra.append(f"ray.address={self.ray_address}")
+        return load_config(self.preset, [*self.overrides, *extra])
+
+
+def _run_name() -> str:
+    p = flow_run.parameters.get("params") or {}
+    if isinstance(p, BaseModel):
+        p = p.model_dump()
+    return f"generate[{p.get('preset', '?')}] {p.get('prompts', '?')} -> {p.get('output', '?')}"
+
+
+@flow(name="ifbatch-generate", flow_run_name=_run_name, validate_parameters=True)
+def generate(params: GenerateParams):
+    """Generate one image per prompt row through the IF cascade on Ray; write images and a Parquet manifest."""
+    log = get_run_logger()
+    started, t0 = dt.datetime.now(dt.timezone.utc).isoformat(), time.monotonic()
+    cfg = params.config()
+    run_id = new_run_id()
+    log.info("run %s: preset %s, %s -> %s", run_id, cfg.preset, params.prompts, params.output)
+    plan = read_prompt_table(params.prompts, cfg)
+    rows, skipped = plan_resume(plan, params.output, cfg, params.overwrite)
+    result, models, startup = generate_rows(rows, cfg, params.output, run_id)
+    summary: RunSummary = write_records(cfg, params.model_dump(), plan, skipped, result, models, run_id, started,
+                                        time.monotonic() - t0, startup)
+    message = (f"{summary.done} done, {summary.failed} failed, {summary.rejected} rejected, {summary.skipped} "
+               f"skipped (already done) of {summary.total} rows; run record {summary.run_record}")
+    if not summary.ok:
+        log.error("rows did not complete: %s", message)
+        return Failed(message=message, data=summary)
+    log.info(message)
+    return Completed(message=message, data=summary)

@@ -1,0 +1,47 @@
+"""Progress of a run: rows done, rows/s and ETA, pushed to whoever listens (the CLI's bar, Prefect's logs)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+Listener = Callable[["Progress"], None]
+_listeners: list[Listener] = []
+
+
+@dataclass
+class Progress:
+    done: int
+    failed: int
+    total: int
+    started: float
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def rate(self) -> float:
+        return (self.done + self.failed) / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        left = self.total - self.done - self.failed
+        return left / self.rate if self.rate > 0 else None
+
+    def line(self) -> str:
+        eta = "?" if self.eta is None else f"{self.eta:.0f}s"
+        return (f"{self.done + self.failed}/{self.total} rows ({self.failed} failed), "
+                f"{self.rate:.2f} rows/s, ETA {eta}")
+
+
+def listen(fn: Listener) -> Callable[[], None]:
+    """Register a listener; returns the function that removes it."""
+    _listeners.append(fn)
+    return lambda: _listeners.remove(fn) if fn in _listeners else None
+
+
+def report(p: Progress) -> None:
+    for fn in list(_listeners):
+        fn(p)

@@ -1,0 +1,174 @@
+"""Read prompt tables (a Parquet file, a folder of parts, or s3://), check them, give every row an id and a seed.
+
+Table-level problems raise `PromptTableError` before any model loads. Row-level problems reject that row with
+a reason; the other rows go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from ifbatch.configs.schema import CascadeConfig
+from ifbatch.models.seeding import SEED_MAX, derive_seed
+
+from .storage import locate
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Per-row overrides: column -> (config section, field)
+OVERRIDES = {f"{stage}_{name}": (stage, name) for stage in ("stage_1", "stage_2", "stage_3")
+             for name in ("steps", "guidance_scale")}
+WORK_SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("prompt", pa.string()),
+                         ("negative_prompt", pa.string()), ("seed", pa.int64())]
+                        + [(c, pa.float64() if c.endswith("guidance_scale") else pa.int64()) for c in OVERRIDES])
+
+
+class PromptTableError(ValueError):
+    """The table as a whole cannot be used (unreadable, no prompt column, wrong column types)."""
+
+
+@dataclass
+class Rejected:
+    row: int
+    id: str | None
+    prompt: str | None
+    reason: str
+
+
+@dataclass
+class PromptPlan:
+    source: str
+    rows: pa.Table  # WORK_SCHEMA: the valid rows
+    rejected: list[Rejected] = field(default_factory=list)
+    total: int = 0
+
+
+def default_id(prompt: str, negative: str, occurrence: int) -> str:
+    """Stable across runs for the same table: prompt, negative prompt and how often the pair came before."""
+    key = f"{prompt}\x00{negative}\x00{occurrence}".encode()
+    return "p" + hashlib.blake2b(key, digest_size=10).hexdigest()
+
+
+def _dataset(uri: str, cfg: CascadeConfig) -> pads.Dataset:
+    loc = locate(uri, cfg.s3)
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
+    try:
+        if not loc.fs.exists(loc.root):
+            raise PromptTableError(f"prompt table {uri!r} does not exist")
+        return pads.dataset(loc.root, format="parquet", filesystem=fs, exclude_invalid_files=False)
+    except PromptTableError:
+        raise
+    except Exception as e:  # pyarrow/fsspec raise many kinds; all mean "cannot read this table"
+        raise PromptTableError(f"cannot read prompt table {uri!r} as Parquet: {type(e).__name__}: {e}") from None
+
+
+def _check_columns(uri: str, schema: pa.Schema, cfg: CascadeConfig) -> dict[str, str]:
+    """Map our names to the table's columns, checking types. Returns {our_name: table_column}."""
+    d = cfg.data
+    names = set(schema.names)
+    if d.prompt_column not in names:
+        raise PromptTableError(f"prompt table {uri!r} has no column {d.prompt_column!r} (the prompt column); it has "
+                               f"{sorted(names)}. Name the prompt column with --prompt-column or "
+                               f"data.prompt_column")
+    cols = {"prompt": d.prompt_column}
+    for ours, theirs in (("id", d.id_column), ("negative_prompt", d.negative_prompt_column), ("seed", d.seed_column)):
+        if theirs in names:
+            cols[ours] = theirs
+    present_overrides = [c for c in OVERRIDES if c in names]
+    if present_overrides and not d.row_overrides:
+        raise PromptTableError(f"prompt table {uri!r} has per-row override columns {present_overrides}, but "
+                               f"data.row_overrides is false")
+    cols.update({c: c for c in present_overrides})
+    expect = {"prompt": pa.types.is_string, "negative_prompt": pa.types.is_string,
+              "id": lambda t: pa.types.is_string(t) or pa.types.is_integer(t), "seed": pa.types.is_integer}
+    words = {"prompt": "string", "negative_prompt": "string", "id": "string or integer", "seed": "integer"}
+    for ours, theirs in cols.items():
+        typ = schema.field(theirs).type
+        if pa.types.is_large_string(typ) or pa.types.is_string_view(typ):
+            continue
+        ok = expect.get(ours, lambda t: pa.types.is_integer(t) or pa.types.is_floating(t))
+        if not ok(typ) and not pa.types.is_null(typ):
+            raise PromptTableError(f"prompt table {uri!r}: column {theirs!r} has type {typ}, expected "
+                                   f"{words.get(ours, 'a number')}")
+    return cols
+
+
+def _override_problem(cfg: CascadeConfig, column: str, value: Any) -> str | None:
+    stage, name = OVERRIDES[column]
+    section = getattr(cfg, stage)
+    info = type(section).model_fields[name]
+    lo = next((m.ge for m in info.metadata if hasattr(m, "ge")), None)
+    hi = next((m.le for m in info.metadata if hasattr(m, "le")), None)
+    if name == "steps" and value != int(value):
+        return f"{column} = {value!r} is not a whole number"
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        return f"{column} = {value!r} is outside [{lo}, {hi}]"
+    return None
+
+
+def read_prompts(uri: str, cfg: CascadeConfig) -> PromptPlan:
+    """Stream the table in batches of data.read_batch_rows; validate; assign ids and seeds."""
+    ds = _dataset(uri, cfg)
+    cols = _check_columns(uri, ds.schema, cfg)
+    out: dict[str, list] = {name: [] for name in WORK_SCHEMA.names}
+    rejected: list[Rejected] = []
+    seen: dict[str, int] = {}
+    occurrences: Counter = Counter()
+    row = 0
+    try:
+        batches = ds.to_batches(columns=list(cols.values()), batch_size=cfg.data.read_batch_rows)
+        for batch in batches:
+            data = {ours: batch.column(theirs).to_pylist() for ours, theirs in cols.items()}
+            for i in range(batch.num_rows):
+                rec = {k: v[i] for k, v in data.items()}
+                _take(rec, row, cfg, out, rejected, seen, occurrences)
+                row += 1
+    except PromptTableError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise PromptTableError(f"cannot read prompt table {uri!r}: {type(e).__name__}: {e}") from None
+    return PromptPlan(uri, pa.table(out, schema=WORK_SCHEMA), rejected, row)
+
+
+def _take(rec: dict, row: int, cfg: CascadeConfig, out: dict, rejected: list, seen: dict, occurrences: Counter):
+    prompt, raw_id = rec.get("prompt"), rec.get("id")
+    negative = rec.get("negative_prompt") or ""
+    rid = None if raw_id is None else str(raw_id)
+
+    def reject(reason: str) -> None:
+        rejected.append(Rejected(row, rid, prompt, reason))
+
+    if prompt is None or not prompt.strip():
+        return reject(f"row {row}: prompt is {'null' if prompt is None else 'empty'}; a non-empty string is expected")
+    if rid is None:
+        rid = default_id(prompt, negative, occurrences[(prompt, negative)])
+        occurrences[(prompt, negative)] += 1
+    elif not SAFE_ID.match(rid):
+        return reject(f"row {row}: id {rid!r} is not a safe file name; expected 1-128 characters of letters, digits, "
+                      f"'.', '_' or '-', starting with a letter or digit")
+    if rid in seen:
+        return reject(f"row {row}: duplicate id {rid!r} (first used by row {seen[rid]})")
+    seed = rec.get("seed")
+    if seed is None:
+        seed = derive_seed(cfg.seed, rid)
+    elif not 0 <= seed <= SEED_MAX:
+        return reject(f"row {row}: seed {seed!r} is outside [0, 2**63 - 1]")
+    overrides = {}
+    for column in OVERRIDES:
+        value = rec.get(column)
+        if value is not None:
+            problem = _override_problem(cfg, column, value)
+            if problem:
+                return reject(f"row {row}: {problem}")
+            value = int(value) if column.endswith("steps") else float(value)
+        overrides[column] = value
+    seen[rid] = row
+    for k, v in dict(row=row, id=rid, prompt=prompt, negative_prompt=negative, seed=seed, **overrides).items():
+        out[k].append(v)

@@ -1,0 +1,193 @@
+"""Ray Data stage actors: each holds one loaded cascade stage and maps batches of rows (numpy dicts).
+
+Rows carry an `error` column: a row that failed upstream passes through untouched, a batch that raises is
+retried row by row so that one bad row never sinks its batch mates. Embeddings and images travel between
+stages as fp16 (fp32 for fp32 stages) numpy through the object store, never through the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import numpy as np
+
+from ifbatch.configs.schema import CascadeConfig
+
+Batch = dict[str, np.ndarray]
+
+
+def _opt(value: Any) -> Any:
+    """A per-row override cell: None for null/NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def _placement(batch: Batch, stage: str) -> np.ndarray:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    here = {"node": ctx.get_node_id()[:12], "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "actor": (ctx.get_actor_id() or "")[:12]}
+    out = []
+    for p in batch.get("placement", [None] * len(batch["id"])):
+        rec = json.loads(p) if p else {}
+        rec[stage] = here
+        out.append(json.dumps(rec, sort_keys=True))
+    return np.array(out, dtype=object)
+
+
+class _Stage:
+    """Common batch plumbing: skip failed rows, group by per-row overrides, fall back to row by row."""
+
+    name = ""
+    outputs: tuple[str, ...] = ()
+
+    def groups(self, batch: Batch, idx: list[int]) -> dict[tuple, list[int]]:
+        out: dict[tuple, list[int]] = defaultdict(list)
+        for i in idx:
+            key = tuple(_opt(batch[c][i]) if c in batch else None
+                        for c in (f"{self.name}_guidance_scale", f"{self.name}_steps"))
+            out[key].append(i)
+        return out
+
+    def compute(self, batch: Batch, idx: list[int], guidance: float | None, steps: int | None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["id"])
+        errors = batch["error"].copy() if "error" in batch else np.array([""] * n, dtype=object)
+        todo = [i for i in range(n) if not errors[i]]
+        results: dict[int, dict[str, np.ndarray]] = {}
+        t0 = time.perf_counter()
+        for (guidance, steps), idx in self.groups(batch, todo).items():
+            try:
+                out = self.compute(batch, idx, guidance, steps)
+                results.update({i: {k: v[j] for k, v in out.items()} for j, i in enumerate(idx)})
+            except Exception:  # retry one by one: find the bad row, keep the others
+                for i in idx:
+                    try:
+                        out = self.compute(batch, [i], guidance, steps)
+                        results[i] = {k: v[0] for k, v in out.items()}
+                    except Exception as e:
+                        errors[i] = f"{self.name}: {type(e).__name__}: {e}"[:2000]
+        seconds = (time.perf_counter() - t0) / max(len(todo), 1)
+        batch = dict(batch)
+        if results:
+            template = next(iter(results.values()))
+            for key, example in template.items():
+                col = np.zeros((n, *np.shape(example)), dtype=np.asarray(example).dtype)
+                if col.dtype == object or np.asarray(example).dtype.kind in "OUS":
+                    col = np.empty(n, dtype=object)
+                for i, r in results.items():
+                    col[i] = r[key]
+                batch[key] = col
+        else:
+            batch.update(self.empty_outputs(batch, n))
+        batch["error"] = errors
+        batch[f"seconds_{self.name}"] = np.array([seconds if i in results else np.nan for i in range(n)])
+        batch["placement"] = _placement(batch, self.name)
+        for key in self.drops:
+            batch.pop(key, None)
+        return batch
+
+    drops: tuple[str, ...] = ()
+
+    def empty_outputs(self, batch: Batch, n: int) -> dict[str, np.ndarray]:
+        """Placeholders of the right shapes for a batch in which every row failed."""
+        return {}
+
+
+class EncodeStage(_Stage):
+    name = "encode"
+    drops = ()
+
+    def __init__(self, cfg: CascadeConfig):
+        from ifbatch.models.encode import TextEncoder
+
+        self.encoder = TextEncoder(cfg.text_encoder, cfg.device)
+        self.dim = int(self.encoder.model.config.d_model)
+        self.length = cfg.text_encoder.max_length
+
+    def groups(self, batch: Batch, idx: list[int]) -> dict[tuple, list[int]]:
+        return {(None, None): idx} if idx else {}
+
+    def compute(self, batch, idx, guidance, steps):
+        enc = self.encoder.encode([batch["prompt"][i] for i in idx], [batch["negative_prompt"][i] for i in idx])
+        return {"prompt_embeds": enc.prompt_embeds, "negative_embeds": enc.negative_embeds,
+                "truncated": np.array(enc.truncated), "negative_truncated": np.array(enc.negative_truncated)}
+
+    def empty_outputs(self, batch, n):
+        z = np.zeros((n, self.length, self.dim), dtype=np.float16)
+        f = np.zeros(n, dtype=bool)
+        return {"prompt_embeds": z, "negative_embeds": z.copy(), "truncated": f, "negative_truncated": f.copy()}
+
+
+class Stage1Stage(_Stage):
+    name = "stage_1"
+
+    def __init__(self, cfg: CascadeConfig):
+        from ifbatch.models.stage_1 import Stage1
+
+        self.runner = Stage1(cfg.stage_1, cfg.device)
+
+    def compute(self, batch, idx, guidance, steps):
+        return {"image_1": self.runner(batch["prompt_embeds"][idx], batch["negative_embeds"][idx],
+                                       [int(batch["seed"][i]) for i in idx], guidance, steps)}
+
+    def empty_outputs(self, batch, n):
+        s = self.runner.size
+        return {"image_1": np.zeros((n, 3, s, s), dtype=np.float16)}
+
+
+class Stage2Stage(_Stage):
+    name = "stage_2"
+    drops = ("image_1", "prompt_embeds", "negative_embeds")
+
+    def __init__(self, cfg: CascadeConfig):
+        from ifbatch.models.stage_2 import Stage2
+
+        self.runner = Stage2(cfg.stage_2, cfg.device)
+
+    def compute(self, batch, idx, guidance, steps):
+        return {"image_2": self.runner(batch["image_1"][idx], batch["prompt_embeds"][idx],
+                                       batch["negative_embeds"][idx], [int(batch["seed"][i]) for i in idx],
+                                       guidance, steps)}
+
+    def empty_outputs(self, batch, n):
+        s = self.runner.size
+        return {"image_2": np.zeros((n, 3, s, s), dtype=np.float16)}
+
+
+class Stage3Stage(_Stage):
+    name = "stage_3"
+    drops = ("image_2",)
+
+    def __init__(self, cfg: CascadeConfig):
+        from ifbatch.models.safety import Safety
+        from ifbatch.models.stage_3 import Stage3
+
+        self.runner = Stage3(cfg.stage_3, cfg.device)
+        self.safety = Safety(cfg.safety, cfg.safety_source, cfg.stage_3.dtype, cfg.device)
+
+    def compute(self, batch, idx, guidance, steps):
+        images = self.runner(batch["image_2"][idx], [batch["prompt"][i] for i in idx],
+                             [batch["negative_prompt"][i] for i in idx], [int(batch["seed"][i]) for i in idx],
+                             guidance, steps)
+        safe = self.safety(images)
+        flag = lambda xs: np.array([-1 if x is None else int(x) for x in xs], dtype=np.int8)  # noqa: E731
+        return {"image": safe.images, "nsfw": flag(safe.nsfw), "watermark_detected": flag(safe.watermark_detected),
+                "watermarked": np.array(safe.watermarked)}
+
+    def empty_outputs(self, batch, n):
+        s = 4 * batch["image_2"].shape[-1]  # the x4 upscaler
+        return {"image": np.zeros((n, s, s, 3), dtype=np.uint8), "nsfw": np.full(n, -1, np.int8),
+                "watermark_detected": np.full(n, -1, np.int8), "watermarked": np.zeros(n, bool)}
+
+
+STAGES: dict[str, Callable[..., _Stage]] = {"text_encoder": EncodeStage, "stage_1": Stage1Stage,
+                                            "stage_2": Stage2Stage, "stage_3": Stage3Stage}
