@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import textwrap
+import time
 
 EXAMPLES = textwrap.dedent("""
     examples:
@@ -79,6 +80,7 @@ def _run(args: argparse.Namespace) -> int:
         job = bar.add_task("rows", total=None, rate=0.0)
         stop = progress.listen(lambda p: bar.update(job, completed=p.done + p.failed, total=p.total, rate=p.rate))
         bar.start()
+    t0 = time.monotonic()
     try:
         state = generate(params, return_state=True)
     finally:
@@ -90,6 +92,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ifbatch: run failed: {summary}", file=sys.stderr)
         return 2
     print(state.message)
+    wall = time.monotonic() - t0
+    print(f"wall {wall:.1f} s: flow {summary.seconds:.1f} s, of which Ray start-up and model checks "
+          f"{summary.startup_seconds:.1f} s; Prefect API start-up and shutdown {wall - summary.seconds:.1f} s; "
+          f"{summary.rows_per_second:.2f} rows/s while generating")
     for err in summary.errors[:5]:
         print(f"  failed {err['id']}: {err['error']}", file=sys.stderr)
     return 0 if state.is_completed() else 1

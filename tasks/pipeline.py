@@ -1,7 +1,7 @@
 """The Ray Data pipeline: rows -> encode -> stage I -> stage II -> stage III -> writer, streamed, with manifest parts.
 
 Each stage is an actor pool (one loaded model per actor, `num_gpus`/`num_cpus`/`replicas`/`batch_size` from
-the config). Only manifest records (no pixels) come back to the driver, which writes a manifest part once
+the config); Ray Data restarts dead actors and retries their batches (the stage calls are idempotent). Only manifest records (no pixels) come back to the driver, which writes a manifest part once
 `output.manifest_part_rows` records are in hand or `output.manifest_flush_seconds` have passed.
 """
 
@@ -61,18 +61,18 @@ def build_dataset(rows: pa.Table, cfg: CascadeConfig, output: str, run_id: str, 
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    step = max(1, min(cfg.text_encoder.batch_size, cfg.stage_1.batch_size))
+    # Small input blocks: a task takes whole blocks, so the smallest stage batch sets how finely rows stream.
+    step = min(getattr(cfg, role).batch_size for role in STAGES)
     ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
     for role, stage in STAGES.items():
         sc = getattr(cfg, role)
         ds = ds.map_batches(stage, fn_constructor_kwargs={"cfg": cfg}, batch_size=sc.batch_size,
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=sc.replicas),
-                            num_gpus=sc.num_gpus, num_cpus=sc.num_cpus, max_restarts=2, max_task_retries=2)
+                            num_gpus=sc.num_gpus, num_cpus=sc.num_cpus)
     return ds.map_batches(ImageWriter, fn_constructor_kwargs=dict(cfg=cfg, output=output, run_id=run_id,
                                                                   models=models),
                           batch_size=cfg.stage_3.batch_size, batch_format="numpy",
-                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
-                          max_restarts=2, max_task_retries=2)
+                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
 
 
 def run_pipeline(rows: pa.Table, cfg: CascadeConfig, loc: Location, output: str, run_id: str,

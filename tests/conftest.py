@@ -7,11 +7,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the tests' private local cluster
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pytest  # noqa: E402
 
 from ifbatch.configs import load_config  # noqa: E402
 from ifbatch.models.tiny import build_tiny_cascade  # noqa: E402
+
+from .services import SeaweedS3  # noqa: E402
+
+BUCKET = "ifbatch-test"
 
 TINY_SEED = 0
 
@@ -24,3 +30,38 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_cfg(tiny_dir):
     return load_config("tiny", [f"tiny.dir={tiny_dir}"])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server for the session; its endpoint and (dummy) credentials go into the environment before Ray
+    starts, so that the driver, the Ray workers and CLI subprocesses all reach it the same way."""
+    import s3fs
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+    os.environ.update(AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID="ifbatch-test",
+                      AWS_SECRET_ACCESS_KEY="ifbatch-test-secret", AWS_REGION="us-east-1")
+    s3fs.S3FileSystem(endpoint_url=server.endpoint).mkdir(BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, tmp_path_factory):
+    """One local Ray cluster for the session, with 4 fake GPUs so placement can be checked on a CPU machine."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=4, object_store_memory=1 << 30, include_dashboard=False,
+             logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """Prefect's test harness: a real, temporary API server and database for the session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()

@@ -1,0 +1,206 @@
+"""The product end to end on real parts: Prefect flow -> Ray stage actors -> local folder or S3 (SeaweedFS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ifbatch.flows.generate import GenerateParams, generate
+from ifbatch.tasks.manifest import part_paths, read_manifest
+from ifbatch.tasks.stages import _Stage
+from ifbatch.tasks.storage import locate
+from ifbatch.tasks.writer import image_relpath
+
+from .conftest import BUCKET
+from .helpers import EXAMPLES, SMALL, cli, read_bytes, sha256, write_table
+
+
+@pytest.fixture
+def tiny_set(tiny_dir):
+    return [f"tiny.dir={tiny_dir}"]
+
+
+def run_flow(prompts, output, overrides, **kw):
+    state = generate(GenerateParams(prompts=prompts, output=output, preset="tiny", overrides=overrides, **kw),
+                     return_state=True)
+    return state, state.result(raise_on_failure=False)
+
+
+def check_outputs(output: str, expect_ids: set[str]) -> list[dict]:
+    loc = locate(output)
+    rows = read_manifest(loc).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(expect_ids)  # exactly one record per row
+    for r in rows:
+        assert r["status"] == "ok", r
+        data = read_bytes(r["image_uri"])
+        assert sha256(data) == r["sha256"] and (r["width"], r["height"]) == (256, 256)
+        assert r["image_uri"].endswith(image_relpath(r["id"], load_tiny()).split("/", 1)[1])
+        models = json.loads(r["models"])
+        assert set(models) == {"text_encoder", "stage_1", "stage_2", "stage_3", "safety"}
+        assert models["stage_1"]["dtype"] == "float32" and r["stage_1_steps"] == 4 and r["stage_3_noise_level"] == 100
+        assert r["seconds_stage_3"] > 0 and r["watermarked"] is True
+    return rows
+
+
+def load_tiny():
+    from ifbatch.configs import load_config
+    return load_config("tiny")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_small_table_end_to_end(where, tmp_path, tiny_set, ray_cluster, prefect_api):
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL})
+    output = str(tmp_path / "out") if where == "local" else f"s3://{BUCKET}/e2e-{tmp_path.name}"
+    state, summary = run_flow(prompts, output, tiny_set)
+    assert state.is_completed(), state.message
+    assert (summary.done, summary.failed, summary.rejected, summary.skipped) == (len(SMALL), 0, 0, 0)
+    rows = check_outputs(output, set(_ids(prompts)))
+    record = json.loads(read_bytes(summary.run_record))
+    assert record["counts"]["done"] == len(SMALL) and record["versions"]["diffusers"] == "0.42.1"
+    assert record["config"]["stage_1"]["steps"] == 4 and "AWS_SECRET_ACCESS_KEY" not in json.dumps(record)
+
+    again_state, again = run_flow(prompts, output, tiny_set)  # resume: nothing left to do
+    assert again_state.is_completed() and (again.done, again.skipped) == (0, len(SMALL))
+    assert read_manifest(locate(output)).num_rows == len(rows)
+
+
+def _ids(prompts: str) -> list[str]:
+    from ifbatch.tasks.prompts import read_prompts
+    return read_prompts(prompts, load_tiny()).rows.column("id").to_pylist()
+
+
+def test_same_table_and_seeds_give_byte_identical_images(tmp_path, tiny_set, ray_cluster, prefect_api):
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:4], "seed": [1, 2, 3, 4]})
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    # (across batch sizes a row agrees within float32 rounding, not bit for bit: see test_models)
+    assert run_flow(prompts, a, tiny_set)[0].is_completed()
+    assert run_flow(prompts, b, tiny_set)[0].is_completed()
+    ha = {r["id"]: r["sha256"] for r in read_manifest(locate(a)).to_pylist()}
+    hb = {r["id"]: r["sha256"] for r in read_manifest(locate(b)).to_pylist()}
+    assert ha == hb and len(ha) == 4
+
+
+def test_overwrite_starts_over(tmp_path, tiny_set, ray_cluster, prefect_api):
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:2]})
+    out = str(tmp_path / "out")
+    run_flow(prompts, out, tiny_set)
+    _, summary = run_flow(prompts, out, tiny_set, overwrite=True)
+    assert (summary.done, summary.skipped) == (2, 0)
+    assert read_manifest(locate(out)).num_rows == 2 and len(part_paths(locate(out))) == 1
+
+
+def test_bad_table_fails_before_any_model_loads(tmp_path, ray_cluster, prefect_api):
+    prompts = write_table(tmp_path / "p.parquet", {"caption": ["a cat"]})
+    never = tmp_path / "never-built"
+    state, err = run_flow(prompts, str(tmp_path / "out"), [f"tiny.dir={never}"])
+    assert state.is_failed() and "no column 'prompt'" in str(err)
+    assert not never.exists()  # the tiny cascade was not even built
+
+
+def test_gpu_pinning_follows_the_config(tmp_path, tiny_set, ray_cluster, prefect_api):
+    """The session's Ray cluster advertises 4 fake GPUs; each stage's actors must get what the config asks."""
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:2]})
+    asks = ["text_encoder.num_gpus=0.25", "stage_1.num_gpus=1", "stage_2.num_gpus=0.5", "stage_3.num_gpus=2",
+            "device=cpu"]
+    state, _ = run_flow(prompts, str(tmp_path / "out"), [*tiny_set, *asks])
+    assert state.is_completed(), state.message
+    for r in read_manifest(locate(str(tmp_path / "out"))).to_pylist():
+        p = json.loads(r["placement"])
+        assert len(p["encode"]["gpus"]) == 1 and len(p["stage_1"]["gpus"]) == 1
+        assert len(p["stage_2"]["gpus"]) == 1 and len(p["stage_3"]["gpus"]) == 2
+        used = {g for s in ("stage_1", "stage_3") for g in p[s]["gpus"]}
+        assert len(used) == 3  # whole GPUs are not shared between stage I and stage III
+        assert {g for s in p.values() for g in s["gpus"]} <= {"0", "1", "2", "3"}
+
+
+class Flaky(_Stage):
+    """A stage whose model call fails whenever a given row is in it: the batch must be retried row by row."""
+
+    name = "stage_1"
+
+    def compute(self, batch, idx, guidance, steps):
+        if any(batch["prompt"][i] == "poison" for i in idx):
+            raise RuntimeError("cannot draw poison")
+        return {"image_1": np.ones((len(idx), 3, 2, 2), np.float16)}
+
+
+def test_one_failing_row_does_not_sink_its_batch(ray_cluster):
+    batch = {"id": np.array(["a", "b", "c"], object), "prompt": np.array(["x", "poison", "y"], object),
+             "seed": np.array([1, 2, 3])}
+    out = Flaky()(batch)
+    assert list(out["error"]) == ["", "stage_1: RuntimeError: cannot draw poison", ""]
+    assert out["image_1"][0].sum() == 12 and out["image_1"][1].sum() == 0 and out["image_1"][2].sum() == 12
+    assert np.isnan(out["seconds_stage_1"][1]) and out["seconds_stage_1"][0] > 0
+
+
+def test_cli_example_table_to_s3(tiny_set, ray_cluster, prefect_api):
+    out = f"s3://{BUCKET}/examples-run"
+    res = cli("run", str(EXAMPLES), out, "--set", tiny_set[0], "--ray-address", ray_cluster, "--no-progress",
+              env={"PREFECT_API_URL": prefect_api})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "36 done, 0 failed, 0 rejected" in res.stdout
+    check_outputs(out, set(_ids(str(EXAMPLES))))
+
+
+def test_cli_bad_rows_exit_non_zero(tmp_path, tiny_set, ray_cluster, prefect_api):
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": ["a cat", None, "a dog", "a dog"],
+                                                   "id": ["c1", "c2", "d1", "d1"]})
+    out = tmp_path / "out"
+    res = cli("run", prompts, str(out), "--set", tiny_set[0], "--ray-address", ray_cluster, "--no-progress",
+              env={"PREFECT_API_URL": prefect_api})
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "2 done, 0 failed, 2 rejected" in res.stdout
+    check_outputs(str(out), {"c1", "d1"})
+    rejected = list((out / "runs").glob("*-rejected.parquet"))
+    import pyarrow.parquet as pq
+    reasons = pq.read_table(rejected[0]).to_pylist()
+    assert [r["row"] for r in reasons] == [1, 3] and "duplicate id 'd1'" in reasons[1]["reason"]
+
+
+def test_cli_rejects_bad_overrides_before_starting(tmp_path):
+    res = cli("run", str(EXAMPLES), str(tmp_path / "out"), "--set", "stage_1.steps=-3", timeout=120)
+    assert res.returncode == 2 and "stage_1.steps = -3" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_killed_mid_run_then_rerun_resumes(tmp_path, tiny_set, ray_cluster, prefect_api):
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a photo of a cat number {i}" for i in range(16)]})
+    out = tmp_path / "out"
+    small_batches = [f"--set={s}.batch_size=2" for s in ("text_encoder", "stage_1", "stage_2", "stage_3")]
+    args = ["run", prompts, str(out), "--set", tiny_set[0], "--set", "output.manifest_part_rows=2", *small_batches,
+            "--ray-address", ray_cluster, "--no-progress"]
+    exe = Path(sys.executable).with_name("ifbatch")
+    proc = subprocess.Popen([str(exe), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PREFECT_API_URL": prefect_api})
+    loc = locate(str(out))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not part_paths(loc):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    before = {r["id"]: r for r in read_manifest(loc).to_pylist()}
+    assert 0 < len(before) < 16
+    res = cli("run", *args[1:], env={"PREFECT_API_URL": prefect_api})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = check_outputs(str(out), set(_ids(prompts)))
+    raw_ok = [i for p in part_paths(loc) for i in _part_ids(loc, p)]
+    assert len(raw_ok) == len(set(raw_ok)) == 16  # no row was generated twice
+    for r in rows:
+        if r["id"] in before:  # finished before the kill: kept, not regenerated
+            assert r["run_id"] == before[r["id"]]["run_id"] and r["sha256"] == before[r["id"]]["sha256"]
+
+
+def _part_ids(loc, path):
+    import pyarrow.parquet as pq
+    with loc.fs.open(path, "rb") as f:
+        t = pq.read_table(f, columns=["id", "status"]).to_pylist()
+    return [r["id"] for r in t if r["status"] == "ok"]
