@@ -43,6 +43,21 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="delete earlier images and manifest; start over")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     sub.add_parser("presets", help="list the presets and their models")
+    srv = sub.add_parser("serve", help="serve the Prefect deployments (generate, nightly-dataset) from this process",
+                         description="Serve the `generate` (on demand) and `nightly-dataset` (scheduled) deployments "
+                                     "to the Prefect API in PREFECT_API_URL; runs start from the dashboard or the "
+                                     "schedule and execute in subprocesses of this one.")
+    srv.add_argument("--nightly-prompts", default=None, help="prompts table or prefix of the scheduled job "
+                                                             "(default: the example table)")
+    srv.add_argument("--nightly-output", default="out/nightly", help="output of the scheduled job")
+    srv.add_argument("--nightly-preset", default="tiny", choices=preset_names())
+    srv.add_argument("--nightly-cron", default="0 2 * * *", help="cron schedule (default: 02:00 UTC daily)")
+    srv.add_argument("--every", type=float, default=None, metavar="SECONDS",
+                     help="run the scheduled job every SECONDS instead of the cron schedule")
+    srv.add_argument("--ray-address", default=None, help="Ray cluster the runs join (default: a local one each)")
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="config overrides for both deployments' default parameters")
+    srv.add_argument("--limit", type=int, default=1, help="flow runs at a time (default 1: they share the GPUs)")
     return p
 
 
@@ -63,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     from ifbatch.configs import ConfigError
     from ifbatch.flows.generate import GenerateParams, generate
     from ifbatch.tasks import progress
+    from ifbatch.tasks.steps import RunSummary
 
     try:
         params = GenerateParams(prompts=args.prompts, output=args.output, preset=args.preset,
@@ -88,8 +104,8 @@ def _run(args: argparse.Namespace) -> int:
             bar.stop()
             stop()
     summary = state.result(raise_on_failure=False)
-    if isinstance(summary, BaseException):
-        print(f"ifbatch: run failed: {summary}", file=sys.stderr)
+    if not isinstance(summary, RunSummary):  # the run could not start: bad table, config, model or storage
+        print(f"ifbatch: run failed: {state.message or summary}", file=sys.stderr)
         return 2
     print(state.message)
     wall = time.monotonic() - t0
@@ -101,9 +117,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if state.is_completed() else 1
 
 
+def _serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from ifbatch.flows.deploy import EXAMPLES, serve_deployments
+
+    serve_deployments(limit=args.limit, nightly_prompts=args.nightly_prompts or EXAMPLES,
+                      nightly_output=args.nightly_output, nightly_preset=args.nightly_preset,
+                      nightly_cron=args.nightly_cron, every_seconds=args.every, ray_address=args.ray_address,
+                      overrides=args.overrides)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return _presets() if args.command == "presets" else _run(args)
+    if args.command == "presets":
+        return _presets()
+    return {"serve": _serve, "run": _run}[args.command](args)
 
 
 if __name__ == "__main__":

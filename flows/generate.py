@@ -11,10 +11,16 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field
 
-from ifbatch.configs import load_config, preset_names
+from ifbatch.configs import ConfigError, load_config, preset_names
 from ifbatch.configs.schema import CascadeConfig
-from ifbatch.tasks.steps import (RunSummary, generate_rows, new_run_id, plan_resume, read_prompt_table,
-                                 write_records)
+from ifbatch.models.loading import ModelLoadError
+from ifbatch.tasks.prompts import PromptTableError
+from ifbatch.tasks.steps import (RunSummary, generate_rows, new_run_id, plan_resume, publish_artifacts,
+                                 read_prompt_table, write_records)
+from ifbatch.tasks.storage import storage_errors
+
+# Failures an operator can fix from the message alone: logged as one line, the run's state says it too.
+OPERATOR_ERRORS = (ConfigError, PromptTableError, ModelLoadError, *storage_errors())
 
 Preset = Literal[tuple(preset_names())]  # type: ignore[valid-type]  # the dashboard renders a dropdown
 
@@ -54,15 +60,12 @@ def _run_name() -> str:
 def generate(params: GenerateParams):
     """Generate one image per prompt row through the IF cascade on Ray; write images and a Parquet manifest."""
     log = get_run_logger()
-    started, t0 = dt.datetime.now(dt.timezone.utc).isoformat(), time.monotonic()
-    cfg = params.config()
-    run_id = new_run_id()
-    log.info("run %s: preset %s, %s -> %s", run_id, cfg.preset, params.prompts, params.output)
-    plan = read_prompt_table(params.prompts, cfg)
-    rows, skipped = plan_resume(plan, params.output, cfg, params.overwrite)
-    result, models, startup = generate_rows(rows, cfg, params.output, run_id)
-    summary: RunSummary = write_records(cfg, params.model_dump(), plan, skipped, result, models, run_id, started,
-                                        time.monotonic() - t0, startup)
+    try:
+        summary = _generate(params, log)
+    except OPERATOR_ERRORS as e:
+        reason = f"{type(e).__name__}: {e}"
+        log.error("run failed: %s", reason)
+        return Failed(message=reason)
     message = (f"{summary.done} done, {summary.failed} failed, {summary.rejected} rejected, {summary.skipped} "
                f"skipped (already done) of {summary.total} rows; run record {summary.run_record}")
     if not summary.ok:
@@ -70,3 +73,17 @@ def generate(params: GenerateParams):
         return Failed(message=message, data=summary)
     log.info(message)
     return Completed(message=message, data=summary)
+
+
+def _generate(params: GenerateParams, log) -> RunSummary:
+    started, t0 = dt.datetime.now(dt.timezone.utc).isoformat(), time.monotonic()
+    cfg = params.config()
+    run_id = new_run_id()
+    log.info("run %s: preset %s, %s -> %s", run_id, cfg.preset, params.prompts, params.output)
+    plan = read_prompt_table(params.prompts, cfg)
+    rows, skipped = plan_resume(plan, params.output, cfg, params.overwrite)
+    result, models, startup = generate_rows(rows, cfg, params.output, run_id)
+    summary = write_records(cfg, params.model_dump(), plan, skipped, result, models, run_id, started,
+                            time.monotonic() - t0, startup)
+    publish_artifacts(summary, cfg, models, params.prompts, plan)
+    return summary

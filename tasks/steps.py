@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ifbatch.configs.schema import CascadeConfig
 
+from .artifacts import LiveProgress, contact_sheet, counts_table, summary_markdown
 from .manifest import MANIFEST_DIR, done_ids
 from .pipeline import PipelineResult, resolve_models, run_pipeline
 from .progress import Progress, listen
@@ -94,13 +95,14 @@ def generate_rows(rows: pa.Table, cfg: CascadeConfig, output: str, run_id: str,
             last[0] = time.monotonic()
             log.info("progress: %s", p.line())
 
-    stop = listen(log_progress)
+    stops = [listen(log_progress), listen(LiveProgress(run_id, rows.num_rows))]
     try:
         with ray_session(cfg.ray):
             startup = time.monotonic() - t0
             result = run_pipeline(rows, cfg, locate(output, cfg.s3), output, run_id, models)
     finally:
-        stop()
+        for stop in stops:
+            stop()
     return result, models, startup
 
 
@@ -124,3 +126,22 @@ def write_records(cfg: CascadeConfig, params: dict[str, Any], plan: PromptPlan, 
     return RunSummary(run_id=run_id, output=params["output"], seconds=seconds, startup_seconds=startup,
                       rows_per_second=record["rows_per_second"], stage_seconds_per_image=per_image, run_record=uri,
                       rejected_file=rejected_file, errors=result.errors, **counts)
+
+
+@task(name="publish-artifacts", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def publish_artifacts(summary: RunSummary, cfg: CascadeConfig, models: dict, prompts: str,
+                      plan: PromptPlan) -> str | None:
+    """The counts table, the markdown summary, and the contact sheet it links to."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from .artifacts import artifact_key
+
+    loc = locate(summary.output, cfg.s3)
+    sheet = contact_sheet(loc, summary.run_id)
+    create_table_artifact(key=artifact_key(summary.run_id, "counts"), table=counts_table(summary),
+                          description=f"ifbatch run {summary.run_id}: counts and per-stage time")
+    sample = plan.rows.slice(0, 5).select(["id", "prompt"]).to_pylist()
+    md = summary_markdown(summary, cfg.preset, models, prompts, loc.uri(loc.path(MANIFEST_DIR)), sheet, sample)
+    create_markdown_artifact(key=artifact_key(summary.run_id, "summary"), markdown=md,
+                             description=f"ifbatch run {summary.run_id}: summary")
+    return sheet

@@ -12,6 +12,14 @@ import fsspec
 from ifbatch.configs.schema import S3Config
 
 
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What an unreachable or refusing store raises: OSError (local, and S3 errors s3fs translates) and botocore's
+    own connection errors, which s3fs lets through."""
+    from botocore.exceptions import BotoCoreError
+
+    return (OSError, BotoCoreError)
+
+
 @dataclass(frozen=True)
 class Location:
     """A filesystem plus a root path on it; `uri()` gives back full URIs for the manifest."""

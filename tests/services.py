@@ -74,3 +74,59 @@ class SeaweedS3:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.log.close()
+
+
+class PrefectServer:
+    """`prefect server start` on loopback with its own PREFECT_HOME and database (UI included)."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/api"
+
+    def env(self) -> dict[str, str]:
+        return {"PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api,
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": self.api}
+
+    def start(self, timeout: float = 120.0) -> "PrefectServer":
+        prefect = Path(os.sys.executable).with_name("prefect")
+        self.log = open(self.home / "server.log", "wb")
+        env = {**os.environ, **self.env()}
+        env.pop("PREFECT_API_URL")
+        self.proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port",
+                                      str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited with {self.proc.returncode}; see {self.home}/server.log")
+            try:
+                urllib.request.urlopen(f"{self.api}/health", timeout=1)
+                return self
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"prefect server did not answer on {self.api} in {timeout}s")
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+        self.log.close()
+
+
+def stop_group(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
+    """SIGTERM a process group, SIGKILL it after `grace` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

@@ -101,7 +101,7 @@ def test_bad_table_fails_before_any_model_loads(tmp_path, ray_cluster, prefect_a
     prompts = write_table(tmp_path / "p.parquet", {"caption": ["a cat"]})
     never = tmp_path / "never-built"
     state, err = run_flow(prompts, str(tmp_path / "out"), [f"tiny.dir={never}"])
-    assert state.is_failed() and "no column 'prompt'" in str(err)
+    assert state.is_failed() and "no column 'prompt'" in state.message
     assert not never.exists()  # the tiny cascade was not even built
 
 

@@ -1,0 +1,112 @@
+"""What an operator sees in the Prefect UI: a live progress artifact, and at the end a counts table, a markdown
+summary and a contact sheet (a PNG grid of the first images with their ids, written next to the outputs)."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageDraw
+
+from .manifest import read_manifest
+from .progress import Progress
+from .storage import Location
+
+if TYPE_CHECKING:
+    from .steps import RunSummary
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
+
+
+def md_escape(text: str | None) -> str:
+    """Prompt text is data: escape every markdown and HTML meta character, flatten newlines."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text or "").split()))
+
+
+def artifact_key(run_id: str, what: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]", "-", f"ifbatch-{what}-{run_id}".lower())
+
+
+class LiveProgress:
+    """A Prefect progress artifact updated at most every `every_s` seconds (and at the end)."""
+
+    def __init__(self, run_id: str, total: int, every_s: float = 2.0):
+        from prefect.artifacts import create_progress_artifact
+
+        self.every_s, self.last = every_s, 0.0
+        self.id = create_progress_artifact(progress=0.0, key=artifact_key(run_id, "progress"),
+                                           description=f"ifbatch run {run_id}: rows done of {total}")
+
+    def __call__(self, p: Progress) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        if time.monotonic() - self.last >= self.every_s or p.done + p.failed >= p.total:
+            self.last = time.monotonic()
+            pct = 100.0 * (p.done + p.failed) / p.total if p.total else 100.0
+            update_progress_artifact(self.id, progress=pct, description=p.line())
+
+
+def contact_sheet(loc: Location, run_id: str, n: int = 16, thumb: int = 128, columns: int = 4) -> str | None:
+    """A grid of the first `n` ok images (by input row) with their ids; written as runs/<run>-contact-sheet.png."""
+    t = read_manifest(loc, ["id", "row", "status", "image_uri"])
+    rows = sorted((r for r in t.to_pylist() if r["status"] == "ok"), key=lambda r: r["row"])[:n]
+    if not rows:
+        return None
+    label = 14
+    cols = min(columns, len(rows))
+    sheet = Image.new("RGB", (cols * thumb, -(-len(rows) // cols) * (thumb + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, r in enumerate(rows):
+        with loc.fs.open(r["image_uri"].split("://", 1)[-1], "rb") as f:
+            im = Image.open(f).convert("RGB").resize((thumb, thumb))
+        x, y = (k % cols) * thumb, (k // cols) * (thumb + label)
+        sheet.paste(im, (x, y))
+        draw.text((x + 2, y + thumb + 1), r["id"][:20], fill="black")
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    path = loc.path("runs", f"{run_id}-contact-sheet.png")
+    loc.write_bytes(path, buf.getvalue())
+    return loc.uri(path)
+
+
+def _link(uri: str | None) -> str:
+    if not uri:
+        return "-"
+    href = f"file://{uri}" if uri.startswith("/") else uri
+    return f"[{md_escape(uri)}]({href})"
+
+
+def counts_table(s: RunSummary) -> list[dict[str, Any]]:
+    total_stage = sum(s.stage_seconds_per_image.values()) or 1.0
+    rows: list[dict[str, Any]] = [{"what": k, "value": v} for k, v in
+                                  (("rows in table", s.total), ("done", s.done), ("rejected", s.rejected),
+                                   ("failed", s.failed), ("skipped by resume", s.skipped),
+                                   ("rows/s while generating", round(s.rows_per_second, 3)),
+                                   ("wall seconds", round(s.seconds, 1)))]
+    for stage, sec in s.stage_seconds_per_image.items():
+        rows.append({"what": f"{stage} s/image", "value": f"{sec:.3f} ({100 * sec / total_stage:.0f}%)"})
+    return rows
+
+
+def summary_markdown(s: RunSummary, preset: str, models: dict, prompts: str, manifest_dir: str,
+                     sheet: str | None, sample: list[dict]) -> str:
+    status = "all rows done" if s.ok else f"**{s.failed} failed, {s.rejected} rejected**"
+    lines = [f"# ifbatch run `{s.run_id}`", "", f"{status}: {s.done} done, {s.skipped} skipped (already done) "
+             f"of {s.total} rows in {s.seconds:.0f} s.", "",
+             f"- prompts: {_link(prompts)}", f"- output: {_link(s.output)}", f"- manifest: {_link(manifest_dir)}",
+             f"- run record: {_link(s.run_record)}", f"- contact sheet: {_link(sheet)}",
+             f"- rejected rows: {_link(s.rejected_file)}", f"- preset: `{md_escape(preset)}`", "", "## Models", "",
+             "| stage | source | commit | variant | dtype |", "|---|---|---|---|---|"]
+    for role, m in models.items():
+        lines.append(f"| {role} | {md_escape(m['source'])} | {md_escape(m.get('commit') or '-')} | "
+                     f"{md_escape(m.get('variant') or '-')} | {m['dtype']} |")
+    if sample:
+        lines += ["", "## First rows", "", "| id | prompt |", "|---|---|"]
+        lines += [f"| {md_escape(r['id'])} | {md_escape(r['prompt'])} |" for r in sample]
+    if s.errors:
+        lines += ["", "## Failures (first ones)", ""] + [f"- `{md_escape(e['id'])}`: {md_escape(e['error'])}"
+                                                         for e in s.errors[:10]]
+    return "\n".join(lines) + "\n"
