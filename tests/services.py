@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -52,27 +53,11 @@ class SeaweedS3:
                "-master.volumeSizeLimitMB=64"]
         self.log = open(self.dir / "weed.log", "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.dir / 'weed.log'}")
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=1)
-                return self
-            except urllib.error.HTTPError:
-                return self  # it answers (403/404 for an anonymous list is fine)
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError(f"weed S3 did not answer on {self.endpoint} in {timeout}s")
+        wait_until_answering(self.proc, self.endpoint, timeout, self.dir / "weed.log")
+        return self
 
-    def stop(self, grace: float = 3.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:  # slow to stop on SIGTERM: kill after a short grace
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+    def stop(self) -> None:
+        stop_group(self.proc, grace=3.0)  # slow to stop on SIGTERM: killed after a short grace
         self.log.close()
 
 
@@ -104,20 +89,28 @@ class PrefectServer:
         self.proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port",
                                       str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited with {self.proc.returncode}; see {self.home}/server.log")
-            try:
-                urllib.request.urlopen(f"{self.api}/health", timeout=1)
-                return self
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"prefect server did not answer on {self.api} in {timeout}s")
+        wait_until_answering(self.proc, f"{self.api}/health", timeout, self.home / "server.log")
+        return self
 
     def stop(self) -> None:
         stop_group(self.proc)
         self.log.close()
+
+
+def wait_until_answering(proc: subprocess.Popen, url: str, timeout: float, log: Path) -> None:
+    """Poll `url` until the server answers at all (any HTTP status); fail early if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}; see {log}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (403/404 for an anonymous S3 list is fine)
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer in {timeout}s; see {log}")
 
 
 def stop_group(proc: subprocess.Popen | None, grace: float = 5.0) -> None:

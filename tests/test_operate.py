@@ -126,9 +126,14 @@ def test_failed_run_says_why_first(server, served, tmp_path):
         run = start({"prompts": prompts, "output": str(tmp_path / "out"), "preset": "tiny"})
         assert run.state.is_failed()
         assert "no column 'prompt'" in run.state.message
-        with client() as c:
-            logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-    errors = [entry.message for entry in sorted(logs, key=lambda x: x.timestamp) if entry.level >= 40]
+        deadline = time.monotonic() + 60  # the run's logs reach the API a little after its final state
+        while time.monotonic() < deadline:
+            with client() as c:
+                logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            errors = [e.message for e in sorted(logs, key=lambda x: x.timestamp) if e.level >= 40]
+            if errors:
+                break
+            time.sleep(1)
     assert errors and "no column 'prompt'" in errors[0] and prompts in errors[0]
 
 
