@@ -49,7 +49,7 @@ class TextEncoder:
         return out[0]
 
     def _too_long(self, texts: Sequence[str]) -> list[bool]:
-        lengths = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        lengths = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         return [len(ids) > self.cfg.max_length for ids in lengths]
 
     def empty_embedding(self) -> torch.Tensor:
