@@ -20,8 +20,8 @@ from ifbatch.configs.schema import CascadeConfig
 Batch = dict[str, np.ndarray]
 
 
-def _opt(value: Any) -> Any:
-    """A per-row override cell: None for null/NaN."""
+def cell(value: Any) -> Any:
+    """One numpy cell as a plain Python value; null and NaN become None."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return value.item() if hasattr(value, "item") else value
@@ -45,12 +45,12 @@ class _Stage:
     """Common batch plumbing: skip failed rows, group by per-row overrides, fall back to row by row."""
 
     name = ""
-    outputs: tuple[str, ...] = ()
+    drops: tuple[str, ...] = ()  # columns no later stage needs
 
     def groups(self, batch: Batch, idx: list[int]) -> dict[tuple, list[int]]:
         out: dict[tuple, list[int]] = defaultdict(list)
         for i in idx:
-            key = tuple(_opt(batch[c][i]) if c in batch else None
+            key = tuple(cell(batch[c][i]) if c in batch else None
                         for c in (f"{self.name}_guidance_scale", f"{self.name}_steps"))
             out[key].append(i)
         return out
@@ -95,8 +95,6 @@ class _Stage:
             batch.pop(key, None)
         return batch
 
-    drops: tuple[str, ...] = ()
-
     def empty_outputs(self, batch: Batch, n: int) -> dict[str, np.ndarray]:
         """Placeholders of the right shapes for a batch in which every row failed."""
         return {}
@@ -104,7 +102,6 @@ class _Stage:
 
 class EncodeStage(_Stage):
     name = "encode"
-    drops = ()
 
     def __init__(self, cfg: CascadeConfig):
         from ifbatch.models.encode import TextEncoder

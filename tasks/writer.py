@@ -13,6 +13,7 @@ from PIL import Image
 
 from ifbatch.configs.schema import CascadeConfig
 
+from .stages import cell
 from .storage import locate
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -65,11 +66,10 @@ class ImageWriter:
         self.loc = locate(output, cfg.s3)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .stages import _opt
 
         records = []
         for i in range(len(batch["id"])):
-            row = {k: _opt(v[i]) for k, v in batch.items() if k != "image" and np.ndim(v[i]) == 0}
+            row = {k: cell(v[i]) for k, v in batch.items() if k != "image" and np.ndim(v[i]) == 0}
             rec = {"id": row["id"], "row": int(row["row"]), "prompt": row["prompt"],
                    "negative_prompt": row["negative_prompt"], "seed": int(row["seed"]),
                    "status": "ok", "error": None, "image_uri": None, "width": None, "height": None, "sha256": None,
