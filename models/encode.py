@@ -14,6 +14,9 @@ from .loading import Resolved, load, resolve, resolve_device
 from .tensors import to_numpy
 
 
+PROBE_FILE = "text_encoder/config.json"  # what `resolve` fetches to check a source holds a text encoder
+
+
 @dataclass
 class Encoded:
     prompt_embeds: np.ndarray  # (B, max_length, D)
@@ -34,7 +37,7 @@ class TextEncoder:
         self.resolved: Resolved | None = None
         if model is None:
             self.resolved = resolve("text_encoder", cfg.source, cfg.revision, cfg.variant, cfg.dtype,
-                                    probe_file="text_encoder/config.json")
+                                    probe_file=PROBE_FILE)
             tokenizer = load(self.resolved, AutoTokenizer.from_pretrained, None, dtype_kw=None, subfolder="tokenizer")
             model = load(self.resolved, T5EncoderModel.from_pretrained, self.device, dtype_kw="dtype",
                          subfolder="text_encoder", variant=cfg.variant)

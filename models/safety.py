@@ -29,6 +29,11 @@ def checker_class():
     return SafetyChecker
 
 
+def probe_file(cfg: SafetyConfig) -> str:
+    """The small file `resolve` fetches to check the source holds what the enabled switches need."""
+    return "safety_checker/config.json" if cfg.checker else "watermarker/config.json"
+
+
 @dataclass
 class SafetyResult:
     images: np.ndarray  # (B, H, W, 3) uint8, watermarked when enabled
@@ -55,8 +60,7 @@ class Safety:
             return
         if not (cfg.checker or cfg.watermark):
             return
-        probe = "safety_checker/config.json" if cfg.checker else "watermarker/config.json"
-        self.resolved = resolve("safety", source, cfg.revision, None, dtype, probe_file=probe)
+        self.resolved = resolve("safety", source, cfg.revision, None, dtype, probe_file=probe_file(cfg))
         if cfg.checker:
             from transformers import CLIPImageProcessor
 

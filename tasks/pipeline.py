@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from ifbatch.configs.schema import CascadeConfig
+from ifbatch.models import encode, safety
 from ifbatch.models.cascade import prepare
 from ifbatch.models.loading import Resolved, resolve
 
@@ -23,7 +24,7 @@ from .stages import STAGES
 from .storage import Location
 from .writer import ImageWriter
 
-PROBES = {"text_encoder": "text_encoder/config.json", "stage_1": "model_index.json", "stage_2": "model_index.json",
+PROBES = {"text_encoder": encode.PROBE_FILE, "stage_1": "model_index.json", "stage_2": "model_index.json",
           "stage_3": "model_index.json"}
 
 
@@ -48,8 +49,8 @@ def resolve_models(cfg: CascadeConfig) -> tuple[CascadeConfig, dict[str, dict]]:
         if r.commit:
             pinned[role] = sc.model_copy(update={"revision": r.commit})
     if cfg.safety.checker or cfg.safety.watermark:
-        probe = "safety_checker/config.json" if cfg.safety.checker else "watermarker/config.json"
-        r = resolve("safety", cfg.safety_source, cfg.safety.revision, None, cfg.stage_3.dtype, probe_file=probe)
+        r = resolve("safety", cfg.safety_source, cfg.safety.revision, None, cfg.stage_3.dtype,
+                    probe_file=safety.probe_file(cfg.safety))
         record["safety"] = r.record()
         if r.commit:
             pinned["safety"] = cfg.safety.model_copy(update={"revision": r.commit})

@@ -80,9 +80,8 @@ class _Stage:
         if results:
             template = next(iter(results.values()))
             for key, example in template.items():
-                col = np.zeros((n, *np.shape(example)), dtype=np.asarray(example).dtype)
-                if col.dtype == object or np.asarray(example).dtype.kind in "OUS":
-                    col = np.empty(n, dtype=object)
+                arr = np.asarray(example)
+                col = np.empty(n, dtype=object) if arr.dtype.kind in "OUS" else np.zeros((n, *arr.shape), arr.dtype)
                 for i, r in results.items():
                     col[i] = r[key]
                 batch[key] = col
