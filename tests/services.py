@@ -50,7 +50,10 @@ class SeaweedS3:
         ports = [free_port() for _ in range(3)]
         cmd = [weed, "server", f"-dir={self.dir}", "-s3", f"-s3.port={self.port}", f"-master.port={ports[0]}",
                f"-volume.port={ports[1]}", f"-filer.port={ports[2]}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               "-master.volumeSizeLimitMB=64"]
+               "-master.volumeSizeLimitMB=64",
+               # every listener on a port chosen above or off: the Iceberg (8181) and Lance (9101) endpoints default
+               # to fixed ports, so a second server on the machine (another suite, a user's own) would not start
+               "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
         self.log = open(self.dir / "weed.log", "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until_answering(self.proc, self.endpoint, timeout, self.dir / "weed.log")
