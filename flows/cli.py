@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import textwrap
@@ -18,7 +19,8 @@ EXAMPLES = textwrap.dedent("""
     exit status: 0 all rows done; 1 some rows failed or were rejected (see the manifest and runs/);
                  2 the run could not start (bad arguments, config, prompt table or model).
     environment: PREFECT_API_URL (a Prefect server; unset = a temporary local one), AWS_ACCESS_KEY_ID,
-                 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION (S3), HF_TOKEN (gated IF weights).
+                 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION (S3), HF_TOKEN (gated IF weights),
+                 IFBATCH_VERBOSE=1 (as --verbose).
 """)
 
 
@@ -42,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
                                            "starting a local one")
     run.add_argument("--overwrite", action="store_true", help="delete earlier images and manifest; start over")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    run.add_argument("--verbose", action="store_true", help="show every library's log lines on the terminal too "
+                                                            "(by default they stay in the Ray and Prefect logs)")
     sub.add_parser("presets", help="list the presets and their models")
     srv = sub.add_parser("serve", help="serve the Prefect deployments (generate, nightly-dataset) from this process",
                          description="Serve the `generate` (on demand) and `nightly-dataset` (scheduled) deployments "
@@ -73,12 +77,12 @@ def _presets() -> int:
 
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ifbatch.models.quiet import VERBOSE_ENV
 
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     from ifbatch.configs import ConfigError
-    from ifbatch.flows.generate import GenerateParams, generate
-    from ifbatch.tasks import progress
-    from ifbatch.tasks.steps import RunSummary
+    from ifbatch.flows.generate import GenerateParams
 
     try:
         params = GenerateParams(prompts=args.prompts, output=args.output, preset=args.preset,
@@ -88,8 +92,22 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"ifbatch: {e}", file=sys.stderr)
         return 2
+    from .terminal import filtered_stderr, prefect_api
+
+    prefect_api()  # before the filter: the API's process keeps the terminal's own stderr
+    with contextlib.nullcontext() if args.verbose else filtered_stderr():
+        return _generate(params, progress_bar=not args.no_progress)
+
+
+def _generate(params, progress_bar: bool) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ifbatch.flows.generate import generate
+    from ifbatch.tasks import progress
+    from ifbatch.tasks.steps import RunSummary
+
     bar = None
-    if not args.no_progress:
+    if progress_bar:
         bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[rate]:.2f} rows/s"), TextColumn("ETA"), TimeRemainingColumn(),
                        transient=False)
@@ -110,8 +128,7 @@ def _run(args: argparse.Namespace) -> int:
     print(state.message)
     wall = time.monotonic() - t0
     print(f"wall {wall:.1f} s: flow {summary.seconds:.1f} s, of which Ray start-up and model checks "
-          f"{summary.startup_seconds:.1f} s; Prefect API start-up and shutdown {wall - summary.seconds:.1f} s; "
-          f"{summary.rows_per_second:.2f} rows/s while generating")
+          f"{summary.startup_seconds:.1f} s; {summary.rows_per_second:.2f} rows/s while generating")
     for err in summary.errors[:5]:
         print(f"  failed {err['id']}: {err['error']}", file=sys.stderr)
     return 0 if state.is_completed() else 1

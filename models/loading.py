@@ -9,14 +9,9 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-def quiet_progress_bars() -> None:
-    """Loading bars from diffusers/transformers flood batch logs (and Ray's driver log); ifbatch reports progress."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
+from .quiet import quiet_libraries, quiet_progress_bars
 
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-
+quiet_libraries()  # before any runner imports diffusers' pipelines (importing them already warns)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 T = TypeVar("T")

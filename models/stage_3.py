@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import numpy as np
@@ -13,11 +12,6 @@ from ifbatch.configs.schema import Stage3Config
 from .loading import Resolved, load, resolve, resolve_device, torch_dtype
 from .seeding import generators
 from .tensors import to_torch
-
-
-# The upscaler logs every CLIP truncation with the removed token ids (padding included) for the whole batch;
-# the T5 truncation that shapes stages I and II is what ifbatch records per row (manifest `truncated`).
-logging.getLogger("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_upscale").setLevel(logging.ERROR)
 
 
 class Stage3:

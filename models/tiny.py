@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .quiet import quiet_progress_bars
 from .safety import checker_class
 
 ARCH = Path(__file__).parent / "arch"
@@ -92,6 +93,12 @@ def _sizes(real_size: bool) -> dict[str, dict]:
                 unet_3=_tiny_unet(u3, CLIP_DIM, None, 64), vae=vae, clip=clip, vision=vision, image_size=32)
 
 
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast freshly built weights. torch's own `to`: diffusers' override warns about modules to keep in float32,
+    which a model built from a config does not have (its list is empty)."""
+    return torch.nn.Module.to(module, dtype)
+
+
 def random_components(seed: int, real_size: bool = False, device: str = "cpu",
                       dtypes: dict[str, torch.dtype] | None = None) -> dict[str, object]:
     """Every component of the cascade with seeded random weights, built directly on `device`.
@@ -106,19 +113,19 @@ def random_components(seed: int, real_size: bool = False, device: str = "cpu",
     z = _sizes(real_size)
     with torch.device(device):
         _seeded(seed, 1)
-        text_encoder = T5EncoderModel(T5Config(**z["t5"])).to(dt["text_encoder"]).eval()
+        text_encoder = _cast(T5EncoderModel(T5Config(**z["t5"])), dt["text_encoder"]).eval()
         _seeded(seed, 2)
-        unet_1 = UNet2DConditionModel.from_config(z["unet_1"]).to(dt["stage_1"])
+        unet_1 = _cast(UNet2DConditionModel.from_config(z["unet_1"]), dt["stage_1"])
         _seeded(seed, 3)
-        unet_2 = UNet2DConditionModel.from_config(z["unet_2"]).to(dt["stage_2"])
+        unet_2 = _cast(UNet2DConditionModel.from_config(z["unet_2"]), dt["stage_2"])
         _seeded(seed, 4)
-        unet_3 = UNet2DConditionModel.from_config(z["unet_3"]).to(dt["stage_3"])
+        unet_3 = _cast(UNet2DConditionModel.from_config(z["unet_3"]), dt["stage_3"])
         _seeded(seed, 5)
-        vae = AutoencoderKL.from_config(z["vae"]).to(dt["stage_3"])
+        vae = _cast(AutoencoderKL.from_config(z["vae"]), dt["stage_3"])
         _seeded(seed, 6)
         clip_text = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, hidden_act="gelu", bos_token_id=0,
                                                  eos_token_id=1, pad_token_id=1, **z["clip"]))
-        clip_text = clip_text.to(dt["stage_3"]).eval()
+        clip_text = _cast(clip_text, dt["stage_3"]).eval()
         _seeded(seed, 7)
         safety = checker_class()(CLIPConfig(
             text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
@@ -166,6 +173,7 @@ def build_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:
     """Write IF-I/, IF-II/ and x4-upscaler/ under `directory` (atomically: a half-built cascade never appears)."""
     target = Path(os.path.expanduser(str(directory)))
     target.parent.mkdir(parents=True, exist_ok=True)
+    quiet_progress_bars()  # no "Writing model shards" bars
     pipes = pipelines(random_components(seed))
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         for name, pipe in pipes.items():
@@ -178,10 +186,14 @@ def build_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:
     return target
 
 
+def tiny_ready(directory: str | os.PathLike, seed: int = 0) -> bool:
+    """Whether `directory` already holds a cascade built from `seed`."""
+    marker = Path(os.path.expanduser(str(directory))) / "TINY_CASCADE.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("seed") == seed
+
+
 def ensure_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:
     """Build the cascade unless `directory` already holds one made from the same seed."""
-    target = Path(os.path.expanduser(str(directory)))
-    marker = target / "TINY_CASCADE.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("seed") == seed:
-        return target
-    return build_tiny_cascade(target, seed)
+    if tiny_ready(directory, seed):
+        return Path(os.path.expanduser(str(directory)))
+    return build_tiny_cascade(directory, seed)

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Iterator
 
 from ifbatch.configs.schema import RayConfig
+from ifbatch.models.quiet import VERBOSE_ENV, verbose
+
+
+def quiet_ray_data() -> None:
+    """Ray Data prints its execution plan, start and finish lines on the console; they stay in its own log file
+    (the session's logs/ray-data/), the console shows its errors only. `IFBATCH_VERBOSE=1` keeps them all."""
+    import ray.data  # noqa: F401  (configures the "ray.data" logger)
+
+    if verbose():
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
@@ -14,10 +28,13 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
     """Reuse a Ray session already initialised by the caller (tests, notebooks); else start one and stop it after."""
     import ray
 
+    quiet_ray_data()
     if ray.is_initialized():
         yield
         return
     kwargs: dict = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    if verbose():  # the stage actors keep every library line too
+        kwargs["runtime_env"] = {"env_vars": {VERBOSE_ENV: os.environ[VERBOSE_ENV]}}
     if rc.address:
         kwargs["address"] = rc.address
     else:

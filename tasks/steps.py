@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from ifbatch.configs.schema import CascadeConfig
+from ifbatch.models.tiny import tiny_ready
 
 from .artifacts import LiveProgress, contact_sheet, counts_table, summary_markdown
 from .manifest import MANIFEST_DIR, done_ids
@@ -87,6 +88,9 @@ def generate_rows(rows: pa.Table, cfg: CascadeConfig, output: str, run_id: str,
     """Check models, start or join Ray, stream the rows through the stage actors. Returns result, models, start-up s."""
     log = get_run_logger()
     t0 = time.monotonic()
+    if cfg.tiny is not None and not tiny_ready(cfg.tiny.dir, cfg.tiny.seed):
+        log.info("building the tiny random-weight cascade in %s (first use; it loads like real weights)",
+                 cfg.tiny.dir)
     cfg, models = resolve_models(cfg)
     last = [0.0]
 
