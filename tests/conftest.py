@@ -9,6 +9,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the tests' private local cluster
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Ray starts its workers at nice 15; on a 2-core test machine that also runs a Prefect server and a browser, the
+# stage actors then starve for minutes. The tests' own cluster gives them an even share.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import pytest  # noqa: E402
 
@@ -39,8 +42,12 @@ def s3_server(tmp_path_factory):
     import s3fs
 
     server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
-    os.environ.update(AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID="ifbatch-test",
-                      AWS_SECRET_ACCESS_KEY="ifbatch-test-secret", AWS_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=server.endpoint,
+        AWS_ACCESS_KEY_ID="ifbatch-test",
+        AWS_SECRET_ACCESS_KEY="ifbatch-test-secret",
+        AWS_REGION="us-east-1",
+    )
     s3fs.S3FileSystem(endpoint_url=server.endpoint).mkdir(BUCKET)
     yield server
     server.stop()
@@ -51,8 +58,7 @@ def ray_cluster(s3_server, tmp_path_factory):
     """One local Ray cluster for the session, with 4 fake GPUs so placement can be checked on a CPU machine."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=4, object_store_memory=1 << 30, include_dashboard=False,
-             logging_level="WARNING")
+    ray.init(num_cpus=2, num_gpus=4, object_store_memory=1 << 30, include_dashboard=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ifbatch.tasks.manifest import read_manifest
+from ifbatch.tasks.outputs.manifest import read_manifest
 from ifbatch.tasks.storage import locate
 
 from .helpers import SMALL, write_table
@@ -41,10 +41,26 @@ def served(server, nightly, ray_cluster, tiny_dir, tmp_path_factory):
     """`ifbatch serve` in the background, as an operator runs it."""
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "wb")
     env = {**os.environ, **server.env(), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("ifbatch")), "serve", "--every", "30",
-                             "--nightly-prompts", nightly[0], "--nightly-output", nightly[1],
-                             "--ray-address", ray_cluster, "--set", f"tiny.dir={tiny_dir}"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("ifbatch")),
+            "serve",
+            "--every",
+            "30",
+            "--nightly-prompts",
+            nightly[0],
+            "--nightly-output",
+            nightly[1],
+            "--ray-address",
+            ray_cluster,
+            "--set",
+            f"tiny.dir={tiny_dir}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     with api(server):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -91,8 +107,15 @@ def test_dashboard_run_completes_with_artifacts(server, served, tmp_path, tiny_d
     prompts = write_table(tmp_path / "p.parquet", {"prompt": ["a cat *wearing* a [hat](http://x)", *SMALL[:3]]})
     out = str(tmp_path / "out")
     with api(server):
-        run = start({"prompts": prompts, "output": out, "preset": "tiny", "overrides": [f"tiny.dir={tiny_dir}"],
-                     "ray_address": ray_cluster})
+        run = start(
+            {
+                "prompts": prompts,
+                "output": out,
+                "preset": "tiny",
+                "overrides": [f"tiny.dir={tiny_dir}"],
+                "ray_address": ray_cluster,
+            }
+        )
         assert run.state.is_completed(), run.state.message
         assert run.name.startswith("generate[tiny] ")
         arts = {a.type: a for a in artifacts_of(run.id)}
@@ -144,8 +167,9 @@ def test_scheduled_deployment_runs_by_itself(server, served, nightly):
     with api(server):
         while time.monotonic() < deadline:
             with client() as c:
-                runs = c.read_flow_runs(deployment_filter=DeploymentFilter(
-                    name=DeploymentFilterName(any_=["nightly-dataset"])))
+                runs = c.read_flow_runs(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["nightly-dataset"]))
+                )
             if any(r.state and r.state.is_completed() for r in runs):
                 break
             time.sleep(3)
@@ -171,9 +195,18 @@ def test_run_from_the_dashboard_in_a_real_browser(server, served, tmp_path):
     out = str(tmp_path / "from-the-ui")
     prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:4]})
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
         page.goto(f"{server.url}/deployments")
@@ -186,6 +219,8 @@ def test_run_from_the_dashboard_in_a_real_browser(server, served, tmp_path):
         fields.nth(0).fill(prompts)
         fields.nth(1).fill(out)
         page.get_by_role("button", name="Submit").click()
+        wait_for_run_with_output(server, out, final=False)  # the form's submission reached the API
+        page.goto("about:blank")  # a live run page polls the API: leave the 2 cores to the run meanwhile
 
         run = wait_for_run_with_output(server, out)
         assert run.state.is_completed(), run.state.message
@@ -203,13 +238,14 @@ def test_run_from_the_dashboard_in_a_real_browser(server, served, tmp_path):
         SCREENSHOT.write_bytes((tmp_path / "run.png").read_bytes())
 
 
-def wait_for_run_with_output(server, out: str, timeout: float = 400):
+def wait_for_run_with_output(server, out: str, timeout: float = 400, final: bool = True):
+    """The flow run that writes to `out`, once it exists (final=False) or once it has ended."""
     deadline = time.monotonic() + timeout
     with api(server):
         while time.monotonic() < deadline:
             with client() as c:
                 runs = [r for r in c.read_flow_runs() if (r.parameters.get("params") or {}).get("output") == out]
-            if runs and runs[0].state and runs[0].state.is_final():
+            if runs and (not final or (runs[0].state and runs[0].state.is_final())):
                 return runs[0]
             time.sleep(2)
-    raise TimeoutError(f"no finished run wrote to {out}")
+    raise TimeoutError(f"no {'finished ' if final else ''}run wrote to {out}")
