@@ -17,12 +17,15 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 
 import torch
 
 from ifbatch.configs import load_config
+from ifbatch.configs.schema import STAGES
 from ifbatch.models.encode import TextEncoder
 from ifbatch.models.loading import torch_dtype
+from ifbatch.models.params import StageParams
 from ifbatch.models.safety import Safety
 from ifbatch.models.stage_1 import Stage1
 from ifbatch.models.stage_2 import Stage2
@@ -31,9 +34,13 @@ from ifbatch.models.tiny import pipelines, random_components
 
 PROMPTS = [
     "a photo of a kangaroo wearing an orange hoodie and blue sunglasses in front of the eiffel tower",
-    "an oil painting of a lighthouse on a cliff at dawn", "a macro photo of a dew drop on a leaf",
-    "a watercolor of a fox in the snow", "a neon-lit street in tokyo at night, rain, cinematic",
-    "a bowl of ramen, studio lighting", "an isometric drawing of a tiny castle", "a red vintage car on a beach",
+    "an oil painting of a lighthouse on a cliff at dawn",
+    "a macro photo of a dew drop on a leaf",
+    "a watercolor of a fox in the snow",
+    "a neon-lit street in tokyo at night, rain, cinematic",
+    "a bowl of ramen, studio lighting",
+    "an isometric drawing of a tiny castle",
+    "a red vintage car on a beach",
 ]
 
 
@@ -67,7 +74,7 @@ def main() -> None:
     args = parse()
     cfg = load_config("tiny" if args.tiny else "if-xl", ["device=cpu"] if args.tiny else ["device=cuda"])
     device = torch.device(cfg.device)
-    dtypes = {k: torch_dtype(getattr(cfg, k).dtype) for k in ("text_encoder", "stage_1", "stage_2", "stage_3")}
+    dtypes = {k: torch_dtype(getattr(cfg, k).dtype) for k in STAGES}
     t0 = time.perf_counter()
     parts = random_components(0, real_size=not args.tiny, device=str(device), dtypes=dtypes)
     pipes = pipelines(parts)
@@ -80,20 +87,25 @@ def main() -> None:
     print(f"built in {build_s:.1f} s on {device}", flush=True)
 
     def run(b: int, steps: int | None) -> dict[str, dict]:
+        """One pass at the preset's parameters, or at `steps` steps (the warm-up)."""
+        p1, p2, p3 = (
+            None if steps is None else replace(StageParams.of(s), steps=steps, timesteps=None)
+            for s in (cfg.stage_1, cfg.stage_2, cfg.stage_3)
+        )
         prompts, seeds = (PROMPTS * 8)[:b], list(range(b))
         res = {}
         try:
             with Clock(device) as c:
                 e = enc.encode(prompts, [""] * b)
-            res["encode"] = c
+            res["text_encoder"] = c
             with Clock(device) as c:
-                x1 = s1(e.prompt_embeds, e.negative_embeds, seeds, steps=steps)
+                x1 = s1(e.prompt_embeds, e.negative_embeds, seeds, p1)
             res["stage_1"] = c
             with Clock(device) as c:
-                x2 = s2(x1, e.prompt_embeds, e.negative_embeds, seeds, steps=steps)
+                x2 = s2(x1, e.prompt_embeds, e.negative_embeds, seeds, p2)
             res["stage_2"] = c
             with Clock(device) as c:
-                safety(s3(x2, prompts, [""] * b, seeds, steps=steps))
+                safety(s3(x2, prompts, [""] * b, seeds, p3))
             res["stage_3+safety"] = c
         except torch.OutOfMemoryError as err:
             res["oom"] = str(err)[:160]
@@ -112,14 +124,22 @@ def main() -> None:
         rows.append({"batch": b, "stage": "all", "s_per_image": total, "peak_gb": None})
         print(json.dumps([r for r in rows if r["batch"] == b]), flush=True)
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'}, " \
-        f"{torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
+    )
     steps = f"{cfg.stage_1.steps}/{cfg.stage_2.steps}/{cfg.stage_3.steps}"
-    lines = [f"### {name}, {dt.date.today().isoformat()}, {'tiny' if args.tiny else 'real-size'} cascade",
-             "", f"torch {torch.__version__}; steps {steps}; dtypes "
-             f"{'/'.join(getattr(cfg, k).dtype for k in ('text_encoder', 'stage_1', 'stage_2', 'stage_3'))}; "
-             f"models built in {build_s:.0f} s. Command: `python benchmarks/gpu_smoke.py{' --tiny' if args.tiny else ''}`",
-             "", "| batch | stage | s / image | peak GB |", "|---|---|---|---|"]
+    lines = [
+        f"### {name}, {dt.date.today().isoformat()}, {'tiny' if args.tiny else 'real-size'} cascade",
+        "",
+        f"torch {torch.__version__}; steps {steps}; dtypes "
+        f"{'/'.join(getattr(cfg, k).dtype for k in STAGES)}; "
+        f"models built in {build_s:.0f} s. Command: `python benchmarks/gpu_smoke.py{' --tiny' if args.tiny else ''}`",
+        "",
+        "| batch | stage | s / image | peak GB |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         s = "-" if r["s_per_image"] is None else f"{r['s_per_image']:.3f}"
         g = "-" if r["peak_gb"] is None or r["peak_gb"] != r["peak_gb"] else f"{r['peak_gb']:.1f}"

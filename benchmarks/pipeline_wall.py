@@ -22,22 +22,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 EXAMPLES = ROOT / "examples" / "prompts.parquet"
-TIMING = re.compile(r"wall ([\d.]+) s: flow ([\d.]+) s, of which Ray start-up and model checks ([\d.]+) s; "
-                    r"Prefect API start-up and shutdown ([\d.]+) s; ([\d.]+) rows/s")
+TIMING = re.compile(
+    r"wall ([\d.]+) s: flow ([\d.]+) s, of which Ray start-up and model checks ([\d.]+) s; "
+    r"Prefect API start-up and shutdown ([\d.]+) s; ([\d.]+) rows/s"
+)
 
 
 def run_once(output: str, env: dict) -> dict:
     exe = Path(sys.executable).with_name("ifbatch")
     t0 = time.monotonic()
-    res = subprocess.run([str(exe), "run", str(EXAMPLES), output, "--no-progress"], capture_output=True, text=True,
-                         env=env, timeout=1800)
+    res = subprocess.run(
+        [str(exe), "run", str(EXAMPLES), output, "--no-progress"], capture_output=True, text=True, env=env, timeout=1800
+    )
     wall = time.monotonic() - t0
     if res.returncode != 0:
         raise SystemExit(f"ifbatch run failed ({res.returncode}):\n{res.stderr[-3000:]}")
     m = TIMING.search(res.stdout)
     cli_wall, flow, startup, prefect, rate = (float(x) for x in m.groups())
-    return {"process_wall": wall, "cli_wall": cli_wall, "flow": flow, "ray_startup": startup,
-            "prefect": prefect, "rows_per_s": rate}
+    return {
+        "process_wall": wall,
+        "cli_wall": cli_wall,
+        "flow": flow,
+        "ray_startup": startup,
+        "prefect": prefect,
+        "rows_per_s": rate,
+    }
 
 
 def main() -> None:
@@ -56,8 +65,12 @@ def main() -> None:
 
             s3 = SeaweedS3(Path(tmp)).start()
             try:
-                env.update(AWS_ENDPOINT_URL=s3.endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                           AWS_REGION="us-east-1")
+                env.update(
+                    AWS_ENDPOINT_URL=s3.endpoint,
+                    AWS_ACCESS_KEY_ID="bench",
+                    AWS_SECRET_ACCESS_KEY="bench",
+                    AWS_REGION="us-east-1",
+                )
                 import s3fs
 
                 s3fs.S3FileSystem(endpoint_url=s3.endpoint, key="bench", secret="bench").mkdir("bench")
@@ -65,14 +78,18 @@ def main() -> None:
                     rows.append(("s3", run_once(f"s3://bench/out-{i}", env)))
             finally:
                 s3.stop()
-    print(f"ifbatch run examples/prompts.parquet (36 rows, tiny preset) on {platform.node()}, "
-          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"ifbatch run examples/prompts.parquet (36 rows, tiny preset) on {platform.node()}, "
+        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
+    )
     print("| output | wall s | Prefect API up/down s | Ray start-up + model checks s | generating s | rows/s |")
     print("|---|---|---|---|---|---|")
     for where, r in rows:
         gen = r["flow"] - r["ray_startup"]
-        print(f"| {where} | {r['process_wall']:.1f} | {r['prefect']:.1f} | {r['ray_startup']:.1f} | {gen:.1f} | "
-              f"{r['rows_per_s']:.2f} |")
+        print(
+            f"| {where} | {r['process_wall']:.1f} | {r['prefect']:.1f} | {r['ray_startup']:.1f} | {gen:.1f} | "
+            f"{r['rows_per_s']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -26,7 +27,9 @@ def _read_preset(preset: str | Path) -> tuple[str, dict[str, Any]]:
     if path.suffix not in (".yaml", ".yml"):
         path = PRESET_DIR / f"{preset}.yaml"
         if not path.is_file():
-            raise ConfigError(f"unknown preset {str(preset)!r}: expected one of {preset_names()} or a path to a .yaml file")
+            raise ConfigError(
+                f"unknown preset {str(preset)!r}: expected one of {preset_names()} or a path to a .yaml file"
+            )
     elif not path.is_file():
         raise ConfigError(f"preset file {str(path)!r} does not exist")
     try:

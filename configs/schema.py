@@ -14,8 +14,19 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
 TimestepPreset = Literal["fast27", "smart27", "smart50", "smart100", "smart185", "super27", "super40", "super100"]
 
+# The cascade's stages, in order; each is also its config section's name, and the one name it has everywhere
+# (manifest columns, placement, per-stage timings, actor pools).
+STAGES = ("text_encoder", "stage_1", "stage_2", "stage_3")
+DIFFUSION_STAGES = STAGES[1:]
+
 # Sub-directories of a generated tiny cascade, laid out like the real hub repos.
-TINY_LAYOUT = {"text_encoder": "IF-I", "stage_1": "IF-I", "stage_2": "IF-II", "stage_3": "x4-upscaler", "safety": "IF-I"}
+TINY_LAYOUT = {
+    "text_encoder": "IF-I",
+    "stage_1": "IF-I",
+    "stage_2": "IF-II",
+    "stage_3": "x4-upscaler",
+    "safety": "IF-I",
+}
 
 
 class Section(BaseModel):
@@ -39,9 +50,14 @@ class Execution(Section):
 
 
 class TextEncoderConfig(ModelRef, Execution):
-    source: str = Field("DeepFloyd/IF-I-XL-v1.0", min_length=1,
-                        description="Repo or directory holding text_encoder/ and tokenizer/ (any IF-I repo).")
-    max_length: int = Field(77, ge=1, le=512, description="T5 tokens per prompt; longer prompts are truncated and reported.")
+    source: str = Field(
+        "DeepFloyd/IF-I-XL-v1.0",
+        min_length=1,
+        description="Repo or directory holding text_encoder/ and tokenizer/ (any IF-I repo).",
+    )
+    max_length: int = Field(
+        77, ge=1, le=512, description="T5 tokens per prompt; longer prompts are truncated and reported."
+    )
     batch_size: int = Field(32, ge=1, le=1024)
 
 
@@ -53,7 +69,9 @@ class DiffusionStage(ModelRef, Execution):
     @model_validator(mode="after")
     def _steps_or_timesteps(self) -> DiffusionStage:
         if self.steps is None and self.timesteps is None:
-            raise ValueError("one of 'steps' (an int >= 1) or 'timesteps' (a named schedule) must be set; both are null")
+            raise ValueError(
+                "one of 'steps' (an int >= 1) or 'timesteps' (a named schedule) must be set; both are null"
+            )
         return self
 
 
@@ -83,8 +101,10 @@ class Stage3Config(DiffusionStage):
 class SafetyConfig(Section):
     checker: bool = Field(True, description="Run IF's safety checker; results are per-row flags, images are kept.")
     watermark: bool = Field(True, description="Stamp IF's watermark on the final images.")
-    source: str | None = Field(None, description="Repo or directory with safety_checker/, feature_extractor/, "
-                                                 "watermarker/; null = stage_1.source.")
+    source: str | None = Field(
+        None,
+        description="Repo or directory with safety_checker/, feature_extractor/, watermarker/; null = stage_1.source.",
+    )
     revision: str | None = None
     p_threshold: float = Field(0.5, ge=0.0, le=1.0, description="NSFW score threshold.")
     w_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Watermark score threshold.")
@@ -92,8 +112,11 @@ class SafetyConfig(Section):
 
 class TinyCascade(Section):
     seed: int = Field(0, ge=0, lt=2**32, description="Seed of the random weights.")
-    dir: str = Field("~/.cache/ifbatch/tiny-cascade", min_length=1,
-                     description="Where the generated cascade is saved (built once if missing).")
+    dir: str = Field(
+        "~/.cache/ifbatch/tiny-cascade",
+        min_length=1,
+        description="Where the generated cascade is saved (built once if missing).",
+    )
 
 
 class DataConfig(Section):
@@ -110,28 +133,34 @@ class OutputConfig(Section):
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
     shard_depth: int = Field(2, ge=0, le=3, description="Levels of 256-way hashed sub-folders under images/.")
     manifest_part_rows: int = Field(256, ge=1, le=1_000_000, description="Rows per manifest part file.")
-    manifest_flush_seconds: float = Field(30.0, gt=0, le=3600, description="Write a part at least this often; "
-                                                                          "a killed run loses at most these rows.")
+    manifest_flush_seconds: float = Field(
+        30.0, gt=0, le=3600, description="Write a part at least this often; a killed run loses at most these rows."
+    )
 
 
 class RayConfig(Section):
-    address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); null = "
-                                                   "start a local one.")
+    address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); null = start a local one."
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (null: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local cluster (null: detect).")
     object_store_gb: float | None = Field(None, gt=0, description="Object store size of a local cluster.")
 
 
 class S3Config(Section):
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; null = AWS or AWS_ENDPOINT_URL. "
-                                                        "Credentials come from the environment only.")
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint; null = AWS or AWS_ENDPOINT_URL. "
+        "Credentials come from the environment only.",
+    )
     region: str | None = Field(None, description="Region name; null = the environment's.")
 
 
 class CascadeConfig(Section):
     preset: str = Field("if-xl", description="Name of the preset this config came from.")
-    seed: int = Field(0, ge=0, lt=2**63, description="Run seed: rows without a seed get one derived from it and "
-                                                     "their id.")
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="Run seed: rows without a seed get one derived from it and their id."
+    )
     device: Device = Field("auto", description="'auto' picks CUDA when available.")
     tiny: TinyCascade | None = Field(None, description="Generate a seeded random-weight cascade and load it.")
     text_encoder: TextEncoderConfig = TextEncoderConfig()

@@ -6,8 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 PROMPTS = [
-    ("a photo of a kangaroo wearing an orange hoodie and blue sunglasses standing in front of the eiffel tower "
-     "holding a sign that says \"very deep learning\"", ""),
+    (
+        "a photo of a kangaroo wearing an orange hoodie and blue sunglasses standing in front of the eiffel tower "
+        'holding a sign that says "very deep learning"',
+        "",
+    ),
     ("an oil painting of a lighthouse on a cliff at dawn", "blurry, low quality"),
     ("a macro photo of a dew drop on a green leaf", ""),
     ("a watercolor of a red fox sleeping in the snow", "text, watermark"),

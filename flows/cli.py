@@ -27,40 +27,80 @@ EXAMPLES = textwrap.dedent("""
 def parser() -> argparse.ArgumentParser:
     from ifbatch.configs import preset_names
 
-    p = argparse.ArgumentParser(prog="ifbatch", description="Batch text-to-image generation with the DeepFloyd IF "
-                                "cascade: Prefect flow, Ray stage actors, images + Parquet manifest to a folder "
-                                "or S3.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ifbatch",
+        description="Batch text-to-image generation with the DeepFloyd IF "
+        "cascade: Prefect flow, Ray stage actors, images + Parquet manifest to a folder "
+        "or S3.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="generate images for a prompt table (resumes into an existing output)",
-                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser(
+        "run",
+        help="generate images for a prompt table (resumes into an existing output)",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("prompts", help="Parquet file, folder of Parquet parts, or s3://bucket/key")
     run.add_argument("output", help="output folder or s3://bucket/prefix (images/, manifest/, runs/)")
-    run.add_argument("--preset", default="tiny", choices=preset_names(),
-                     help="model preset (default: tiny, the seeded random-weight cascade that runs on a CPU)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. stage_1.steps=50 (repeatable; see configs/schema.py)")
+    run.add_argument(
+        "--preset",
+        default="tiny",
+        choices=preset_names(),
+        help="model preset (default: tiny, the seeded random-weight cascade that runs on a CPU)",
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. stage_1.steps=50 (repeatable; see configs/schema.py)",
+    )
     run.add_argument("--prompt-column", help="name of the prompt column when it is not 'prompt'")
-    run.add_argument("--ray-address", help="join this Ray cluster ('auto' or ray://host:10001) instead of "
-                                           "starting a local one")
+    run.add_argument(
+        "--ray-address", help="join this Ray cluster ('auto' or ray://host:10001) instead of starting a local one"
+    )
     run.add_argument("--overwrite", action="store_true", help="delete earlier images and manifest; start over")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    run.add_argument("--verbose", action="store_true", help="show every library's log lines on the terminal too "
-                                                            "(by default they stay in the Ray and Prefect logs)")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every library's log lines on the terminal too (by default they stay in the Ray and Prefect logs)",
+    )
     sub.add_parser("presets", help="list the presets and their models")
-    srv = sub.add_parser("serve", help="serve the Prefect deployments (generate, nightly-dataset) from this process",
-                         description="Serve the `generate` (on demand) and `nightly-dataset` (scheduled) deployments "
-                                     "to the Prefect API in PREFECT_API_URL; runs start from the dashboard or the "
-                                     "schedule and execute in subprocesses of this one.")
-    srv.add_argument("--nightly-prompts", default=None, help="prompts table or prefix of the scheduled job "
-                                                             "(default: the example table)")
+    srv = sub.add_parser(
+        "serve",
+        help="serve the Prefect deployments (generate, nightly-dataset) from this process",
+        description="Serve the `generate` (on demand) and `nightly-dataset` (scheduled) deployments "
+        "to the Prefect API in PREFECT_API_URL; runs start from the dashboard or the "
+        "schedule and execute in subprocesses of this one.",
+    )
+    srv.add_argument(
+        "--nightly-prompts",
+        default=None,
+        help="prompts table or prefix of the scheduled job (default: the example table)",
+    )
     srv.add_argument("--nightly-output", default="out/nightly", help="output of the scheduled job")
     srv.add_argument("--nightly-preset", default="tiny", choices=preset_names())
     srv.add_argument("--nightly-cron", default="0 2 * * *", help="cron schedule (default: 02:00 UTC daily)")
-    srv.add_argument("--every", type=float, default=None, metavar="SECONDS",
-                     help="run the scheduled job every SECONDS instead of the cron schedule")
+    srv.add_argument(
+        "--every",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="run the scheduled job every SECONDS instead of the cron schedule",
+    )
     srv.add_argument("--ray-address", default=None, help="Ray cluster the runs join (default: a local one each)")
-    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="config overrides for both deployments' default parameters")
+    srv.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for both deployments' default parameters",
+    )
     srv.add_argument("--limit", type=int, default=1, help="flow runs at a time (default 1: they share the GPUs)")
     return p
 
@@ -70,8 +110,10 @@ def _presets() -> int:
 
     for name in preset_names():
         c = load_config(name)
-        print(f"{name:8} {c.stage_1.source} + {c.stage_2.source} + {c.stage_3.source} "
-              f"({c.stage_1.dtype}, steps {c.stage_1.steps}/{c.stage_2.steps}/{c.stage_3.steps})")
+        print(
+            f"{name:8} {c.stage_1.source} + {c.stage_2.source} + {c.stage_3.source} "
+            f"({c.stage_1.dtype}, steps {c.stage_1.steps}/{c.stage_2.steps}/{c.stage_3.steps})"
+        )
     return 0
 
 
@@ -85,9 +127,15 @@ def _run(args: argparse.Namespace) -> int:
     from ifbatch.flows.generate import GenerateParams
 
     try:
-        params = GenerateParams(prompts=args.prompts, output=args.output, preset=args.preset,
-                                overrides=args.overrides, prompt_column=args.prompt_column,
-                                ray_address=args.ray_address, overwrite=args.overwrite)
+        params = GenerateParams(
+            prompts=args.prompts,
+            output=args.output,
+            preset=args.preset,
+            overrides=args.overrides,
+            prompt_column=args.prompt_column,
+            ray_address=args.ray_address,
+            overwrite=args.overwrite,
+        )
         params.config()  # refuse bad overrides before anything starts
     except (ConfigError, ValueError) as e:
         print(f"ifbatch: {e}", file=sys.stderr)
@@ -103,14 +151,20 @@ def _generate(params, progress_bar: bool) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ifbatch.flows.generate import generate
-    from ifbatch.tasks import progress
-    from ifbatch.tasks.steps import RunSummary
+    from ifbatch.tasks.context import RunSummary
+    from ifbatch.tasks.stream import progress
 
     bar = None
     if progress_bar:
-        bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[rate]:.2f} rows/s"), TextColumn("ETA"), TimeRemainingColumn(),
-                       transient=False)
+        bar = Progress(
+            TextColumn("generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:.2f} rows/s"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
         job = bar.add_task("rows", total=None, rate=0.0)
         stop = progress.listen(lambda p: bar.update(job, completed=p.done + p.failed, total=p.total, rate=p.rate))
         bar.start()
@@ -127,8 +181,10 @@ def _generate(params, progress_bar: bool) -> int:
         return 2
     print(state.message)
     wall = time.monotonic() - t0
-    print(f"wall {wall:.1f} s: flow {summary.seconds:.1f} s, of which Ray start-up and model checks "
-          f"{summary.startup_seconds:.1f} s; {summary.rows_per_second:.2f} rows/s while generating")
+    print(
+        f"wall {wall:.1f} s: flow {summary.seconds:.1f} s, of which Ray start-up and model checks "
+        f"{summary.startup_seconds:.1f} s; {summary.rows_per_second:.2f} rows/s while generating"
+    )
     for err in summary.errors[:5]:
         print(f"  failed {err['id']}: {err['error']}", file=sys.stderr)
     return 0 if state.is_completed() else 1
@@ -138,10 +194,16 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from ifbatch.flows.deploy import EXAMPLES, serve_deployments
 
-    serve_deployments(limit=args.limit, nightly_prompts=args.nightly_prompts or EXAMPLES,
-                      nightly_output=args.nightly_output, nightly_preset=args.nightly_preset,
-                      nightly_cron=args.nightly_cron, every_seconds=args.every, ray_address=args.ray_address,
-                      overrides=args.overrides)
+    serve_deployments(
+        limit=args.limit,
+        nightly_prompts=args.nightly_prompts or EXAMPLES,
+        nightly_output=args.nightly_output,
+        nightly_preset=args.nightly_preset,
+        nightly_cron=args.nightly_cron,
+        every_seconds=args.every,
+        ray_address=args.ray_address,
+        overrides=args.overrides,
+    )
     return 0
 
 

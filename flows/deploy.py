@@ -13,23 +13,35 @@ from .generate import generate
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples" / "prompts.parquet")
 
 
-def deployments(nightly_prompts: str = EXAMPLES, nightly_output: str = "out/nightly", nightly_preset: str = "tiny",
-                nightly_cron: str = "0 2 * * *", every_seconds: float | None = None,
-                ray_address: str | None = None, overrides: list[str] | None = None) -> list:
+def deployments(
+    nightly_prompts: str = EXAMPLES,
+    nightly_output: str = "out/nightly",
+    nightly_preset: str = "tiny",
+    nightly_cron: str = "0 2 * * *",
+    every_seconds: float | None = None,
+    ray_address: str | None = None,
+    overrides: list[str] | None = None,
+) -> list:
     """The on-demand `generate` deployment and the scheduled `nightly-dataset` one."""
     common = {"ray_address": ray_address, "overrides": list(overrides or [])}
     on_demand = generate.to_deployment(
-        name="generate", tags=["ifbatch"],
+        name="generate",
+        tags=["ifbatch"],
         description="Generate one image per prompt row. Edit the parameters in the Run form; rerunning into the "
-                    "same output resumes.",
-        parameters={"params": {"prompts": EXAMPLES, "output": "out/dashboard", "preset": "tiny", **common}})
+        "same output resumes.",
+        parameters={"params": {"prompts": EXAMPLES, "output": "out/dashboard", "preset": "tiny", **common}},
+    )
     schedule = {"interval": dt.timedelta(seconds=every_seconds)} if every_seconds else {"cron": nightly_cron}
     nightly = generate.to_deployment(
-        name="nightly-dataset", tags=["ifbatch", "scheduled"],
+        name="nightly-dataset",
+        tags=["ifbatch", "scheduled"],
         description=f"Dataset synthesis over {nightly_prompts} into {nightly_output}; each run resumes, so only "
-                    f"prompts added since the last run are generated.",
-        parameters={"params": {"prompts": nightly_prompts, "output": nightly_output, "preset": nightly_preset,
-                               **common}}, **schedule)
+        f"prompts added since the last run are generated.",
+        parameters={
+            "params": {"prompts": nightly_prompts, "output": nightly_output, "preset": nightly_preset, **common}
+        },
+        **schedule,
+    )
     return [on_demand, nightly]
 
 

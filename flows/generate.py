@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import time
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -14,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ifbatch.configs import ConfigError, load_config, preset_names
 from ifbatch.configs.schema import CascadeConfig
 from ifbatch.models.loading import ModelLoadError
-from ifbatch.tasks.prompts import PromptTableError
-from ifbatch.tasks.steps import (RunSummary, generate_rows, new_run_id, plan_resume, publish_artifacts,
-                                 read_prompt_table, write_records)
+from ifbatch.tasks.context import RunContext, RunSummary
+from ifbatch.tasks.inputs.prompts import PromptTableError
+from ifbatch.tasks.steps import generate_rows, plan_resume, publish_artifacts, read_prompt_table, write_records
 from ifbatch.tasks.storage import storage_errors
 
 # Failures an operator can fix from the message alone: logged as one line, the run's state says it too.
@@ -33,11 +31,13 @@ class GenerateParams(BaseModel):
     prompts: str = Field(description="Prompt table: a Parquet file, a folder of parts, or s3://bucket/key.")
     output: str = Field(description="Output folder or s3://bucket/prefix. Rerunning into it resumes.")
     preset: Preset = Field("tiny", description="Model preset: tiny (random weights, CPU), if-xl, if-l, if-m.")
-    overrides: list[str] = Field(default_factory=list,
-                                 description="Config overrides as key=value, e.g. stage_1.steps=50.")
+    overrides: list[str] = Field(
+        default_factory=list, description="Config overrides as key=value, e.g. stage_1.steps=50."
+    )
     prompt_column: str | None = Field(None, description="Name of the prompt column when it is not 'prompt'.")
-    ray_address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); "
-                                                      "empty = a local cluster.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); empty = a local cluster."
+    )
     overwrite: bool = Field(False, description="Delete earlier images and manifest in the output and start over.")
 
     def config(self) -> CascadeConfig:
@@ -66,8 +66,10 @@ def generate(params: GenerateParams):
         reason = f"{type(e).__name__}: {e}"
         log.error("run failed: %s", reason)
         return Failed(message=reason)
-    message = (f"{summary.done} done, {summary.failed} failed, {summary.rejected} rejected, {summary.skipped} "
-               f"skipped (already done) of {summary.total} rows; run record {summary.run_record}")
+    message = (
+        f"{summary.done} done, {summary.failed} failed, {summary.rejected} rejected, {summary.skipped} "
+        f"skipped (already done) of {summary.total} rows; run record {summary.run_record}"
+    )
     if not summary.ok:
         log.error("rows did not complete: %s", message)
         return Failed(message=message, data=summary)
@@ -76,14 +78,11 @@ def generate(params: GenerateParams):
 
 
 def _generate(params: GenerateParams, log) -> RunSummary:
-    started, t0 = dt.datetime.now(dt.timezone.utc).isoformat(), time.monotonic()
-    cfg = params.config()
-    run_id = new_run_id()
-    log.info("run %s: preset %s, %s -> %s", run_id, cfg.preset, params.prompts, params.output)
-    plan = read_prompt_table(params.prompts, cfg)
-    rows, skipped = plan_resume(plan, params.output, cfg, params.overwrite)
-    result, models, startup = generate_rows(rows, cfg, params.output, run_id)
-    summary = write_records(cfg, params.model_dump(), plan, skipped, result, models, run_id, started,
-                            time.monotonic() - t0, startup)
-    publish_artifacts(summary, cfg, models, params.prompts, plan)
+    ctx = RunContext(params.model_dump(), params.config())
+    log.info("run %s: preset %s, %s -> %s", ctx.run_id, ctx.cfg.preset, params.prompts, params.output)
+    ctx.plan = read_prompt_table(ctx)
+    rows, ctx.skipped = plan_resume(ctx)
+    ctx.result, ctx.models, ctx.startup_seconds = generate_rows(rows, ctx)
+    summary = write_records(ctx)
+    publish_artifacts(summary, ctx)
     return summary

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from ifbatch.models.quiet import drop_messages
 
@@ -35,8 +35,12 @@ def prefect_api(say=print) -> str | None:
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return None  # the user's server (or Prefect's own error when it has neither)
     timeout = max(int(os.environ.get(STARTUP_TIMEOUT_ENV) or 0), STARTUP_TIMEOUT_S)
-    say("ifbatch: starting a temporary Prefect API for this run (set PREFECT_API_URL to use a server; the first "
-        "start on a machine creates its database, up to a minute) ...", end=" ", flush=True)
+    say(
+        "ifbatch: starting a temporary Prefect API for this run (set PREFECT_API_URL to use a server; the first "
+        "start on a machine creates its database, up to a minute) ...",
+        end=" ",
+        flush=True,
+    )
     drop_messages("prefect", "Starting temporary server", "Stopping temporary server")  # said here instead
     server = SubprocessASGIServer()  # the instance Prefect's client looks for when no URL is set
     t0 = time.monotonic()

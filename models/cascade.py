@@ -1,14 +1,14 @@
-"""The whole cascade in one process: load every stage from a config and run rows end to end.
+"""The whole cascade: which runner serves each stage, how all of them are checked before loading, and the
+cascade in one process (tests, the GPU smoke benchmark, quick experiments).
 
-The Ray pipeline (tasks/) runs the same stage classes, one per actor; this in-process form serves tests,
-the GPU smoke benchmark and quick experiments.
+The Ray pipeline (tasks/) runs the same runners, one per actor.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from .stage_1 import Stage1
 from .stage_2 import Stage2
 from .stage_3 import Stage3
 from .tiny import ensure_tiny_cascade
+
+# The runner of each stage, in the order of configs.schema.STAGES (tests check they agree).
+RUNNERS = {"text_encoder": TextEncoder, "stage_1": Stage1, "stage_2": Stage2, "stage_3": Stage3}
 
 
 @dataclass
@@ -40,30 +43,47 @@ def prepare(cfg: CascadeConfig) -> None:
         ensure_tiny_cascade(cfg.tiny.dir, cfg.tiny.seed)
 
 
+def resolve_cascade(cfg: CascadeConfig) -> tuple[CascadeConfig, dict[str, dict]]:
+    """Build generated weights if asked, check every model source, pin hub commits so that every replica loads
+    the same revision. Returns the pinned config and what each model is (for the manifest and run record)."""
+    prepare(cfg)
+    pinned, record = {}, {}
+    for name, runner in RUNNERS.items():
+        section = getattr(cfg, name)
+        r = runner.resolve(section)
+        record[name] = r.record()
+        if r.commit:
+            pinned[name] = section.model_copy(update={"revision": r.commit})
+    r = Safety.resolve(cfg.safety, cfg.safety_source, cfg.stage_3.dtype)
+    if r is not None:
+        record["safety"] = r.record()
+        if r.commit:
+            pinned["safety"] = cfg.safety.model_copy(update={"revision": r.commit})
+    return cfg.model_copy(update=pinned), record
+
+
 class Cascade:
     def __init__(self, cfg: CascadeConfig):
         prepare(cfg)
         self.cfg = cfg
-        self.encoder = TextEncoder(cfg.text_encoder, cfg.device)
-        self.stage_1 = Stage1(cfg.stage_1, cfg.device)
-        self.stage_2 = Stage2(cfg.stage_2, cfg.device)
-        self.stage_3 = Stage3(cfg.stage_3, cfg.device)
+        self.runners = {name: runner(getattr(cfg, name), cfg.device) for name, runner in RUNNERS.items()}
+        self.encoder, self.stage_1, self.stage_2, self.stage_3 = self.runners.values()
         self.safety = Safety(cfg.safety, cfg.safety_source, cfg.stage_3.dtype, cfg.device)
 
     def models(self) -> dict[str, dict]:
-        parts = [self.encoder, self.stage_1, self.stage_2, self.stage_3]
-        rec = {p.resolved.role: p.resolved.record() for p in parts}
+        rec = {name: r.resolved.record() for name, r in self.runners.items()}
         if self.safety.resolved is not None:
             rec["safety"] = self.safety.resolved.record()
         return rec
 
-    def __call__(self, prompts: Sequence[str], seeds: Sequence[int],
-                 negative_prompts: Sequence[str | None] | None = None) -> CascadeOutput:
+    def __call__(
+        self, prompts: Sequence[str], seeds: Sequence[int], negative_prompts: Sequence[str | None] | None = None
+    ) -> CascadeOutput:
         negatives = list(negative_prompts or [""] * len(prompts))
         t = {}
         t0 = time.perf_counter()
         enc = self.encoder.encode(prompts, negatives)
-        t["encode"] = time.perf_counter() - t0
+        t["text_encoder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         x1 = self.stage_1(enc.prompt_embeds, enc.negative_embeds, seeds)
         t["stage_1"] = time.perf_counter() - t0
@@ -74,5 +94,6 @@ class Cascade:
         x3 = self.stage_3(x2, prompts, negatives, seeds)
         safe = self.safety(x3)
         t["stage_3"] = time.perf_counter() - t0
-        return CascadeOutput(safe.images, x1, x2, enc.truncated, safe.nsfw, safe.watermark_detected,
-                             safe.watermarked, t)
+        return CascadeOutput(
+            safe.images, x1, x2, enc.truncated, safe.nsfw, safe.watermark_detected, safe.watermarked, t
+        )

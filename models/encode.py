@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -12,7 +12,6 @@ from ifbatch.configs.schema import TextEncoderConfig
 
 from .loading import Resolved, load, resolve, resolve_device
 from .tensors import to_numpy
-
 
 PROBE_FILE = "text_encoder/config.json"  # what `resolve` fetches to check a source holds a text encoder
 
@@ -28,6 +27,8 @@ class Encoded:
 class TextEncoder:
     """Tokenizer + T5 encoder from `<source>/tokenizer` and `<source>/text_encoder` (the IF-I repo layout)."""
 
+    name = "text_encoder"
+
     def __init__(self, cfg: TextEncoderConfig, device: str = "auto", tokenizer=None, model=None):
         """Load from cfg.source, or wrap an already built tokenizer and model (benchmarks)."""
         from transformers import AutoTokenizer, T5EncoderModel
@@ -36,18 +37,34 @@ class TextEncoder:
         self.device = resolve_device(device)
         self.resolved: Resolved | None = None
         if model is None:
-            self.resolved = resolve("text_encoder", cfg.source, cfg.revision, cfg.variant, cfg.dtype,
-                                    probe_file=PROBE_FILE)
+            self.resolved = self.resolve(cfg)
             tokenizer = load(self.resolved, AutoTokenizer.from_pretrained, None, dtype_kw=None, subfolder="tokenizer")
-            model = load(self.resolved, T5EncoderModel.from_pretrained, self.device, dtype_kw="dtype",
-                         subfolder="text_encoder", variant=cfg.variant)
+            model = load(
+                self.resolved,
+                T5EncoderModel.from_pretrained,
+                self.device,
+                dtype_kw="dtype",
+                subfolder="text_encoder",
+                variant=cfg.variant,
+            )
         self.tokenizer, self.model = tokenizer, model.eval()
         self._empty: torch.Tensor | None = None
 
+    @classmethod
+    def resolve(cls, cfg: TextEncoderConfig) -> Resolved:
+        """Check the source before any weights load (and pin a hub commit)."""
+        return resolve(cls.name, cfg.source, cfg.revision, cfg.variant, cfg.dtype, probe_file=PROBE_FILE)
+
     @torch.inference_mode()
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(texts, padding="max_length", max_length=self.cfg.max_length, truncation=True,
-                             add_special_tokens=True, return_tensors="pt")
+        tok = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.cfg.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
         out = self.model(tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device))
         return out[0]
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -34,8 +35,13 @@ class Resolved:
     dtype: str
 
     def record(self) -> dict[str, Any]:
-        return {"source": self.source, "revision": self.revision, "commit": self.commit,
-                "variant": self.variant, "dtype": self.dtype}
+        return {
+            "source": self.source,
+            "revision": self.revision,
+            "commit": self.commit,
+            "variant": self.variant,
+            "dtype": self.dtype,
+        }
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -72,15 +78,22 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _hub_advice(role: str, source: str, revision: str | None, err: Exception) -> ModelLoadError:
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     rev = f" at revision {revision!r}" if revision else ""
     fix_local = f"or point {role}.source at a local directory that holds the weights"
     if isinstance(err, GatedRepoError):
         why = "the repository is gated and this machine's Hugging Face token has not been granted access"
-        todo = (f"log in with `hf auth login` (or set HF_TOKEN), accept the licence at "
-                f"https://huggingface.co/{source}, {fix_local}")
+        todo = (
+            f"log in with `hf auth login` (or set HF_TOKEN), accept the licence at "
+            f"https://huggingface.co/{source}, {fix_local}"
+        )
     elif isinstance(err, RevisionNotFoundError):
         why = f"the revision {revision!r} does not exist"
         todo = f"set {role}.revision to an existing branch, tag or commit"
@@ -93,18 +106,22 @@ def _hub_advice(role: str, source: str, revision: str | None, err: Exception) ->
         if constants.HF_HUB_OFFLINE:
             why = "HF_HUB_OFFLINE=1 is set and the model is not in the local Hugging Face cache"
         else:
-            why = (f"the Hugging Face Hub at {constants.ENDPOINT} cannot be reached and the model is not in the "
-                   f"local cache ({_root_cause(err)})")
-        todo = (f"download it where the hub is reachable (`hf download {source}`) and copy the cache "
-                f"(HF_HOME), {fix_local}")
+            why = (
+                f"the Hugging Face Hub at {constants.ENDPOINT} cannot be reached and the model is not in the "
+                f"local cache ({_root_cause(err)})"
+            )
+        todo = (
+            f"download it where the hub is reachable (`hf download {source}`) and copy the cache (HF_HOME), {fix_local}"
+        )
     else:
         why = f"{type(err).__name__}: {_root_cause(err)}"
         todo = f"check the network and HF_ENDPOINT, log in with `hf auth login`, {fix_local}"
     return ModelLoadError(f"cannot load {role} model {source!r}{rev}: {why}. To fix: {todo}.")
 
 
-def resolve(role: str, source: str, revision: str | None, variant: str | None, dtype: str,
-            probe_file: str = "model_index.json") -> Resolved:
+def resolve(
+    role: str, source: str, revision: str | None, variant: str | None, dtype: str, probe_file: str = "model_index.json"
+) -> Resolved:
     """Check a source before any weights load: a local directory must exist; a hub id must answer.
 
     For hub ids the small `probe_file` is fetched (or found in the cache), which pins the commit that is
@@ -113,9 +130,11 @@ def resolve(role: str, source: str, revision: str | None, variant: str | None, d
     path = local_dir(source)
     if path is not None:
         if not path.is_dir():
-            raise ModelLoadError(f"cannot load {role} model: local directory {str(path)!r} (from {role}.source="
-                                 f"{source!r}) does not exist. To fix: point {role}.source at a directory laid out "
-                                 f"like the hub repo, or at a hub id.")
+            raise ModelLoadError(
+                f"cannot load {role} model: local directory {str(path)!r} (from {role}.source="
+                f"{source!r}) does not exist. To fix: point {role}.source at a directory laid out "
+                f"like the hub repo, or at a hub id."
+            )
         return Resolved(role, source, str(path.resolve()), revision, None, variant, dtype)
     from huggingface_hub import hf_hub_download
 
@@ -128,8 +147,13 @@ def resolve(role: str, source: str, revision: str | None, variant: str | None, d
     return Resolved(role, source, source, revision, commit, variant, dtype)
 
 
-def load(resolved: Resolved, loader: Callable[..., T], device: torch.device | None, dtype_kw: str | None = "dtype",
-         **kwargs: Any) -> T:
+def load(
+    resolved: Resolved,
+    loader: Callable[..., T],
+    device: torch.device | None,
+    dtype_kw: str | None = "dtype",
+    **kwargs: Any,
+) -> T:
     """Call a `from_pretrained` with the resolved location, revision, variant and dtype; move to `device`.
 
     `dtype_kw` is the loader's name for the dtype argument ("dtype" in diffusers 0.42 and transformers 5;
@@ -140,6 +164,6 @@ def load(resolved: Resolved, loader: Callable[..., T], device: torch.device | No
         kwargs[dtype_kw] = torch_dtype(resolved.dtype)
     try:
         obj = loader(resolved.location, revision=resolved.commit or resolved.revision, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load {resolved.role} model from {resolved.location!r}: {err}") from err
     return obj.to(device) if device is not None and hasattr(obj, "to") else obj

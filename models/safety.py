@@ -45,8 +45,9 @@ class SafetyResult:
 class Safety:
     """Loads `<source>/safety_checker`, `feature_extractor`, `watermarker` (the IF-I repo layout) as switched on."""
 
-    def __init__(self, cfg: SafetyConfig, source: str, dtype: str = "float32", device: str = "auto",
-                 parts: dict | None = None):
+    def __init__(
+        self, cfg: SafetyConfig, source: str, dtype: str = "float32", device: str = "auto", parts: dict | None = None
+    ):
         """Load from `source`, or take already built `parts` (safety_checker, feature_extractor, watermarker)."""
         self.cfg = cfg
         self.device = resolve_device(device)
@@ -58,21 +59,35 @@ class Safety:
             if cfg.watermark:
                 self.watermarker = parts["watermarker"]
             return
-        if not (cfg.checker or cfg.watermark):
+        self.resolved = self.resolve(cfg, source, dtype)
+        if self.resolved is None:
             return
-        self.resolved = resolve("safety", source, cfg.revision, None, dtype, probe_file=probe_file(cfg))
         if cfg.checker:
             from transformers import CLIPImageProcessor
 
-            self.processor = load(self.resolved, CLIPImageProcessor.from_pretrained, None, dtype_kw=None,
-                                  subfolder="feature_extractor")
-            self.checker = load(self.resolved, checker_class().from_pretrained, self.device, dtype_kw="dtype",
-                                subfolder="safety_checker").eval()
+            self.processor = load(
+                self.resolved, CLIPImageProcessor.from_pretrained, None, dtype_kw=None, subfolder="feature_extractor"
+            )
+            self.checker = load(
+                self.resolved,
+                checker_class().from_pretrained,
+                self.device,
+                dtype_kw="dtype",
+                subfolder="safety_checker",
+            ).eval()
         if cfg.watermark:
             from diffusers.pipelines.deepfloyd_if import IFWatermarker
 
-            self.watermarker = load(self.resolved, IFWatermarker.from_pretrained, None, dtype_kw=None,
-                                    subfolder="watermarker")
+            self.watermarker = load(
+                self.resolved, IFWatermarker.from_pretrained, None, dtype_kw=None, subfolder="watermarker"
+            )
+
+    @staticmethod
+    def resolve(cfg: SafetyConfig, source: str, dtype: str) -> Resolved | None:
+        """Check the source before any weights load; None when both switches are off."""
+        if not (cfg.checker or cfg.watermark):
+            return None
+        return resolve("safety", source, cfg.revision, None, dtype, probe_file=probe_file(cfg))
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> SafetyResult:
@@ -83,8 +98,12 @@ class Safety:
             clip = self.processor([Image.fromarray(im) for im in images], return_tensors="pt").pixel_values
             clip = clip.to(self.device, self.checker.dtype)
             # The checker zeroes flagged images in place: give it a throwaway copy, keep the real ones.
-            _, nsfw, wm_detected = self.checker(clip, images.astype(np.float32).copy(),
-                                                p_threshold=self.cfg.p_threshold, w_threshold=self.cfg.w_threshold)
+            _, nsfw, wm_detected = self.checker(
+                clip,
+                images.astype(np.float32).copy(),
+                p_threshold=self.cfg.p_threshold,
+                w_threshold=self.cfg.w_threshold,
+            )
             nsfw, wm_detected = [bool(x) for x in nsfw], [bool(x) for x in wm_detected]
         if self.watermarker is not None:
             pil = self.watermarker.apply_watermark([Image.fromarray(im) for im in images])

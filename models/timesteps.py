@@ -11,10 +11,3 @@ def schedule(name: str) -> list[int]:
     except AttributeError:
         known = sorted(n.removesuffix("_timesteps") for n in dir(_if_timesteps) if n.endswith("_timesteps"))
         raise ValueError(f"timestep schedule {name!r} is not one of {known}") from None
-
-
-def steps_kwargs(steps: int | None, timesteps: str | None) -> dict:
-    """Pipeline kwargs for a stage: a named schedule wins over a step count."""
-    if timesteps:
-        return {"timesteps": schedule(timesteps)}
-    return {"num_inference_steps": steps}

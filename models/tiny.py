@@ -22,11 +22,13 @@ from .safety import checker_class
 ARCH = Path(__file__).parent / "arch"
 TEXT_DIM = 32  # tiny T5 d_model
 CLIP_DIM = 32  # tiny CLIP text width (the x4 upscaler's cross-attention dim)
-WORDS = ("a an the of in on at with and photo picture painting drawing portrait landscape city street house "
-         "forest mountain river sea ocean beach sky sun moon night day red blue green yellow orange purple black "
-         "white small big old young cat dog bird horse fish man woman child people tree flower car boat robot "
-         "castle garden field snow rain light dark style oil watercolor digital art detailed realistic "
-         "cinematic wearing holding standing sitting under over near by sign says very deep learning").split()
+WORDS = (
+    "a an the of in on at with and photo picture painting drawing portrait landscape city street house "
+    "forest mountain river sea ocean beach sky sun moon night day red blue green yellow orange purple black "
+    "white small big old young cat dog bird horse fish man woman child people tree flower car boat robot "
+    "castle garden field snow rain light dark style oil watercolor digital art detailed realistic "
+    "cinematic wearing holding standing sitting under over near by sign says very deep learning"
+).split()
 
 
 def arch(name: str) -> dict:
@@ -37,8 +39,13 @@ def arch(name: str) -> dict:
 def _tiny_unet(cfg: dict, cross_dim: int, text_dim: int | None, sample_size: int) -> dict:
     cfg = copy.deepcopy(cfg)
     n = len(cfg["block_out_channels"])
-    cfg.update(block_out_channels=[32] * n, layers_per_block=1, norm_num_groups=8, sample_size=sample_size,
-               cross_attention_dim=cross_dim)
+    cfg.update(
+        block_out_channels=[32] * n,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        cross_attention_dim=cross_dim,
+    )
     if cfg.get("encoder_hid_dim"):
         cfg["encoder_hid_dim"] = text_dim
     if cfg.get("addition_embed_type_num_heads"):
@@ -74,23 +81,68 @@ def _seeded(seed: int, salt: int):
 def _sizes(real_size: bool) -> dict[str, dict]:
     """Architectures: the real ones from `arch/` (for GPU benchmarks), or their narrow tiny forms."""
     t5 = arch("google-t5-v1_1-xxl_config")
-    u1, u2, u3, vae = (arch("IF-I-XL-v1.0_unet"), arch("IF-II-L-v1.0_unet"), arch("sd-x4-upscaler_unet"),
-                       arch("sd-x4-upscaler_vae"))
+    u1, u2, u3, vae = (
+        arch("IF-I-XL-v1.0_unet"),
+        arch("IF-II-L-v1.0_unet"),
+        arch("sd-x4-upscaler_unet"),
+        arch("sd-x4-upscaler_vae"),
+    )
     if real_size:  # the x4 upscaler's OpenCLIP ViT-H text tower; IF's safety checker is CLIP ViT-L/14
-        clip = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                    vocab_size=49408, projection_dim=512)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                      image_size=224, patch_size=14, projection_dim=768)
+        clip = dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            vocab_size=49408,
+            projection_dim=512,
+        )
+        vision = dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            projection_dim=768,
+        )
         return dict(t5=t5, unet_1=u1, unet_2=u2, unet_3=u3, vae=vae, clip=clip, vision=vision, image_size=224)
-    t5.update(d_model=TEXT_DIM, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
-              vocab_size=len(_t5_tokenizer()))
+    t5.update(
+        d_model=TEXT_DIM,
+        d_ff=64,
+        d_kv=8,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+        vocab_size=len(_t5_tokenizer()),
+    )
     vae.update(block_out_channels=[32, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=64)
-    clip = dict(hidden_size=CLIP_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                vocab_size=len(_clip_tokenizer()), projection_dim=16)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8, projection_dim=16)
-    return dict(t5=t5, unet_1=_tiny_unet(u1, 32, TEXT_DIM, 16), unet_2=_tiny_unet(u2, 32, TEXT_DIM, 64),
-                unet_3=_tiny_unet(u3, CLIP_DIM, None, 64), vae=vae, clip=clip, vision=vision, image_size=32)
+    clip = dict(
+        hidden_size=CLIP_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=len(_clip_tokenizer()),
+        projection_dim=16,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    return dict(
+        t5=t5,
+        unet_1=_tiny_unet(u1, 32, TEXT_DIM, 16),
+        unet_2=_tiny_unet(u2, 32, TEXT_DIM, 64),
+        unet_3=_tiny_unet(u3, CLIP_DIM, None, 64),
+        vae=vae,
+        clip=clip,
+        vision=vision,
+        image_size=32,
+    )
 
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -99,8 +151,9 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return torch.nn.Module.to(module, dtype)
 
 
-def random_components(seed: int, real_size: bool = False, device: str = "cpu",
-                      dtypes: dict[str, torch.dtype] | None = None) -> dict[str, object]:
+def random_components(
+    seed: int, real_size: bool = False, device: str = "cpu", dtypes: dict[str, torch.dtype] | None = None
+) -> dict[str, object]:
     """Every component of the cascade with seeded random weights, built directly on `device`.
 
     `dtypes` maps "text_encoder", "stage_1", "stage_2", "stage_3" to the dtype each is cast to (default fp32).
@@ -123,13 +176,25 @@ def random_components(seed: int, real_size: bool = False, device: str = "cpu",
         _seeded(seed, 5)
         vae = _cast(AutoencoderKL.from_config(z["vae"]), dt["stage_3"])
         _seeded(seed, 6)
-        clip_text = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, hidden_act="gelu", bos_token_id=0,
-                                                 eos_token_id=1, pad_token_id=1, **z["clip"]))
+        clip_text = CLIPTextModel(
+            CLIPTextConfig(
+                max_position_embeddings=77,
+                hidden_act="gelu",
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+                **z["clip"],
+            )
+        )
         clip_text = _cast(clip_text, dt["stage_3"]).eval()
         _seeded(seed, 7)
-        safety = checker_class()(CLIPConfig(
-            text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-            vision_config=z["vision"], projection_dim=z["vision"]["projection_dim"])).eval()
+        safety = checker_class()(
+            CLIPConfig(
+                text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+                vision_config=z["vision"],
+                projection_dim=z["vision"]["projection_dim"],
+            )
+        ).eval()
     _seeded(seed, 8)
     watermarker = IFWatermarker()
     mark = torch.rand(62, 62, 4) * 255
@@ -137,8 +202,15 @@ def random_components(seed: int, real_size: bool = False, device: str = "cpu",
     watermarker.watermark_image.copy_(mark.round())
     size = z["image_size"]
     return dict(
-        t5_tokenizer=_t5_tokenizer(), text_encoder=text_encoder, unet_1=unet_1, unet_2=unet_2, unet_3=unet_3,
-        vae=vae, clip_text=clip_text, clip_tokenizer=_clip_tokenizer(), safety_checker=safety,
+        t5_tokenizer=_t5_tokenizer(),
+        text_encoder=text_encoder,
+        unet_1=unet_1,
+        unet_2=unet_2,
+        unet_3=unet_3,
+        vae=vae,
+        clip_text=clip_text,
+        clip_tokenizer=_clip_tokenizer(),
+        safety_checker=safety,
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
         watermarker=watermarker,
         scheduler_1=DDPMScheduler.from_config(arch("IF-I_scheduler")),
@@ -154,18 +226,36 @@ def pipelines(c: dict[str, object]) -> dict[str, object]:
     from diffusers import IFPipeline, IFSuperResolutionPipeline, StableDiffusionUpscalePipeline
 
     return {
-        "IF-I": IFPipeline(tokenizer=c["t5_tokenizer"], text_encoder=c["text_encoder"], unet=c["unet_1"],
-                           scheduler=c["scheduler_1"], safety_checker=c["safety_checker"],
-                           feature_extractor=c["feature_extractor"], watermarker=c["watermarker"],
-                           requires_safety_checker=True),
-        "IF-II": IFSuperResolutionPipeline(tokenizer=None, text_encoder=None, unet=c["unet_2"],
-                                           scheduler=c["scheduler_2"], image_noising_scheduler=c["noising_2"],
-                                           safety_checker=None, feature_extractor=None, watermarker=None,
-                                           requires_safety_checker=False),
-        "x4-upscaler": StableDiffusionUpscalePipeline(vae=c["vae"], text_encoder=c["clip_text"],
-                                                      tokenizer=c["clip_tokenizer"], unet=c["unet_3"],
-                                                      low_res_scheduler=c["low_res_3"], scheduler=c["scheduler_3"],
-                                                      max_noise_level=350),
+        "IF-I": IFPipeline(
+            tokenizer=c["t5_tokenizer"],
+            text_encoder=c["text_encoder"],
+            unet=c["unet_1"],
+            scheduler=c["scheduler_1"],
+            safety_checker=c["safety_checker"],
+            feature_extractor=c["feature_extractor"],
+            watermarker=c["watermarker"],
+            requires_safety_checker=True,
+        ),
+        "IF-II": IFSuperResolutionPipeline(
+            tokenizer=None,
+            text_encoder=None,
+            unet=c["unet_2"],
+            scheduler=c["scheduler_2"],
+            image_noising_scheduler=c["noising_2"],
+            safety_checker=None,
+            feature_extractor=None,
+            watermarker=None,
+            requires_safety_checker=False,
+        ),
+        "x4-upscaler": StableDiffusionUpscalePipeline(
+            vae=c["vae"],
+            text_encoder=c["clip_text"],
+            tokenizer=c["clip_tokenizer"],
+            unet=c["unet_3"],
+            low_res_scheduler=c["low_res_3"],
+            scheduler=c["scheduler_3"],
+            max_noise_level=350,
+        ),
     }
 
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 import io
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .manifest import read_manifest
-from .progress import Progress
+from .context import RunSummary
+from .outputs.manifest import read_manifest
 from .storage import Location
-
-if TYPE_CHECKING:
-    from .steps import RunSummary
+from .stream.progress import Progress
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
 
@@ -37,8 +35,11 @@ class LiveProgress:
         from prefect.artifacts import create_progress_artifact
 
         self.every_s, self.last = every_s, 0.0
-        self.id = create_progress_artifact(progress=0.0, key=artifact_key(run_id, "progress"),
-                                           description=f"ifbatch run {run_id}: rows done of {total}")
+        self.id = create_progress_artifact(
+            progress=0.0,
+            key=artifact_key(run_id, "progress"),
+            description=f"ifbatch run {run_id}: rows done of {total}",
+        )
 
     def __call__(self, p: Progress) -> None:
         from prefect.artifacts import update_progress_artifact
@@ -81,32 +82,55 @@ def _link(uri: str | None) -> str:
 
 def counts_table(s: RunSummary) -> list[dict[str, Any]]:
     total_stage = sum(s.stage_seconds_per_image.values()) or 1.0
-    rows: list[dict[str, Any]] = [{"what": k, "value": v} for k, v in
-                                  (("rows in table", s.total), ("done", s.done), ("rejected", s.rejected),
-                                   ("failed", s.failed), ("skipped by resume", s.skipped),
-                                   ("rows/s while generating", round(s.rows_per_second, 3)),
-                                   ("wall seconds", round(s.seconds, 1)))]
+    rows: list[dict[str, Any]] = [
+        {"what": k, "value": v}
+        for k, v in (
+            ("rows in table", s.total),
+            ("done", s.done),
+            ("rejected", s.rejected),
+            ("failed", s.failed),
+            ("skipped by resume", s.skipped),
+            ("rows/s while generating", round(s.rows_per_second, 3)),
+            ("wall seconds", round(s.seconds, 1)),
+        )
+    ]
     for stage, sec in s.stage_seconds_per_image.items():
         rows.append({"what": f"{stage} s/image", "value": f"{sec:.3f} ({100 * sec / total_stage:.0f}%)"})
     return rows
 
 
-def summary_markdown(s: RunSummary, preset: str, models: dict, prompts: str, manifest_dir: str,
-                     sheet: str | None, sample: list[dict]) -> str:
+def summary_markdown(
+    s: RunSummary, preset: str, models: dict, prompts: str, manifest_dir: str, sheet: str | None, sample: list[dict]
+) -> str:
     status = "all rows done" if s.ok else f"**{s.failed} failed, {s.rejected} rejected**"
-    lines = [f"# ifbatch run `{s.run_id}`", "", f"{status}: {s.done} done, {s.skipped} skipped (already done) "
-             f"of {s.total} rows in {s.seconds:.0f} s.", "",
-             f"- prompts: {_link(prompts)}", f"- output: {_link(s.output)}", f"- manifest: {_link(manifest_dir)}",
-             f"- run record: {_link(s.run_record)}", f"- contact sheet: {_link(sheet)}",
-             f"- rejected rows: {_link(s.rejected_file)}", f"- preset: `{md_escape(preset)}`", "", "## Models", "",
-             "| stage | source | commit | variant | dtype |", "|---|---|---|---|---|"]
+    lines = [
+        f"# ifbatch run `{s.run_id}`",
+        "",
+        f"{status}: {s.done} done, {s.skipped} skipped (already done) of {s.total} rows in {s.seconds:.0f} s.",
+        "",
+        f"- prompts: {_link(prompts)}",
+        f"- output: {_link(s.output)}",
+        f"- manifest: {_link(manifest_dir)}",
+        f"- run record: {_link(s.run_record)}",
+        f"- contact sheet: {_link(sheet)}",
+        f"- rejected rows: {_link(s.rejected_file)}",
+        f"- preset: `{md_escape(preset)}`",
+        "",
+        "## Models",
+        "",
+        "| stage | source | commit | variant | dtype |",
+        "|---|---|---|---|---|",
+    ]
     for role, m in models.items():
-        lines.append(f"| {role} | {md_escape(m['source'])} | {md_escape(m.get('commit') or '-')} | "
-                     f"{md_escape(m.get('variant') or '-')} | {m['dtype']} |")
+        lines.append(
+            f"| {role} | {md_escape(m['source'])} | {md_escape(m.get('commit') or '-')} | "
+            f"{md_escape(m.get('variant') or '-')} | {m['dtype']} |"
+        )
     if sample:
         lines += ["", "## First rows", "", "| id | prompt |", "|---|---|"]
         lines += [f"| {md_escape(r['id'])} | {md_escape(r['prompt'])} |" for r in sample]
     if s.errors:
-        lines += ["", "## Failures (first ones)", ""] + [f"- `{md_escape(e['id'])}`: {md_escape(e['error'])}"
-                                                         for e in s.errors[:10]]
+        lines += ["", "## Failures (first ones)", ""] + [
+            f"- `{md_escape(e['id'])}`: {md_escape(e['error'])}" for e in s.errors[:10]
+        ]
     return "\n".join(lines) + "\n"

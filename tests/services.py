@@ -45,15 +45,27 @@ class SeaweedS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "SeaweedS3":
+    def start(self, timeout: float = 60.0) -> SeaweedS3:
         weed = shutil.which("weed") or str(Path(os.sys.executable).with_name("weed"))
         ports = [free_port() for _ in range(3)]
-        cmd = [weed, "server", f"-dir={self.dir}", "-s3", f"-s3.port={self.port}", f"-master.port={ports[0]}",
-               f"-volume.port={ports[1]}", f"-filer.port={ports[2]}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               "-master.volumeSizeLimitMB=64",
-               # every listener on a port chosen above or off: the Iceberg (8181) and Lance (9101) endpoints default
-               # to fixed ports, so a second server on the machine (another suite, a user's own) would not start
-               "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
+        cmd = [
+            weed,
+            "server",
+            f"-dir={self.dir}",
+            "-s3",
+            f"-s3.port={self.port}",
+            f"-master.port={ports[0]}",
+            f"-volume.port={ports[1]}",
+            f"-filer.port={ports[2]}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.volumeSizeLimitMB=64",
+            # every listener on a port chosen above or off: the Iceberg (8181) and Lance (9101) endpoints default
+            # to fixed ports, so a second server on the machine (another suite, a user's own) would not start
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+        ]
         self.log = open(self.dir / "weed.log", "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until_answering(self.proc, self.endpoint, timeout, self.dir / "weed.log")
@@ -81,17 +93,25 @@ class PrefectServer:
         return f"{self.url}/api"
 
     def env(self) -> dict[str, str]:
-        return {"PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api,
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": self.api}
+        return {
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_API_URL": self.api,
+        }
 
-    def start(self, timeout: float = 120.0) -> "PrefectServer":
+    def start(self, timeout: float = 120.0) -> PrefectServer:
         prefect = Path(os.sys.executable).with_name("prefect")
         self.log = open(self.home / "server.log", "wb")
         env = {**os.environ, **self.env()}
         env.pop("PREFECT_API_URL")
-        self.proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port",
-                                      str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         wait_until_answering(self.proc, f"{self.api}/health", timeout, self.home / "server.log")
         return self
 

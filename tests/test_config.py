@@ -12,7 +12,10 @@ def test_presets_exist():
 def test_if_xl_resolves_to_the_model_card_defaults():
     c = load_config("if-xl")
     assert (c.stage_1.source, c.stage_2.source, c.stage_3.source) == (
-        "DeepFloyd/IF-I-XL-v1.0", "DeepFloyd/IF-II-L-v1.0", "stabilityai/stable-diffusion-x4-upscaler")
+        "DeepFloyd/IF-I-XL-v1.0",
+        "DeepFloyd/IF-II-L-v1.0",
+        "stabilityai/stable-diffusion-x4-upscaler",
+    )
     assert c.text_encoder.source == "DeepFloyd/IF-I-XL-v1.0"
     assert {s.variant for s in (c.text_encoder, c.stage_1, c.stage_2, c.stage_3)} == {"fp16"}
     assert {s.dtype for s in (c.text_encoder, c.stage_1, c.stage_2, c.stage_3)} == {"float16"}
@@ -24,15 +27,18 @@ def test_if_xl_resolves_to_the_model_card_defaults():
     assert sum(s.num_gpus for s in (c.text_encoder, c.stage_1, c.stage_2, c.stage_3)) <= 1.0
 
 
-@pytest.mark.parametrize("preset,stage_1,stage_2", [
-    ("if-l", "DeepFloyd/IF-I-L-v1.0", "DeepFloyd/IF-II-L-v1.0"),
-    ("if-m", "DeepFloyd/IF-I-M-v1.0", "DeepFloyd/IF-II-M-v1.0"),
-])
+@pytest.mark.parametrize(
+    "preset,stage_1,stage_2",
+    [
+        ("if-l", "DeepFloyd/IF-I-L-v1.0", "DeepFloyd/IF-II-L-v1.0"),
+        ("if-m", "DeepFloyd/IF-I-M-v1.0", "DeepFloyd/IF-II-M-v1.0"),
+    ],
+)
 def test_smaller_presets_override_only_the_models(preset, stage_1, stage_2):
     c, xl = load_config(preset), load_config("if-xl")
     assert (c.stage_1.source, c.stage_2.source) == (stage_1, stage_2)
     assert c.stage_1.model_dump(exclude={"source", "num_gpus"}) == xl.stage_1.model_dump(exclude={"source", "num_gpus"})
-    assert c.stage_3 .model_dump(exclude={"num_gpus"}) == xl.stage_3.model_dump(exclude={"num_gpus"})
+    assert c.stage_3.model_dump(exclude={"num_gpus"}) == xl.stage_3.model_dump(exclude={"num_gpus"})
 
 
 def test_tiny_preset_points_every_model_at_the_generated_cascade():
@@ -47,17 +53,20 @@ def test_overrides_are_typed():
     assert c.stage_1.timesteps == "smart27" and c.stage_2.guidance_scale == 5.0 and c.stage_1.revision == "abc123"
 
 
-@pytest.mark.parametrize("override,must_say", [
-    ("stage_1.stepz=5", ["unknown key 'stage_1.stepz'", "5", "steps"]),
-    ("stage_1.steps=0", ["stage_1.steps", "0", "greater than or equal to 1"]),
-    ("stage_1.steps=abc", ["stage_1.steps", "'abc'", "valid integer"]),
-    ("stage_1.dtype=float64", ["stage_1.dtype", "'float64'", "'float32', 'float16' or 'bfloat16'"]),
-    ("stage_2.timesteps=smart99", ["stage_2.timesteps", "'smart99'", "'fast27'"]),
-    ("stage_3.noise_level=351", ["stage_3.noise_level", "351", "less than or equal to 350"]),
-    ("stage_2.guidance_scale=high", ["stage_2.guidance_scale", "'high'", "valid number"]),
-    ("bogus=1", ["unknown key 'bogus'", "stage_1"]),
-    ("stage_1.steps", ["'stage_1.steps'", "key=value"]),
-])
+@pytest.mark.parametrize(
+    "override,must_say",
+    [
+        ("stage_1.stepz=5", ["unknown key 'stage_1.stepz'", "5", "steps"]),
+        ("stage_1.steps=0", ["stage_1.steps", "0", "greater than or equal to 1"]),
+        ("stage_1.steps=abc", ["stage_1.steps", "'abc'", "valid integer"]),
+        ("stage_1.dtype=float64", ["stage_1.dtype", "'float64'", "'float32', 'float16' or 'bfloat16'"]),
+        ("stage_2.timesteps=smart99", ["stage_2.timesteps", "'smart99'", "'fast27'"]),
+        ("stage_3.noise_level=351", ["stage_3.noise_level", "351", "less than or equal to 350"]),
+        ("stage_2.guidance_scale=high", ["stage_2.guidance_scale", "'high'", "valid number"]),
+        ("bogus=1", ["unknown key 'bogus'", "stage_1"]),
+        ("stage_1.steps", ["'stage_1.steps'", "key=value"]),
+    ],
+)
 def test_bad_values_are_refused_by_name(override, must_say):
     with pytest.raises(ConfigError) as e:
         load_config("if-xl", [override])

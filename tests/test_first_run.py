@@ -12,9 +12,18 @@ import pytest
 from .helpers import SMALL, manifest_rows, read_bytes, sha256, write_table
 
 # Library lines that tell a user nothing they can act on; none may reach the terminal of a default run.
-NOISE = ("Writing model shards", "should be kept in float32", "requires torchvision", "Token indices sequence length",
-         "constructor arguments in the object store", "Starting execution of Dataset", "Progress bars disabled",
-         "Starting temporary server", "Error logging to API", "Traceback")
+NOISE = (
+    "Writing model shards",
+    "should be kept in float32",
+    "requires torchvision",
+    "Token indices sequence length",
+    "constructor arguments in the object store",
+    "Starting execution of Dataset",
+    "Progress bars disabled",
+    "Starting temporary server",
+    "Error logging to API",
+    "Traceback",
+)
 LONG = "a very detailed oil painting of " + ", ".join(f"a small red house number {i} by the sea" for i in range(12))
 
 
@@ -31,8 +40,14 @@ def test_first_run_on_a_fresh_machine_completes_quietly(tmp_path):
     prompts = write_table(tmp_path / "p.parquet", {"prompt": [*SMALL[:3], LONG]})
     out = tmp_path / "out"
     exe = Path(sys.executable).with_name("ifbatch")
-    res = subprocess.run([str(exe), "run", prompts, str(out)], capture_output=True, text=True, timeout=900,
-                         env=fresh_machine_env(tmp_path), cwd=tmp_path)
+    res = subprocess.run(
+        [str(exe), "run", prompts, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=fresh_machine_env(tmp_path),
+        cwd=tmp_path,
+    )
     terminal = res.stdout + res.stderr
     assert res.returncode == 0, terminal[-4000:]
     rows = manifest_rows(str(out))

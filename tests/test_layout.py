@@ -1,4 +1,7 @@
-"""The design's import rule: flows -> tasks -> models -> configs, and models stay free of Ray, Prefect and S3."""
+"""The design's import rule: flows -> tasks -> models -> configs, one way, no circle; models stay free of Ray,
+Prefect and S3; inside tasks/, the Ray stream and the output formats know nothing of Prefect."""
+
+from __future__ import annotations
 
 import ast
 from pathlib import Path
@@ -8,16 +11,37 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["configs", "models", "tasks", "flows"]  # each may import only the ones before it
 MODELS_MUST_NOT = {"ray", "prefect", "s3fs", "fsspec", "pyarrow"}
+# tasks/ inside: each part may import only the ones before it (the Prefect steps on top)
+TASK_PARTS = ["storage", "inputs", "outputs", "stream", "context", "artifacts", "steps"]
+PREFECT_FREE = {"storage", "inputs", "outputs", "stream", "context"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["ifbatch", *parts])
 
 
 def imports(path: Path) -> set[str]:
+    """Absolute names of everything a file imports, relative imports resolved."""
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package.pop()
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.add(module)
+            found |= {f"{module}.{a.name}" for a in node.names}  # `from . import x` names a module too
     return found
+
+
+def package_files() -> dict[str, Path]:
+    return {module_name(p): p for layer in LAYERS for p in (ROOT / layer).rglob("*.py")}
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -30,3 +54,48 @@ def test_imports_flow_one_way(layer):
                 assert parts[1] in allowed, f"{path.relative_to(ROOT)} imports {name}"
             if layer in ("configs", "models"):
                 assert parts[0] not in MODELS_MUST_NOT, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_inside_tasks_the_stream_and_outputs_stay_below_the_prefect_steps():
+    for path in (ROOT / "tasks").rglob("*.py"):
+        rel = path.relative_to(ROOT / "tasks").with_suffix("").parts
+        if rel == ("__init__",):
+            continue
+        part = rel[0]
+        allowed = set(TASK_PARTS[: TASK_PARTS.index(part) + 1])
+        for name in imports(path):
+            parts = name.split(".")
+            if parts[:2] == ["ifbatch", "tasks"] and len(parts) > 2:
+                assert parts[2] in allowed, f"{path.relative_to(ROOT)} imports {name}"
+            if part in PREFECT_FREE:
+                assert parts[0] != "prefect", f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_no_import_circle():
+    files = package_files()
+    graph = {m: {n for n in imports(p) if n in files and n != m} for m, p in files.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, trail: list[str]) -> None:
+        if state.get(m) == 1:
+            raise AssertionError("import circle: " + " -> ".join([*trail[trail.index(m) :], m]))
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for n in sorted(graph[m]):
+            visit(n, [*trail, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        visit(m, [])
+
+
+def test_every_stage_has_one_name_and_one_runner_and_one_actor():
+    from ifbatch.configs.schema import DIFFUSION_STAGES, STAGES, CascadeConfig
+    from ifbatch.models.cascade import RUNNERS
+    from ifbatch.models.params import PARAMS
+    from ifbatch.tasks.stream.stages import STAGE_ACTORS
+
+    assert tuple(RUNNERS) == tuple(STAGE_ACTORS) == STAGES and tuple(PARAMS) == DIFFUSION_STAGES
+    assert all(s in CascadeConfig.model_fields for s in STAGES)
+    assert [r.name for r in RUNNERS.values()] == [a.name for a in STAGE_ACTORS.values()] == list(STAGES)

@@ -37,8 +37,11 @@ def batch(cascade):
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_shapes_and_ranges_at_every_stage(batch):
@@ -48,7 +51,7 @@ def test_shapes_and_ranges_at_every_stage(batch):
     for x in (batch.stage_1, batch.stage_2):
         assert np.isfinite(x).all() and x.min() >= -1.0 and x.max() <= 1.0 and x.std() > 0.05
     assert batch.images.std() > 5  # not a blank image
-    assert set(batch.seconds) == {"encode", "stage_1", "stage_2", "stage_3"}
+    assert set(batch.seconds) == {"text_encoder", "stage_1", "stage_2", "stage_3"}
 
 
 def test_same_seeds_give_the_same_bytes(cascade, batch):
@@ -76,8 +79,10 @@ def test_a_row_does_not_depend_on_its_batch(cascade, batch):
 
 def test_negative_prompts_are_per_row(cascade, batch):
     swapped = cascade(PROMPTS[:2], SEEDS[:2], ["", ""])
-    assert np.array_equal(swapped.images[0], batch.images[0]) or \
-        np.abs(swapped.images[0].astype(int) - batch.images[0].astype(int)).max() <= 1  # row 0 had "" already
+    assert (
+        np.array_equal(swapped.images[0], batch.images[0])
+        or np.abs(swapped.images[0].astype(int) - batch.images[0].astype(int)).max() <= 1
+    )  # row 0 had "" already
     assert np.abs(swapped.stage_1[1] - batch.stage_1[1]).max() > 1e-3  # row 1 lost its "blurry"
 
 
@@ -98,8 +103,10 @@ def test_save_load_round_trip_is_byte_identical(tiny_dir, tmp_path, tiny_cfg, ba
 def test_another_weight_seed_gives_other_weights(tiny_dir, tmp_path):
     other = build_tiny_cascade(tmp_path / "seed1", seed=1)
     a, b = tree_digest(other), tree_digest(tiny_dir)
-    assert a.keys() == b.keys() and a["IF-I/unet/diffusion_pytorch_model.safetensors"] != \
-        b["IF-I/unet/diffusion_pytorch_model.safetensors"]
+    assert (
+        a.keys() == b.keys()
+        and a["IF-I/unet/diffusion_pytorch_model.safetensors"] != b["IF-I/unet/diffusion_pytorch_model.safetensors"]
+    )
 
 
 def test_named_timestep_schedule(tiny_cfg):
@@ -114,13 +121,14 @@ def test_named_timestep_schedule(tiny_cfg):
 def test_safety_flags_and_watermark(tiny_cfg, batch):
     assert batch.nsfw == [False] * 4 or all(isinstance(x, bool) for x in batch.nsfw)
     assert all(isinstance(x, bool) for x in batch.watermark_detected) and batch.watermarked == [True] * 4
-    plain = Cascade(load_config("tiny", [f"tiny.dir={tiny_cfg.tiny.dir}", "safety.checker=false",
-                                         "safety.watermark=false"]))
+    plain = Cascade(
+        load_config("tiny", [f"tiny.dir={tiny_cfg.tiny.dir}", "safety.checker=false", "safety.watermark=false"])
+    )
     out = plain(PROMPTS, SEEDS, NEGATIVES)
     assert out.nsfw == [None] * 4 and out.watermarked == [False] * 4
     differ = np.any(out.images != batch.images, axis=-1)  # pixels the watermark touched
     h, w = differ.shape[1:]
-    assert differ[:, h - 20:, w - 20:].any() and not differ[:, : h // 2, : w // 2].any()
+    assert differ[:, h - 20 :, w - 20 :].any() and not differ[:, : h // 2, : w // 2].any()
 
 
 def test_flagged_images_are_reported_not_blacked_out(tiny_cfg, batch):
@@ -147,8 +155,9 @@ def _load_in_subprocess(env: dict[str, str], prelude: str = "") -> str:
         except Exception as e:
             print(type(e).__name__, e)
     """)
-    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
     return res.stdout or res.stderr
 
 

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from ifbatch.configs import load_config
-from ifbatch.tasks.prompts import PromptTableError, default_id, read_prompts
+from ifbatch.tasks.inputs.prompts import PromptTableError, default_id, read_prompts
 
 from .helpers import write_table
 
@@ -24,19 +24,24 @@ def test_ids_and_seeds_are_stable_and_derived(tmp_path):
 
 
 def test_given_ids_and_seeds_are_kept(tmp_path):
-    path = write_table(tmp_path / "t.parquet", {"prompt": ["a", "b"], "id": ["x-1", "x_2"], "seed": [5, 6],
-                                                "negative_prompt": [None, "ugly"]})
+    path = write_table(
+        tmp_path / "t.parquet",
+        {"prompt": ["a", "b"], "id": ["x-1", "x_2"], "seed": [5, 6], "negative_prompt": [None, "ugly"]},
+    )
     rows = read_prompts(path, CFG).rows.to_pylist()
     assert [(r["id"], r["seed"], r["negative_prompt"]) for r in rows] == [("x-1", 5, ""), ("x_2", 6, "ugly")]
 
 
 def test_bad_rows_are_rejected_with_reasons_and_the_rest_go_on(tmp_path):
-    path = write_table(tmp_path / "t.parquet", {
-        "prompt": ["ok one", None, "  ", "dup", "dup again", "slash", "neg seed", "ok two", "too many steps"],
-        "id": ["a", "b", "c", "a", "e", "../etc/passwd", "g", "h", "i"],
-        "seed": [1, 2, 3, 4, 5, 6, -1, 8, 9],
-        "stage_1_steps": [None, None, None, None, None, None, None, 3, 5000],
-    })
+    path = write_table(
+        tmp_path / "t.parquet",
+        {
+            "prompt": ["ok one", None, "  ", "dup", "dup again", "slash", "neg seed", "ok two", "too many steps"],
+            "id": ["a", "b", "c", "a", "e", "../etc/passwd", "g", "h", "i"],
+            "seed": [1, 2, 3, 4, 5, 6, -1, 8, 9],
+            "stage_1_steps": [None, None, None, None, None, None, None, 3, 5000],
+        },
+    )
     plan = read_prompts(path, CFG)
     assert plan.rows.column("id").to_pylist() == ["a", "e", "h"]
     assert plan.total == 9

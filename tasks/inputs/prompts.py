@@ -19,15 +19,19 @@ import pyarrow.fs as pafs
 from ifbatch.configs.schema import CascadeConfig
 from ifbatch.models.seeding import SEED_MAX, derive_seed
 
-from .storage import locate
+from ..storage import locate
+from .params import OVERRIDES, param_fields, resolve_params
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Per-row overrides: column -> (config section, field)
-OVERRIDES = {f"{stage}_{name}": (stage, name) for stage in ("stage_1", "stage_2", "stage_3")
-             for name in ("steps", "guidance_scale")}
-WORK_SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("prompt", pa.string()),
-                         ("negative_prompt", pa.string()), ("seed", pa.int64())]
-                        + [(c, pa.float64() if c.endswith("guidance_scale") else pa.int64()) for c in OVERRIDES])
+ROW_FIELDS = [
+    pa.field("row", pa.int64()),
+    pa.field("id", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("negative_prompt", pa.string()),
+    pa.field("seed", pa.int64()),
+]
+# The work order: one record per valid row, with every stage parameter already resolved
+WORK_SCHEMA = pa.schema(ROW_FIELDS + param_fields())
 
 
 class PromptTableError(ValueError):
@@ -74,20 +78,27 @@ def _check_columns(uri: str, schema: pa.Schema, cfg: CascadeConfig) -> dict[str,
     d = cfg.data
     names = set(schema.names)
     if d.prompt_column not in names:
-        raise PromptTableError(f"prompt table {uri!r} has no column {d.prompt_column!r} (the prompt column); it has "
-                               f"{sorted(names)}. Name the prompt column with --prompt-column or "
-                               f"data.prompt_column")
+        raise PromptTableError(
+            f"prompt table {uri!r} has no column {d.prompt_column!r} (the prompt column); it has "
+            f"{sorted(names)}. Name the prompt column with --prompt-column or "
+            f"data.prompt_column"
+        )
     cols = {"prompt": d.prompt_column}
     for ours, theirs in (("id", d.id_column), ("negative_prompt", d.negative_prompt_column), ("seed", d.seed_column)):
         if theirs in names:
             cols[ours] = theirs
     present_overrides = [c for c in OVERRIDES if c in names]
     if present_overrides and not d.row_overrides:
-        raise PromptTableError(f"prompt table {uri!r} has per-row override columns {present_overrides}, but "
-                               f"data.row_overrides is false")
+        raise PromptTableError(
+            f"prompt table {uri!r} has per-row override columns {present_overrides}, but data.row_overrides is false"
+        )
     cols.update({c: c for c in present_overrides})
-    expect = {"prompt": pa.types.is_string, "negative_prompt": pa.types.is_string,
-              "id": lambda t: pa.types.is_string(t) or pa.types.is_integer(t), "seed": pa.types.is_integer}
+    expect = {
+        "prompt": pa.types.is_string,
+        "negative_prompt": pa.types.is_string,
+        "id": lambda t: pa.types.is_string(t) or pa.types.is_integer(t),
+        "seed": pa.types.is_integer,
+    }
     words = {"prompt": "string", "negative_prompt": "string", "id": "string or integer", "seed": "integer"}
     for ours, theirs in cols.items():
         typ = schema.field(theirs).type
@@ -95,8 +106,9 @@ def _check_columns(uri: str, schema: pa.Schema, cfg: CascadeConfig) -> dict[str,
             continue
         ok = expect.get(ours, lambda t: pa.types.is_integer(t) or pa.types.is_floating(t))
         if not ok(typ) and not pa.types.is_null(typ):
-            raise PromptTableError(f"prompt table {uri!r}: column {theirs!r} has type {typ}, expected "
-                                   f"{words.get(ours, 'a number')}")
+            raise PromptTableError(
+                f"prompt table {uri!r}: column {theirs!r} has type {typ}, expected {words.get(ours, 'a number')}"
+            )
     return cols
 
 
@@ -117,7 +129,7 @@ def read_prompts(uri: str, cfg: CascadeConfig) -> PromptPlan:
     """Stream the table in batches of data.read_batch_rows; validate; assign ids and seeds."""
     ds = _dataset(uri, cfg)
     cols = _check_columns(uri, ds.schema, cfg)
-    out: dict[str, list] = {name: [] for name in WORK_SCHEMA.names}
+    out: dict[str, list] = {f.name: [] for f in ROW_FIELDS} | {c: [] for c in OVERRIDES}
     rejected: list[Rejected] = []
     seen: dict[str, int] = {}
     occurrences: Counter = Counter()
@@ -134,7 +146,10 @@ def read_prompts(uri: str, cfg: CascadeConfig) -> PromptPlan:
         raise
     except (OSError, pa.ArrowException) as e:
         raise PromptTableError(f"cannot read prompt table {uri!r}: {type(e).__name__}: {e}") from None
-    return PromptPlan(uri, pa.table(out, schema=WORK_SCHEMA), rejected, row)
+    n = len(out["id"])
+    given = {c: pa.array(out[c], pa.float64()) for c in OVERRIDES if c in cols}
+    columns = {f.name: pa.array(out[f.name], f.type) for f in ROW_FIELDS} | resolve_params(given, n, cfg)
+    return PromptPlan(uri, pa.table(columns, schema=WORK_SCHEMA), rejected, row)
 
 
 def _take(rec: dict, row: int, cfg: CascadeConfig, out: dict, rejected: list, seen: dict, occurrences: Counter):
@@ -151,8 +166,10 @@ def _take(rec: dict, row: int, cfg: CascadeConfig, out: dict, rejected: list, se
         rid = default_id(prompt, negative, occurrences[(prompt, negative)])
         occurrences[(prompt, negative)] += 1
     elif not SAFE_ID.match(rid):
-        return reject(f"row {row}: id {rid!r} is not a safe file name; expected 1-128 characters of letters, digits, "
-                      f"'.', '_' or '-', starting with a letter or digit")
+        return reject(
+            f"row {row}: id {rid!r} is not a safe file name; expected 1-128 characters of letters, digits, "
+            f"'.', '_' or '-', starting with a letter or digit"
+        )
     if rid in seen:
         return reject(f"row {row}: duplicate id {rid!r} (first used by row {seen[rid]})")
     seed = rec.get("seed")

@@ -13,11 +13,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .prompts import Rejected
-from .storage import Location
+from ..inputs.prompts import Rejected
+from ..storage import Location
 
-PACKAGES = ("ifbatch", "torch", "diffusers", "transformers", "accelerate", "ray", "prefect", "pyarrow", "s3fs",
-            "numpy", "pillow")
+PACKAGES = (
+    "ifbatch",
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "ray",
+    "prefect",
+    "pyarrow",
+    "s3fs",
+    "numpy",
+    "pillow",
+)
 SECRET = re.compile(r"(secret|token|password|passwd|credential|api_key|access_key)", re.I)
 
 
@@ -44,8 +55,10 @@ def redact(obj: Any) -> Any:
 def write_rejected(loc: Location, run_id: str, rejected: list[Rejected]) -> str | None:
     if not rejected:
         return None
-    table = pa.Table.from_pylist([r.__dict__ for r in rejected], schema=pa.schema(
-        [("row", pa.int64()), ("id", pa.string()), ("prompt", pa.string()), ("reason", pa.string())]))
+    table = pa.Table.from_pylist(
+        [r.__dict__ for r in rejected],
+        schema=pa.schema([("row", pa.int64()), ("id", pa.string()), ("prompt", pa.string()), ("reason", pa.string())]),
+    )
     buf = io.BytesIO()
     pq.write_table(table, buf)
     path = loc.path("runs", f"{run_id}-rejected.parquet")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 Listener = Callable[["Progress"], None]
 _listeners: list[Listener] = []
@@ -32,8 +32,7 @@ class Progress:
 
     def line(self) -> str:
         eta = "?" if self.eta is None else f"{self.eta:.0f}s"
-        return (f"{self.done + self.failed}/{self.total} rows ({self.failed} failed), "
-                f"{self.rate:.2f} rows/s, ETA {eta}")
+        return f"{self.done + self.failed}/{self.total} rows ({self.failed} failed), {self.rate:.2f} rows/s, ETA {eta}"
 
 
 def listen(fn: Listener) -> Callable[[], None]:

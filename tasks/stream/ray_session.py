@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from ifbatch.configs.schema import RayConfig
 from ifbatch.models.quiet import VERBOSE_ENV, verbose

@@ -1,8 +1,10 @@
 """Ray Data stage actors: each holds one loaded cascade stage and maps batches of rows (numpy dicts).
 
 Rows carry an `error` column: a row that failed upstream passes through untouched, a batch that raises is
-retried row by row so that one bad row never sinks its batch mates. Embeddings and images travel between
-stages as fp16 (fp32 for fp32 stages) numpy through the object store, never through the driver.
+retried row by row so that one bad row never sinks its batch mates. Rows are grouped on their resolved stage
+parameters (columns `stage_N_*`, worked out when the table was read) and run with exactly those. Embeddings and
+images travel between stages as fp16 (fp32 for fp32 stages) numpy through the object store, never through the
+driver. Each stage adds `seconds_<stage>` and `placement_<stage>` (its node, GPU ids and actor, as JSON).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import json
 import math
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from ifbatch.configs.schema import CascadeConfig
+from ifbatch.models.params import PARAMS, StageParams
 
 Batch = dict[str, np.ndarray]
 
@@ -27,36 +30,45 @@ def cell(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def _placement(batch: Batch, stage: str) -> np.ndarray:
+def placement() -> str:
+    """Where this actor runs, as JSON: node id, GPU ids, actor id ("{}" outside Ray)."""
     import ray
 
+    if not ray.is_initialized():
+        return "{}"
     ctx = ray.get_runtime_context()
-    here = {"node": ctx.get_node_id()[:12], "gpus": [str(g) for g in ray.get_gpu_ids()],
-            "actor": (ctx.get_actor_id() or "")[:12]}
-    out = []
-    for p in batch.get("placement", [None] * len(batch["id"])):
-        rec = json.loads(p) if p else {}
-        rec[stage] = here
-        out.append(json.dumps(rec, sort_keys=True))
-    return np.array(out, dtype=object)
+    return json.dumps(
+        {
+            "node": ctx.get_node_id()[:12],
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "actor": (ctx.get_actor_id() or "")[:12],
+        },
+        sort_keys=True,
+    )
 
 
-class _Stage:
-    """Common batch plumbing: skip failed rows, group by per-row overrides, fall back to row by row."""
+class StageActor:
+    """Common batch plumbing: skip failed rows, group by parameters, fall back to row by row."""
 
     name = ""
     drops: tuple[str, ...] = ()  # columns no later stage needs
+    _where: str | None = None
 
-    def groups(self, batch: Batch, idx: list[int]) -> dict[tuple, list[int]]:
-        out: dict[tuple, list[int]] = defaultdict(list)
+    def groups(self, batch: Batch, idx: list[int]) -> dict[StageParams | None, list[int]]:
+        names = PARAMS.get(self.name)
+        if not names:
+            return {None: idx} if idx else {}
+        out: dict[StageParams | None, list[int]] = defaultdict(list)
         for i in idx:
-            key = tuple(cell(batch[c][i]) if c in batch else None
-                        for c in (f"{self.name}_guidance_scale", f"{self.name}_steps"))
-            out[key].append(i)
+            out[StageParams(**{n: cell(batch[f"{self.name}_{n}"][i]) for n in names})].append(i)
         return out
 
-    def compute(self, batch: Batch, idx: list[int], guidance: float | None, steps: int | None) -> dict[str, np.ndarray]:
+    def compute(self, batch: Batch, idx: list[int], params: StageParams | None) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def empty_outputs(self, batch: Batch, n: int) -> dict[str, np.ndarray]:
+        """Placeholders of the right shapes for a batch in which every row failed."""
+        return {}
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["id"])
@@ -64,14 +76,14 @@ class _Stage:
         todo = [i for i in range(n) if not errors[i]]
         results: dict[int, dict[str, np.ndarray]] = {}
         t0 = time.perf_counter()
-        for (guidance, steps), idx in self.groups(batch, todo).items():
+        for params, idx in self.groups(batch, todo).items():
             try:
-                out = self.compute(batch, idx, guidance, steps)
+                out = self.compute(batch, idx, params)
                 results.update({i: {k: v[j] for k, v in out.items()} for j, i in enumerate(idx)})
             except Exception:  # retry one by one: find the bad row, keep the others
                 for i in idx:
                     try:
-                        out = self.compute(batch, [i], guidance, steps)
+                        out = self.compute(batch, [i], params)
                         results[i] = {k: v[0] for k, v in out.items()}
                     except Exception as e:
                         errors[i] = f"{self.name}: {type(e).__name__}: {e}"[:2000]
@@ -89,18 +101,20 @@ class _Stage:
             batch.update(self.empty_outputs(batch, n))
         batch["error"] = errors
         batch[f"seconds_{self.name}"] = np.array([seconds if i in results else np.nan for i in range(n)])
-        batch["placement"] = _placement(batch, self.name)
+        if self._where is None:
+            self._where = placement()  # fixed for the actor's life
+        batch[f"placement_{self.name}"] = np.full(n, self._where, dtype=object)
         for key in self.drops:
             batch.pop(key, None)
         return batch
 
-    def empty_outputs(self, batch: Batch, n: int) -> dict[str, np.ndarray]:
-        """Placeholders of the right shapes for a batch in which every row failed."""
-        return {}
+
+def _seeds(batch: Batch, idx: list[int]) -> list[int]:
+    return [int(batch["seed"][i]) for i in idx]
 
 
-class EncodeStage(_Stage):
-    name = "encode"
+class EncodeStage(StageActor):
+    name = "text_encoder"
 
     def __init__(self, cfg: CascadeConfig):
         from ifbatch.models.encode import TextEncoder
@@ -109,13 +123,14 @@ class EncodeStage(_Stage):
         self.dim = int(self.encoder.model.config.d_model)
         self.length = cfg.text_encoder.max_length
 
-    def groups(self, batch: Batch, idx: list[int]) -> dict[tuple, list[int]]:
-        return {(None, None): idx} if idx else {}
-
-    def compute(self, batch, idx, guidance, steps):
+    def compute(self, batch, idx, params):
         enc = self.encoder.encode([batch["prompt"][i] for i in idx], [batch["negative_prompt"][i] for i in idx])
-        return {"prompt_embeds": enc.prompt_embeds, "negative_embeds": enc.negative_embeds,
-                "truncated": np.array(enc.truncated), "negative_truncated": np.array(enc.negative_truncated)}
+        return {
+            "prompt_embeds": enc.prompt_embeds,
+            "negative_embeds": enc.negative_embeds,
+            "truncated": np.array(enc.truncated),
+            "negative_truncated": np.array(enc.negative_truncated),
+        }
 
     def empty_outputs(self, batch, n):
         z = np.zeros((n, self.length, self.dim), dtype=np.float16)
@@ -123,7 +138,7 @@ class EncodeStage(_Stage):
         return {"prompt_embeds": z, "negative_embeds": z.copy(), "truncated": f, "negative_truncated": f.copy()}
 
 
-class Stage1Stage(_Stage):
+class Stage1Stage(StageActor):
     name = "stage_1"
 
     def __init__(self, cfg: CascadeConfig):
@@ -131,16 +146,19 @@ class Stage1Stage(_Stage):
 
         self.runner = Stage1(cfg.stage_1, cfg.device)
 
-    def compute(self, batch, idx, guidance, steps):
-        return {"image_1": self.runner(batch["prompt_embeds"][idx], batch["negative_embeds"][idx],
-                                       [int(batch["seed"][i]) for i in idx], guidance, steps)}
+    def compute(self, batch, idx, params):
+        return {
+            "image_1": self.runner(
+                batch["prompt_embeds"][idx], batch["negative_embeds"][idx], _seeds(batch, idx), params
+            )
+        }
 
     def empty_outputs(self, batch, n):
         s = self.runner.size
         return {"image_1": np.zeros((n, 3, s, s), dtype=np.float16)}
 
 
-class Stage2Stage(_Stage):
+class Stage2Stage(StageActor):
     name = "stage_2"
     drops = ("image_1", "prompt_embeds", "negative_embeds")
 
@@ -149,17 +167,23 @@ class Stage2Stage(_Stage):
 
         self.runner = Stage2(cfg.stage_2, cfg.device)
 
-    def compute(self, batch, idx, guidance, steps):
-        return {"image_2": self.runner(batch["image_1"][idx], batch["prompt_embeds"][idx],
-                                       batch["negative_embeds"][idx], [int(batch["seed"][i]) for i in idx],
-                                       guidance, steps)}
+    def compute(self, batch, idx, params):
+        return {
+            "image_2": self.runner(
+                batch["image_1"][idx],
+                batch["prompt_embeds"][idx],
+                batch["negative_embeds"][idx],
+                _seeds(batch, idx),
+                params,
+            )
+        }
 
     def empty_outputs(self, batch, n):
         s = self.runner.size
         return {"image_2": np.zeros((n, 3, s, s), dtype=np.float16)}
 
 
-class Stage3Stage(_Stage):
+class Stage3Stage(StageActor):
     name = "stage_3"
     drops = ("image_2",)
 
@@ -170,20 +194,37 @@ class Stage3Stage(_Stage):
         self.runner = Stage3(cfg.stage_3, cfg.device)
         self.safety = Safety(cfg.safety, cfg.safety_source, cfg.stage_3.dtype, cfg.device)
 
-    def compute(self, batch, idx, guidance, steps):
-        images = self.runner(batch["image_2"][idx], [batch["prompt"][i] for i in idx],
-                             [batch["negative_prompt"][i] for i in idx], [int(batch["seed"][i]) for i in idx],
-                             guidance, steps)
+    def compute(self, batch, idx, params):
+        images = self.runner(
+            batch["image_2"][idx],
+            [batch["prompt"][i] for i in idx],
+            [batch["negative_prompt"][i] for i in idx],
+            _seeds(batch, idx),
+            params,
+        )
         safe = self.safety(images)
         flag = lambda xs: np.array([-1 if x is None else int(x) for x in xs], dtype=np.int8)  # noqa: E731
-        return {"image": safe.images, "nsfw": flag(safe.nsfw), "watermark_detected": flag(safe.watermark_detected),
-                "watermarked": np.array(safe.watermarked)}
+        return {
+            "image": safe.images,
+            "nsfw": flag(safe.nsfw),
+            "watermark_detected": flag(safe.watermark_detected),
+            "watermarked": np.array(safe.watermarked),
+        }
 
     def empty_outputs(self, batch, n):
         s = 4 * batch["image_2"].shape[-1]  # the x4 upscaler
-        return {"image": np.zeros((n, s, s, 3), dtype=np.uint8), "nsfw": np.full(n, -1, np.int8),
-                "watermark_detected": np.full(n, -1, np.int8), "watermarked": np.zeros(n, bool)}
+        return {
+            "image": np.zeros((n, s, s, 3), dtype=np.uint8),
+            "nsfw": np.full(n, -1, np.int8),
+            "watermark_detected": np.full(n, -1, np.int8),
+            "watermarked": np.zeros(n, bool),
+        }
 
 
-STAGES: dict[str, Callable[..., _Stage]] = {"text_encoder": EncodeStage, "stage_1": Stage1Stage,
-                                            "stage_2": Stage2Stage, "stage_3": Stage3Stage}
+# The actor of each stage, in the order of configs.schema.STAGES (tests check they agree).
+STAGE_ACTORS: dict[str, type[StageActor]] = {
+    "text_encoder": EncodeStage,
+    "stage_1": Stage1Stage,
+    "stage_2": Stage2Stage,
+    "stage_3": Stage3Stage,
+}

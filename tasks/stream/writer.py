@@ -1,99 +1,89 @@
-"""Write final images (sharded folders, one file per row) and turn each row into its manifest record."""
+"""The last operator of the stream: writes each ok row's image, returns the rows' manifest records as an Arrow
+table (no pixels, no per-run facts: the driver adds those once per manifest part)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
-import json
 import time
 
 import numpy as np
-from PIL import Image
+import pyarrow as pa
 
-from ifbatch.configs.schema import CascadeConfig
+from ifbatch.configs.schema import STAGES, CascadeConfig
 
-from .stages import cell
-from .storage import locate
+from ..inputs.params import param_fields
+from ..outputs.images import encode_image, image_relpath
+from ..outputs.manifest import RECORD_SCHEMA
+from ..storage import locate
 
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-
-
-def image_relpath(row_id: str, cfg: CascadeConfig) -> str:
-    """images/ab/cd/<id>.png: hashed shards keep every folder small, also with millions of rows."""
-    h = hashlib.blake2b(row_id.encode(), digest_size=8).hexdigest()
-    shards = [h[2 * i: 2 * i + 2] for i in range(cfg.output.shard_depth)]
-    return "/".join(["images", *shards, f"{row_id}.{EXTENSIONS[cfg.output.image_format]}"])
-
-
-def encode_image(pixels: np.ndarray, cfg: CascadeConfig) -> bytes:
-    buf = io.BytesIO()
-    fmt = cfg.output.image_format
-    kwargs = {"optimize": False} if fmt == "png" else {"quality": cfg.output.quality}
-    Image.fromarray(pixels).save(buf, format=fmt.upper(), **kwargs)
-    return buf.getvalue()
+# Copied from the row as they are: what the row was, and what shaped its image
+COPIED = [
+    "id",
+    "row",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "truncated",
+    "negative_truncated",
+    *[f.name for f in param_fields()],
+    *[f"seconds_{stage}" for stage in STAGES],
+]
 
 
-def _flag(x) -> bool | None:
-    return None if x is None or int(x) < 0 else bool(x)
+def _flags(x: np.ndarray) -> pa.Array:
+    """The stages' int8 flags (-1: not checked) as nullable booleans."""
+    x = np.asarray(x, dtype=np.int8)
+    return pa.array(x > 0, mask=x < 0)
 
 
-def stage_params(cfg: CascadeConfig, row: dict) -> dict:
-    """The parameters that really shaped this row: config values unless the row overrode them."""
-    out = {}
-    for stage in ("stage_1", "stage_2", "stage_3"):
-        sc = getattr(cfg, stage)
-        steps = row.get(f"{stage}_steps")
-        guidance = row.get(f"{stage}_guidance_scale")
-        timesteps = None if steps is not None else getattr(sc, "timesteps", None)
-        if timesteps:
-            from ifbatch.models.timesteps import schedule
-            steps = len(schedule(timesteps))
-        out[f"{stage}_steps"] = int(steps if steps is not None else sc.steps)
-        if stage != "stage_3":
-            out[f"{stage}_timesteps"] = timesteps
-        out[f"{stage}_guidance_scale"] = float(guidance if guidance is not None else sc.guidance_scale)
-        if stage != "stage_1":
-            out[f"{stage}_noise_level"] = int(sc.noise_level)
-    return out
+def _placement(batch: dict[str, np.ndarray], n: int) -> list[str]:
+    """Each stage's own JSON fragment, joined into one object per row without parsing any of them."""
+    cols = [(stage, batch[f"placement_{stage}"]) for stage in STAGES if f"placement_{stage}" in batch]
+    return ["{" + ", ".join(f'"{stage}": {col[i]}' for stage, col in cols) + "}" for i in range(n)]
 
 
 class ImageWriter:
-    """map_batches callable: writes each ok row's image, returns manifest records (no pixels)."""
+    """map_batches callable: one image file per ok row, durable before its record is returned."""
 
-    def __init__(self, cfg: CascadeConfig, output: str, run_id: str, models: str):
-        self.cfg, self.run_id, self.models = cfg, run_id, models
+    def __init__(self, cfg: CascadeConfig, output: str):
+        self.out = cfg.output
         self.loc = locate(output, cfg.s3)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-
-        records = []
-        for i in range(len(batch["id"])):
-            row = {k: cell(v[i]) for k, v in batch.items() if k != "image" and np.ndim(v[i]) == 0}
-            rec = {"id": row["id"], "row": int(row["row"]), "prompt": row["prompt"],
-                   "negative_prompt": row["negative_prompt"], "seed": int(row["seed"]),
-                   "status": "ok", "error": None, "image_uri": None, "width": None, "height": None, "sha256": None,
-                   "nsfw": _flag(row.get("nsfw")), "watermark_detected": _flag(row.get("watermark_detected")),
-                   "watermarked": bool(row.get("watermarked") or False),
-                   "truncated": bool(row.get("truncated") or False),
-                   "negative_truncated": bool(row.get("negative_truncated") or False),
-                   **stage_params(self.cfg, row),
-                   **{f"seconds_{s}": row.get(f"seconds_{s}") for s in ("encode", "stage_1", "stage_2", "stage_3")},
-                   "models": self.models, "placement": row.get("placement"), "run_id": self.run_id}
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["id"])
+        errors = batch.get("error", np.array([""] * n, dtype=object))
+        status, error = ["ok"] * n, [None] * n
+        uri, width, height, sha, seconds = [None] * n, [None] * n, [None] * n, [None] * n, [0.0] * n
+        for i in range(n):
             t0 = time.perf_counter()
-            if row.get("error"):
-                rec.update(status="failed", error=row["error"])
-            else:
-                try:
-                    pixels = batch["image"][i]
-                    data = encode_image(pixels, self.cfg)
-                    path = self.loc.path(image_relpath(row["id"], self.cfg))
-                    self.loc.write_bytes(path, data)
-                    rec.update(image_uri=self.loc.uri(path), height=int(pixels.shape[0]), width=int(pixels.shape[1]),
-                               sha256=hashlib.sha256(data).hexdigest())
-                except Exception as e:
-                    rec.update(status="failed", error=f"write: {type(e).__name__}: {e}"[:2000])
-            rec["seconds_write"] = time.perf_counter() - t0
-            rec["written_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-            records.append(rec)
-        return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
+            if errors[i]:
+                status[i], error[i] = "failed", str(errors[i])
+                continue
+            try:
+                pixels = batch["image"][i]
+                data = encode_image(pixels, self.out)
+                path = self.loc.path(image_relpath(str(batch["id"][i]), self.out))
+                self.loc.write_bytes(path, data)
+                uri[i], sha[i] = self.loc.uri(path), hashlib.sha256(data).hexdigest()
+                height[i], width[i] = int(pixels.shape[0]), int(pixels.shape[1])
+            except Exception as e:
+                status[i], error[i] = "failed", f"write: {type(e).__name__}: {e}"[:2000]
+            seconds[i] = time.perf_counter() - t0
+        written = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        columns = {c: pa.array(batch[c], RECORD_SCHEMA.field(c).type, from_pandas=True) for c in COPIED}  # NaN: null
+        columns |= dict(
+            status=status,
+            error=error,
+            image_uri=uri,
+            width=width,
+            height=height,
+            sha256=sha,
+            nsfw=_flags(batch["nsfw"]),
+            watermark_detected=_flags(batch["watermark_detected"]),
+            watermarked=batch["watermarked"].astype(bool),
+            seconds_write=seconds,
+            placement=_placement(batch, n),
+            written_at=[written] * n,
+        )
+        return pa.table({c: columns[c] for c in RECORD_SCHEMA.names}, schema=RECORD_SCHEMA)

@@ -1,0 +1,39 @@
+"""What shapes one diffusion stage's pass over a row: steps or a named schedule, guidance, noise level."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .timesteps import schedule
+
+# The parameters each diffusion stage takes (and the manifest records per row): said once, here.
+PARAMS: dict[str, tuple[str, ...]] = {
+    "stage_1": ("steps", "timesteps", "guidance_scale"),
+    "stage_2": ("steps", "timesteps", "guidance_scale", "noise_level"),
+    "stage_3": ("steps", "guidance_scale", "noise_level"),
+}
+PARAM_TYPES: dict[str, type] = {"steps": int, "timesteps": str, "guidance_scale": float, "noise_level": int}
+# What a prompt row may override, per stage (columns `stage_N_steps`, `stage_N_guidance_scale`)
+ROW_OVERRIDES = ("steps", "guidance_scale")
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """One stage's effective parameters. With `timesteps` (a named IF schedule) set, `steps` is its length."""
+
+    steps: int
+    guidance_scale: float
+    timesteps: str | None = None
+    noise_level: int | None = None
+
+    @classmethod
+    def of(cls, section: Any) -> StageParams:
+        """The config section's own values (what a row without overrides gets)."""
+        timesteps = getattr(section, "timesteps", None)
+        steps = len(schedule(timesteps)) if timesteps else section.steps
+        return cls(int(steps), float(section.guidance_scale), timesteps, getattr(section, "noise_level", None))
+
+    def schedule_kwargs(self) -> dict[str, Any]:
+        """The pipeline's keyword for the denoising schedule: a named schedule wins over a step count."""
+        return {"timesteps": schedule(self.timesteps)} if self.timesteps else {"num_inference_steps": self.steps}

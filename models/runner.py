@@ -1,0 +1,56 @@
+"""What the three diffusion stages share: how each is found, loaded and given its parameters, said once."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from .loading import Resolved, load, resolve, resolve_device, torch_dtype
+from .params import StageParams
+
+# Stages I and II get T5 embeddings from the text stage; they load no text encoder and no safety parts.
+NO_TEXT_OR_SAFETY = dict(
+    text_encoder=None,
+    tokenizer=None,
+    safety_checker=None,
+    feature_extractor=None,
+    watermarker=None,
+    requires_safety_checker=False,
+)
+
+
+class DiffusionStage:
+    """A diffusers pipeline of the cascade, loaded from `cfg.source` (hub id or local directory)."""
+
+    name: ClassVar[str]
+    pipeline: ClassVar[str]  # the diffusers class
+    load_kwargs: ClassVar[dict[str, Any]] = {}
+    probe_file: ClassVar[str] = "model_index.json"  # what `resolve` fetches to check a hub source
+
+    def __init__(self, cfg: Any, device: str = "auto", pipe: Any = None):
+        """Load from cfg.source, or wrap an already built `pipe` (benchmarks of random-weight models)."""
+        self.cfg = cfg
+        self.device = resolve_device(device)
+        self.dtype = torch_dtype(cfg.dtype)
+        self.defaults = StageParams.of(cfg)
+        self.resolved: Resolved | None = None
+        if pipe is None:
+            import diffusers
+
+            self.resolved = self.resolve(cfg)
+            pipe = load(
+                self.resolved,
+                getattr(diffusers, self.pipeline).from_pretrained,
+                self.device,
+                variant=cfg.variant,
+                **self.load_kwargs,
+            )
+        self.pipe = pipe
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def resolve(cls, cfg: Any) -> Resolved:
+        """Check the source before any weights load (and pin a hub commit)."""
+        return resolve(cls.name, cfg.source, cfg.revision, cfg.variant, cfg.dtype, probe_file=cls.probe_file)
+
+    def params(self, given: StageParams | None) -> StageParams:
+        return self.defaults if given is None else given

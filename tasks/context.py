@@ -1,0 +1,69 @@
+"""What one run knows, handed forward from step to step of the flow, and what it reports at the end."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ifbatch.configs.schema import CascadeConfig
+
+from .inputs.prompts import PromptPlan
+from .storage import Location, locate
+from .stream.pipeline import PipelineResult
+
+
+def new_run_id() -> str:
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class RunContext:
+    """Filled in as the flow goes: the table's plan, what resume skipped, the pipeline's result, the models."""
+
+    params: dict[str, Any]  # the flow's parameters, as given
+    cfg: CascadeConfig
+    run_id: str = field(default_factory=new_run_id)
+    started: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
+    t0: float = field(default_factory=time.monotonic)
+    plan: PromptPlan | None = None
+    skipped: int = 0
+    result: PipelineResult = field(default_factory=PipelineResult)
+    models: dict[str, dict] = field(default_factory=dict)  # what each model is: source, commit, dtype
+    startup_seconds: float = 0.0
+
+    @property
+    def output(self) -> str:
+        return self.params["output"]
+
+    @property
+    def loc(self) -> Location:
+        return locate(self.output, self.cfg.s3)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.t0
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output: str
+    total: int
+    done: int
+    failed: int
+    rejected: int
+    skipped: int
+    seconds: float
+    startup_seconds: float
+    rows_per_second: float
+    stage_seconds_per_image: dict[str, float]
+    run_record: str
+    rejected_file: str | None
+    errors: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.rejected == 0

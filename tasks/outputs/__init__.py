@@ -1,0 +1,1 @@
+"""Output formats: image files, the Parquet manifest, the per-run records."""

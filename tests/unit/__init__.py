@@ -1,0 +1,1 @@
+"""The fast layer: one rule per test, no services, seconds in all (`pytest -m "not slow"`)."""

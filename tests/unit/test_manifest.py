@@ -1,0 +1,47 @@
+"""The manifest log: the latest record per id wins, and parts an older ifbatch wrote still read."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA, SCHEMA, done_ids, part_paths, read_manifest, write_part
+from ifbatch.tasks.storage import locate
+
+
+def records(ids, status):
+    rows = [
+        {"id": i, "row": n, "prompt": f"p{i}", "status": s} for n, (i, s) in enumerate(zip(ids, status, strict=True))
+    ]
+    return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+
+
+def test_nothing_written_reads_as_an_empty_table_with_the_schema(tmp_path):
+    t = read_manifest(locate(str(tmp_path)))
+    assert t.num_rows == 0 and t.schema == SCHEMA and len(done_ids(locate(str(tmp_path)))) == 0
+
+
+def test_latest_record_per_id_wins_across_parts(tmp_path):
+    loc = locate(str(tmp_path))
+    write_part(loc, records(["a", "b", "c"], ["ok", "failed", "ok"]), "run1", '{"m": 1}', 0)
+    write_part(loc, records(["b"], ["ok"]), "run2", '{"m": 2}', 0)
+    t = read_manifest(loc).to_pylist()
+    assert [(r["id"], r["status"], r["run_id"]) for r in t] == [
+        ("a", "ok", "run1"),
+        ("c", "ok", "run1"),
+        ("b", "ok", "run2"),
+    ]
+    assert t[2]["models"] == '{"m": 2}' and sorted(done_ids(loc).to_pylist()) == ["a", "b", "c"]
+    assert [p.rsplit("/", 1)[1] for p in part_paths(loc)] == ["part-run1-00000.parquet", "part-run2-00000.parquet"]
+
+
+def test_a_part_written_by_an_older_ifbatch_still_reads(tmp_path):
+    loc = locate(str(tmp_path))
+    old = pa.table({"id": ["x"], "status": ["ok"], "seconds_encode": [0.5], "run_id": ["old"]})
+    buf = io.BytesIO()
+    pq.write_table(old, buf)
+    loc.write_bytes(loc.path("manifest", "part-old-00000.parquet"), buf.getvalue())
+    t = read_manifest(loc, ["id", "status", "seconds_text_encoder", "run_id"]).to_pylist()
+    assert t == [{"id": "x", "status": "ok", "seconds_text_encoder": None, "run_id": "old"}]

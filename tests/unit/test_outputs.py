@@ -1,0 +1,94 @@
+"""Image paths, image bytes, durable writes and what the writer records, on a local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from ifbatch.configs import load_config
+from ifbatch.configs.schema import STAGES
+from ifbatch.tasks.outputs.images import encode_image, image_relpath
+from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA
+from ifbatch.tasks.storage import locate
+from ifbatch.tasks.stream.writer import ImageWriter
+
+
+def test_image_paths_are_hashed_folders_of_the_configured_depth():
+    out = load_config("tiny").output
+    p = image_relpath("row-1", out)
+    assert p == image_relpath("row-1", out) and p.endswith("/row-1.png") and len(p.split("/")) == 2 + out.shard_depth
+    assert image_relpath("row-2", out) != p
+    flat = load_config("tiny", ["output.shard_depth=0", "output.image_format=jpeg"]).output
+    assert image_relpath("row-1", flat) == "images/row-1.jpg"
+
+
+def test_png_bytes_decode_to_the_same_pixels():
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    data = encode_image(pixels, load_config("tiny").output)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+
+
+def test_local_writes_are_whole_and_leave_no_temporary_files(tmp_path):
+    loc = locate(str(tmp_path / "out"))
+    path = loc.path("a", "b", "f.bin")
+    loc.write_bytes(path, b"first")
+    loc.write_bytes(path, b"second")
+    assert open(path, "rb").read() == b"second" and os.listdir(os.path.dirname(path)) == ["f.bin"]
+    assert locate("s3://bucket/prefix/").uri("bucket/prefix/x") == "s3://bucket/prefix/x"
+
+
+def writer_batch(n_ok: int):
+    rng = np.random.default_rng(1)
+    n = n_ok + 1
+    cfg = load_config("tiny")
+    b = {
+        "id": np.array([f"r{i}" for i in range(n)], object),
+        "row": np.arange(n),
+        "seed": np.arange(n) + 7,
+        "prompt": np.array(["p"] * n, object),
+        "negative_prompt": np.array([""] * n, object),
+        "error": np.array([""] * n_ok + ["stage_2: RuntimeError: boom"], object),
+        "image": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+        "truncated": np.zeros(n, bool),
+        "negative_truncated": np.zeros(n, bool),
+        "nsfw": np.array([0] * n_ok + [-1], np.int8),
+        "watermark_detected": np.array([1] * n_ok + [-1], np.int8),
+        "watermarked": np.ones(n, bool),
+    }
+    for f in RECORD_SCHEMA:
+        if f.name.startswith("stage_"):
+            b[f.name] = np.full(n, None if f.name.endswith("timesteps") else 4, object)
+    for s in STAGES:
+        b[f"seconds_{s}"] = np.array([0.1] * n_ok + [np.nan])
+        b[f"placement_{s}"] = np.full(n, json.dumps({"node": "n1", "gpus": ["0"]}), object)
+    return cfg, b
+
+
+def test_the_writer_records_ok_and_failed_rows_columnar(tmp_path):
+    cfg, batch = writer_batch(2)
+    t = ImageWriter(cfg, str(tmp_path)).__call__(batch)
+    assert t.schema == RECORD_SCHEMA
+    rows = t.to_pylist()
+    for r, pixels in zip(rows[:2], batch["image"][:2], strict=True):
+        data = open(r["image_uri"], "rb").read()
+        assert (
+            r["status"] == "ok"
+            and r["sha256"] == hashlib.sha256(data).hexdigest()
+            and (r["width"], r["height"]) == (8, 8)
+        )
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+        assert (r["nsfw"], r["watermark_detected"]) == (False, True) and r["seconds_stage_3"] == 0.1
+    bad = rows[2]
+    assert (bad["status"], bad["error"], bad["image_uri"], bad["nsfw"]) == (
+        "failed",
+        "stage_2: RuntimeError: boom",
+        None,
+        None,
+    )
+    assert bad["seconds_stage_3"] is None  # NaN (not run) is recorded as null
+    assert set(json.loads(bad["placement"])) == set(STAGES)

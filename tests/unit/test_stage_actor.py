@@ -1,0 +1,68 @@
+"""The stage actors' batch plumbing, without Ray: row isolation, grouping on resolved parameters, timings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ifbatch.models.params import StageParams
+from ifbatch.tasks.stream.stages import StageActor
+
+
+class Recording(StageActor):
+    """Stage I's plumbing with a model call that records its groups and fails whenever a 'poison' row is in it."""
+
+    name = "stage_1"
+
+    def __init__(self):
+        self.calls: list[tuple[list[int], StageParams]] = []
+
+    def compute(self, batch, idx, params):
+        self.calls.append((list(idx), params))
+        if any(batch["prompt"][i] == "poison" for i in idx):
+            raise RuntimeError("cannot draw poison")
+        return {"image_1": np.ones((len(idx), 3, 2, 2), np.float16)}
+
+
+def batch_of(prompts, steps, timesteps=None):
+    n = len(prompts)
+    return {
+        "id": np.array([f"r{i}" for i in range(n)], object),
+        "prompt": np.array(prompts, object),
+        "seed": np.arange(n),
+        "stage_1_steps": np.array(steps),
+        "stage_1_guidance_scale": np.full(n, 7.0),
+        "stage_1_timesteps": np.array(timesteps or [None] * n, object),
+    }
+
+
+def test_one_failing_row_does_not_sink_its_batch():
+    out = Recording()(batch_of(["x", "poison", "y"], [4, 4, 4]))
+    assert list(out["error"]) == ["", "stage_1: RuntimeError: cannot draw poison", ""]
+    assert out["image_1"][0].sum() == 12 and out["image_1"][1].sum() == 0 and out["image_1"][2].sum() == 12
+    assert np.isnan(out["seconds_stage_1"][1]) and out["seconds_stage_1"][0] > 0
+
+
+def test_rows_run_with_their_own_resolved_parameters():
+    stage = Recording()
+    stage(batch_of(["a", "b", "c", "d"], [4, 9, 4, 27], [None, None, None, "fast27"]))
+    groups = {tuple(idx): p for idx, p in stage.calls}
+    assert groups == {
+        (0, 2): StageParams(4, 7.0, None),
+        (1,): StageParams(9, 7.0, None),
+        (3,): StageParams(27, 7.0, "fast27"),
+    }
+
+
+def test_rows_that_failed_upstream_pass_through_untouched():
+    batch = batch_of(["a", "b"], [4, 4]) | {"error": np.array(["text_encoder: boom", ""], object)}
+    stage = Recording()
+    out = stage(batch)
+    assert stage.calls == [([1], StageParams(4, 7.0, None))]
+    assert out["error"][0] == "text_encoder: boom" and np.isnan(out["seconds_stage_1"][0])
+
+
+def test_placement_outside_ray_is_an_empty_object():
+    out = Recording()(batch_of(["a"], [4]))
+    assert json.loads(out["placement_stage_1"][0]) == {}
