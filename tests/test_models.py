@@ -21,6 +21,8 @@ from ifbatch.models.stage_1 import Stage1
 from ifbatch.models.timesteps import schedule
 from ifbatch.models.tiny import build_tiny_cascade
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["a photo of a cat", "a red car in the rain at night", "an oil painting of a castle", "a dog"]
 NEGATIVES = ["", "blurry", None, "dark"]
 SEEDS = [11, 22, 33, 44]

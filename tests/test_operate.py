@@ -20,6 +20,8 @@ from ifbatch.tasks.storage import locate
 from .helpers import SMALL, write_table
 from .services import PrefectServer, stop_group
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
