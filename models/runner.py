@@ -52,5 +52,10 @@ class DiffusionStage:
         """Check the source before any weights load (and pin a hub commit)."""
         return resolve(cls.name, cfg.source, cfg.revision, cfg.variant, cfg.dtype, probe_file=cls.probe_file)
 
+    @property
+    def size(self) -> int:
+        """The side of the images this stage's UNet makes (the x4 upscaler's works on latents)."""
+        return int(self.pipe.unet.config.sample_size)
+
     def params(self, given: StageParams | None) -> StageParams:
         return self.defaults if given is None else given

@@ -17,10 +17,6 @@ class Stage2(DiffusionStage):
     pipeline = "IFSuperResolutionPipeline"
     load_kwargs = NO_TEXT_OR_SAFETY
 
-    @property
-    def size(self) -> int:
-        return int(self.pipe.unet.config.sample_size)
-
     def __call__(
         self,
         images: np.ndarray,

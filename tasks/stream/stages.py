@@ -18,16 +18,23 @@ from typing import Any
 import numpy as np
 
 from ifbatch.configs.schema import CascadeConfig
-from ifbatch.models.params import PARAMS, StageParams
+from ifbatch.models.params import PARAM_TYPES, PARAMS, StageParams
 
 Batch = dict[str, np.ndarray]
 
 
 def cell(value: Any) -> Any:
-    """One numpy cell as a plain Python value; null and NaN become None."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """One numpy cell as a plain Python value; null and NaN (of any float width) become None."""
+    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
         return None
     return value.item() if hasattr(value, "item") else value
+
+
+def param(name: str, value: Any) -> Any:
+    """A resolved stage parameter from a numpy cell, as its own type: a column that went through the object
+    store may come back with its nulls as NaN and its integers as floats."""
+    v = cell(value)
+    return None if v is None else PARAM_TYPES[name](v)
 
 
 def placement() -> str:
@@ -60,7 +67,7 @@ class StageActor:
             return {None: idx} if idx else {}
         out: dict[StageParams | None, list[int]] = defaultdict(list)
         for i in idx:
-            out[StageParams(**{n: cell(batch[f"{self.name}_{n}"][i]) for n in names})].append(i)
+            out[StageParams(**{n: param(n, batch[f"{self.name}_{n}"][i]) for n in names})].append(i)
         return out
 
     def compute(self, batch: Batch, idx: list[int], params: StageParams | None) -> dict[str, np.ndarray]:

@@ -66,3 +66,11 @@ def test_rows_that_failed_upstream_pass_through_untouched():
 def test_placement_outside_ray_is_an_empty_object():
     out = Recording()(batch_of(["a"], [4]))
     assert json.loads(out["placement_stage_1"][0]) == {}
+
+
+def test_parameters_that_crossed_the_object_store_keep_their_types():
+    batch = batch_of(["a", "b"], [4.0, 4.0], [float("nan"), np.float32("nan")])
+    stage = Recording()
+    stage(batch)
+    [(idx, params)] = stage.calls
+    assert idx == [0, 1] and params == StageParams(4, 7.0, None) and type(params.steps) is int
