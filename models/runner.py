@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
+
+import numpy as np
+import torch
 
 from .loading import Resolved, load, resolve, resolve_device, torch_dtype
 from .params import StageParams
+from .seeding import generators
+from .tensors import to_torch
 
 # Stages I and II get T5 embeddings from the text stage; they load no text encoder and no safety parts.
 NO_TEXT_OR_SAFETY = dict(
@@ -59,3 +65,15 @@ class DiffusionStage:
 
     def params(self, given: StageParams | None) -> StageParams:
         return self.defaults if given is None else given
+
+    def tensor(self, a: np.ndarray) -> torch.Tensor:
+        """Stage input from the object store, on this stage's device and dtype."""
+        return to_torch(a, self.device, self.dtype)
+
+    def call_kwargs(self, seeds: Sequence[int], params: StageParams | None) -> dict[str, Any]:
+        """The pipeline keywords every stage passes: guidance, schedule, noise level, one generator per row."""
+        p = self.params(params)
+        kwargs = dict(guidance_scale=p.guidance_scale, generator=generators(seeds, self.name), **p.schedule_kwargs())
+        if p.noise_level is not None:
+            kwargs["noise_level"] = p.noise_level
+        return kwargs

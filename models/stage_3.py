@@ -9,8 +9,6 @@ import torch
 
 from .params import StageParams
 from .runner import DiffusionStage
-from .seeding import generators
-from .tensors import to_torch
 
 
 class Stage3(DiffusionStage):
@@ -19,25 +17,14 @@ class Stage3(DiffusionStage):
     load_kwargs = dict(safety_checker=None, feature_extractor=None, watermarker=None)
 
     def __call__(
-        self,
-        images: np.ndarray,
-        prompts: Sequence[str],
-        negative_prompts: Sequence[str | None],
-        seeds: Sequence[int],
+        self, images: np.ndarray, prompts: Sequence[str], negative_prompts: Sequence[str | None], seeds: Sequence[int],
         params: StageParams | None = None,
-    ) -> np.ndarray:
+    ) -> np.ndarray:  # fmt: skip
         """(B, 3, s, s) images in [-1, 1] + prompt text -> (B, 4s, 4s, 3) uint8 images."""
-        p = self.params(params)
-        x = (to_torch(images, self.device, self.dtype) + 1) / 2  # the upscaler expects [0, 1]
+        x = (self.tensor(images) + 1) / 2  # the upscaler expects [0, 1]
         with torch.no_grad():  # the upscaler's prompt encoding is not under no_grad by itself
             out = self.pipe(
-                prompt=list(prompts),
-                negative_prompt=[n or "" for n in negative_prompts],
-                image=x,
-                guidance_scale=p.guidance_scale,
-                noise_level=p.noise_level,
-                generator=generators(seeds, self.name),
-                output_type="np",
-                **p.schedule_kwargs(),
-            ).images
+                prompt=list(prompts), negative_prompt=[n or "" for n in negative_prompts], image=x, output_type="np",
+                **self.call_kwargs(seeds, params),
+            ).images  # fmt: skip
         return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
