@@ -14,6 +14,7 @@ EXAMPLES = textwrap.dedent("""
       ifbatch run examples/prompts.parquet ./out                       # tiny cascade, local Ray, local files
       ifbatch run s3://bucket/prompts/ s3://bucket/images --preset if-xl --ray-address auto
       ifbatch run captions.parquet ./out --prompt-column caption --set stage_1.steps=50 --set seed=7
+      ifbatch plan prompts.parquet --preset if-xl --gpus 8             # the plan, time and GPU-hours first
       ifbatch presets                                                  # list presets and what they set
 
     exit status: 0 all rows done; 1 some rows failed or were rejected (see the manifest and runs/);
@@ -70,6 +71,21 @@ def parser() -> argparse.ArgumentParser:
         help="show every library's log lines on the terminal too (by default they stay in the Ray and Prefect logs)",
     )
     sub.add_parser("presets", help="list the presets and their models")
+    pl = sub.add_parser(
+        "plan",
+        help="print the stage plan and the time and GPU-hours a table will take, before anything loads",
+        description="Plan a run: per stage replicas, GPU share, batch, seconds per "
+        "image and share of the work, from the cost table (configs/costs_data/costs.yaml).",
+    )
+    pl.add_argument("prompts", help="Parquet file, folder of Parquet parts, or s3://bucket/key")
+    pl.add_argument("--preset", default="if-xl", choices=preset_names(), help="model preset (default: if-xl)")
+    pl.add_argument("--gpus", type=int, help="GPUs to plan for (default: those of the Ray cluster at --ray-address)")
+    pl.add_argument("--ray-address", help="count the GPUs of this Ray cluster ('auto', ray://host:10001)")
+    pl.add_argument("--gpu-kind", default="H200", help="GPU kind in the cost table (default: H200)")
+    pl.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for run"
+    )
+    pl.add_argument("--prompt-column", help="name of the prompt column when it is not 'prompt'")
     srv = sub.add_parser(
         "serve",
         help="serve the Prefect deployments (generate, nightly-dataset) from this process",
@@ -207,11 +223,45 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from ifbatch.configs import ConfigError, load_config
+    from ifbatch.configs.costs import load_costs
+    from ifbatch.tasks.inputs.prompts import PromptTableError, read_prompts
+    from ifbatch.tasks.stream.planner import PlanError, plan
+
+    extra = [f"data.prompt_column={args.prompt_column}"] if args.prompt_column else []
+    try:
+        cfg = load_config(args.preset, [*args.overrides, *extra])
+        gpus = args.gpus if args.gpus is not None else _cluster_gpus(args.ray_address)
+        p = plan(cfg, load_costs(), gpus, args.gpu_kind)
+        table = read_prompts(args.prompts, cfg)
+    except (ConfigError, PlanError, PromptTableError, ValueError) as e:
+        print(f"ifbatch: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.prompts}: {table.rows.num_rows} rows to generate ({len(table.rejected)} rejected), preset {args.preset}"
+    )
+    print("\n".join(p.lines(table.rows.num_rows)))
+    return 0
+
+
+def _cluster_gpus(address: str | None) -> int:
+    if not address:
+        raise ValueError("give --gpus N, or --ray-address of a cluster whose GPUs to count")
+    import ray
+
+    ray.init(address=address, include_dashboard=False, logging_level="ERROR")
+    try:
+        return int(ray.cluster_resources().get("GPU", 0))
+    finally:
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "presets":
         return _presets()
-    return {"serve": _serve, "run": _run}[args.command](args)
+    return {"serve": _serve, "run": _run, "plan": _plan}[args.command](args)
 
 
 if __name__ == "__main__":
