@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from ifbatch.models.params import StageParams
-from ifbatch.tasks.stream.stages import StageActor
+from ifbatch.tasks.stream.stages import StageActor, placement
 
 
 class Recording(StageActor):
@@ -63,9 +63,11 @@ def test_rows_that_failed_upstream_pass_through_untouched():
     assert out["error"][0] == "text_encoder: boom" and np.isnan(out["seconds_stage_1"][0])
 
 
-def test_placement_outside_ray_is_an_empty_object():
-    out = Recording()(batch_of(["a"], [4]))
-    assert json.loads(out["placement_stage_1"][0]) == {}
+def test_every_row_carries_its_actors_placement_as_one_json_object():
+    """Computed once per actor ("{}" outside Ray; node, GPU ids and actor inside)."""
+    out = Recording()(batch_of(["a", "b"], [4, 4]))
+    assert out["placement_stage_1"][0] == out["placement_stage_1"][1] == placement()
+    assert isinstance(json.loads(out["placement_stage_1"][0]), dict)
 
 
 def test_parameters_that_crossed_the_object_store_keep_their_types():
