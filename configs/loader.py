@@ -53,6 +53,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def override_keys(overrides: Iterable[str]) -> frozenset[str]:
+    """The dotted keys a list of `key=value` overrides sets (what the user asked for explicitly)."""
+    return frozenset(o.partition("=")[0].strip() for o in overrides)
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
     """Set dotted keys (`stage_1.steps`) in a nested dict; values given as text are parsed as YAML scalars."""
     items = overrides.items() if isinstance(overrides, Mapping) else (_parse_override(o) for o in overrides)

@@ -65,6 +65,11 @@ class DiffusionStage(ModelRef, Execution):
     steps: int | None = Field(None, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
     timesteps: TimestepPreset | None = Field(None, description="A named IF timestep schedule instead of steps.")
     guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="Classifier-free guidance scale (<=1 disables it).")
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet, compiled at actor start on the stage's batch shape; shorter batches are "
+        "padded to it so the shape never changes. Measured 1.35-1.38x on H200 UNets; off until measured on yours.",
+    )
 
     @model_validator(mode="after")
     def _steps_or_timesteps(self) -> DiffusionStage:
@@ -147,6 +152,20 @@ class RayConfig(Section):
     object_store_gb: float | None = Field(None, gt=0, description="Object store size of a local cluster.")
 
 
+class PlanConfig(Section):
+    mode: Literal["auto", "manual"] = Field(
+        "auto",
+        description="auto: the planner places the stages on the Ray cluster's GPUs (replicas, GPU share, CPUs, "
+        "batch) from the cost table, keeping what --set gave; manual: the stage sections as written. "
+        "No effect on a cluster without GPUs.",
+    )
+    gpu_kind: str | None = Field(None, description="GPU kind in the cost table; null = as Ray reports it, else H200.")
+    costs: str | None = Field(None, description="A cost table file instead of configs/costs_data/costs.yaml.")
+    use_measured: bool = Field(
+        True, description="Cost the stages from an earlier run into the same output when one measured them."
+    )
+
+
 class S3Config(Section):
     endpoint_url: str | None = Field(
         None,
@@ -171,6 +190,7 @@ class CascadeConfig(Section):
     data: DataConfig = DataConfig()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
+    plan: PlanConfig = PlanConfig()
     s3: S3Config = S3Config()
 
     @model_validator(mode="before")

@@ -16,9 +16,11 @@ from ifbatch.tasks.context import RunContext, RunSummary
 from ifbatch.tasks.inputs.prompts import PromptTableError
 from ifbatch.tasks.steps import generate_rows, plan_resume, publish_artifacts, read_prompt_table, write_records
 from ifbatch.tasks.storage import storage_errors
+from ifbatch.tasks.stream.cluster import ClusterChanged
+from ifbatch.tasks.stream.planner import PlanError
 
 # Failures an operator can fix from the message alone: logged as one line, the run's state says it too.
-OPERATOR_ERRORS = (ConfigError, PromptTableError, ModelLoadError, *storage_errors())
+OPERATOR_ERRORS = (ConfigError, PromptTableError, ModelLoadError, PlanError, ClusterChanged, *storage_errors())
 
 Preset = Literal[tuple(preset_names())]  # type: ignore[valid-type]  # the dashboard renders a dropdown
 
@@ -82,7 +84,7 @@ def _generate(params: GenerateParams, log) -> RunSummary:
     log.info("run %s: preset %s, %s -> %s", ctx.run_id, ctx.cfg.preset, params.prompts, params.output)
     ctx.plan = read_prompt_table(ctx)
     rows, ctx.skipped = plan_resume(ctx)
-    ctx.result, ctx.models, ctx.startup_seconds = generate_rows(rows, ctx)
+    ctx.result, ctx.models, ctx.startup_seconds, ctx.stage_plan = generate_rows(rows, ctx)
     summary = write_records(ctx)
     publish_artifacts(summary, ctx)
     return summary

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .timesteps import schedule
-
 # The parameters each diffusion stage takes (and the manifest records per row): said once, here.
 PARAMS: dict[str, tuple[str, ...]] = {
     "stage_1": ("steps", "timesteps", "guidance_scale"),
@@ -31,9 +29,17 @@ class StageParams:
     def of(cls, section: Any) -> StageParams:
         """The config section's own values (what a row without overrides gets)."""
         timesteps = getattr(section, "timesteps", None)
-        steps = len(schedule(timesteps)) if timesteps else section.steps
+        steps = len(_schedule(timesteps)) if timesteps else section.steps
         return cls(int(steps), float(section.guidance_scale), timesteps, getattr(section, "noise_level", None))
 
     def schedule_kwargs(self) -> dict[str, Any]:
         """The pipeline's keyword for the denoising schedule: a named schedule wins over a step count."""
-        return {"timesteps": schedule(self.timesteps)} if self.timesteps else {"num_inference_steps": self.steps}
+        return {"timesteps": _schedule(self.timesteps)} if self.timesteps else {"num_inference_steps": self.steps}
+
+
+def _schedule(name: str) -> list[int]:
+    """Imported on use: the schedules live in diffusers, whose import costs seconds that the planner and the
+    driver's row handling need not pay."""
+    from .timesteps import schedule
+
+    return schedule(name)

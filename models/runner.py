@@ -52,6 +52,26 @@ class DiffusionStage:
             )
         self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
+        self.compiled = bool(getattr(cfg, "compile", False))
+        if self.compiled:
+            self.pipe.unet.compile()  # in place: the pipeline keeps its UNet (and its config)
+
+    def pad(self, n: int, *columns: Any) -> tuple[Any, ...]:
+        """A compiled stage always runs at its batch size (a new shape would compile again): short columns (arrays
+        or lists, one entry per row) are padded by repeating their last row. Every row has its own generator, so
+        the padding changes no real row's image; the caller keeps the first n outputs."""
+        k = self.cfg.batch_size - n
+        if not self.compiled or k <= 0:
+            return columns
+        return tuple(
+            np.concatenate([c, np.repeat(c[-1:], k, axis=0)]) if isinstance(c, np.ndarray) else [*c, *[c[-1]] * k]
+            for c in columns
+        )
+
+    def warm_up(self, *example: Any) -> None:
+        """Compile now, at actor start, on the stage's batch shape (one call on `example`), not on the first batch."""
+        if self.compiled:
+            self(*example)
 
     @classmethod
     def resolve(cls, cfg: Any) -> Resolved:

@@ -21,8 +21,15 @@ class Stage1(DiffusionStage):
         params: StageParams | None = None,
     ) -> np.ndarray:  # fmt: skip
         """(B, L, D) embeddings -> (B, 3, size, size) images in [-1, 1]."""
+        n = len(seeds)
+        prompt_embeds, negative_embeds, seeds = self.pad(n, prompt_embeds, negative_embeds, list(seeds))
         out = self.pipe(
             prompt_embeds=self.tensor(prompt_embeds), negative_prompt_embeds=self.tensor(negative_embeds),
             output_type="pt", **self.call_kwargs(seeds, params),
         ).images  # fmt: skip
-        return to_numpy(out.clamp(-1, 1))
+        return to_numpy(out.clamp(-1, 1))[:n]
+
+    def example(self, text_length: int) -> tuple:
+        """Inputs of this stage's batch shape (for warm_up)."""
+        e = np.zeros((self.cfg.batch_size, text_length, self.pipe.unet.config.encoder_hid_dim), np.float16)
+        return e, e, list(range(self.cfg.batch_size))

@@ -91,12 +91,38 @@ def counts_table(s: RunSummary) -> list[dict[str, Any]]:
             ("failed", s.failed),
             ("skipped by resume", s.skipped),
             ("rows/s while generating", round(s.rows_per_second, 3)),
+            ("rows/s in steady state (20-80%)", round(s.steady_rows_per_second, 3)),
             ("wall seconds", round(s.seconds, 1)),
         )
     ]
+    if s.plan.get("images_per_second"):
+        rows.append({"what": "images/s the plan estimated", "value": round(s.plan["images_per_second"], 3)})
     for stage, sec in s.stage_seconds_per_image.items():
         rows.append({"what": f"{stage} s/image", "value": f"{sec:.3f} ({100 * sec / total_stage:.0f}%)"})
     return rows
+
+
+def plan_markdown(s: RunSummary) -> list[str]:
+    """The plan the run used, and what it estimated beside what the run measured."""
+    p = s.plan
+    if not p.get("stages"):
+        return [f"No plan ({md_escape(p.get('mode', 'none'))}): {md_escape(p.get('reason', '-'))}."]
+    out = [
+        f"{p['gpus']} x {md_escape(p['kind'])}, costs from {md_escape(p['costs_from'])}; "
+        f"bottleneck: {md_escape(p['bottleneck'])}.",
+        "",
+        "| | estimated | measured |",
+        "|---|---|---|",
+        f"| images/s | {p['images_per_second']:.3f} | {s.steady_rows_per_second:.3f} in steady state, "
+        f"{s.rows_per_second:.3f} over the run |",
+    ]
+    for stage, st in p["stages"].items():
+        measured = s.stage_seconds_per_image.get(stage)
+        out.append(
+            f"| {stage}: {st['replicas']} x {st['num_gpus']:g} GPU, batch {st['batch_size']}, s/image "
+            f"| {st['seconds_per_image']:.3f} | {'-' if measured is None else f'{measured:.3f} (in the actor)'} |"
+        )
+    return out
 
 
 def summary_markdown(
@@ -126,6 +152,7 @@ def summary_markdown(
             f"| {role} | {md_escape(m['source'])} | {md_escape(m.get('commit') or '-')} | "
             f"{md_escape(m.get('variant') or '-')} | {m['dtype']} |"
         )
+    lines += ["", "## Plan: estimated against measured", "", *plan_markdown(s)]
     if sample:
         lines += ["", "## First rows", "", "| id | prompt |", "|---|---|"]
         lines += [f"| {md_escape(r['id'])} | {md_escape(r['prompt'])} |" for r in sample]

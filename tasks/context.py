@@ -33,6 +33,7 @@ class RunContext:
     result: PipelineResult = field(default_factory=PipelineResult)
     models: dict[str, dict] = field(default_factory=dict)  # what each model is: source, commit, dtype
     startup_seconds: float = 0.0
+    stage_plan: dict = field(default_factory=dict)  # the placement plan the run used, or why there was none
 
     @property
     def output(self) -> str:
@@ -63,6 +64,8 @@ class RunSummary:
     run_record: str
     rejected_file: str | None
     errors: list[dict] = field(default_factory=list)
+    steady_rows_per_second: float = 0.0  # between 20% and 80% of the rows done
+    plan: dict = field(default_factory=dict)  # the run record's plan: its estimate is plan["images_per_second"]
 
     @property
     def ok(self) -> bool:

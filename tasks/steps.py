@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from ifbatch.configs.loader import override_keys
 from ifbatch.models.cascade import resolve_cascade
 from ifbatch.models.tiny import tiny_ready
 
@@ -19,6 +20,7 @@ from .inputs.prompts import PromptPlan, read_prompts
 from .outputs.manifest import MANIFEST_DIR, done_ids
 from .outputs.records import versions, write_rejected, write_run_record
 from .stream.pipeline import PipelineResult, run_pipeline
+from .stream.placing import placed
 from .stream.progress import Progress, listen
 from .stream.ray_session import ray_session
 
@@ -55,8 +57,9 @@ def plan_resume(ctx: RunContext) -> tuple[pa.Table, int]:
 @task(name="generate", cache_policy=NO_CACHE)
 def generate_rows(
     rows: pa.Table, ctx: RunContext, log_every_s: float = 10.0
-) -> tuple[PipelineResult, dict[str, dict], float]:
-    """Check models, start or join Ray, stream the rows through the stage actors. Returns result, models, start-up s."""
+) -> tuple[PipelineResult, dict[str, dict], float, dict]:
+    """Check models, start or join Ray, plan and reserve the stages' placement, stream the rows through the stage
+    actors. Returns result, models, start-up seconds, and the plan as the run record keeps it."""
     log = get_run_logger()
     t0 = time.monotonic()
     cfg = ctx.cfg
@@ -72,13 +75,16 @@ def generate_rows(
 
     stops = [listen(log_progress), listen(LiveProgress(ctx.run_id, rows.num_rows))]
     try:
-        with ray_session(cfg.ray):
+        explicit = override_keys(ctx.params.get("overrides") or [])
+        with ray_session(cfg.ray), placed(cfg, explicit, rows.num_rows, ctx.loc) as placement:
+            for line in placement.lines:
+                log.info("%s", line)
             startup = time.monotonic() - t0
-            result = run_pipeline(rows, cfg, ctx.loc, ctx.output, ctx.run_id, models)
+            result = run_pipeline(rows, placement.cfg, ctx.loc, ctx.output, ctx.run_id, models, groups=placement.groups)
     finally:
         for stop in stops:
             stop()
-    return result, models, startup
+    return result, models, startup, placement.record
 
 
 @task(name="write-run-record", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -103,6 +109,8 @@ def write_records(ctx: RunContext) -> RunSummary:
         seconds=seconds,
         startup_seconds=ctx.startup_seconds,
         rows_per_second=result.done / result.seconds if result.seconds else 0.0,
+        steady_rows_per_second=result.steady_rows_per_second,
+        plan=ctx.stage_plan,
         stage_seconds_per_image=per_image,
         manifest_parts=result.parts,
         rejected_file=rejected_file,
@@ -115,6 +123,8 @@ def write_records(ctx: RunContext) -> RunSummary:
         seconds=seconds,
         startup_seconds=ctx.startup_seconds,
         rows_per_second=record["rows_per_second"],
+        steady_rows_per_second=record["steady_rows_per_second"],
+        plan=ctx.stage_plan,
         stage_seconds_per_image=per_image,
         run_record=uri,
         rejected_file=rejected_file,

@@ -55,10 +55,11 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server, tmp_path_factory):
-    """One local Ray cluster for the session, with 4 fake GPUs so placement can be checked on a CPU machine."""
+    """One local Ray cluster for the session, with 1 fake GPU: every run plans for it (plan.mode auto, one actor
+    of each stage sharing the GPU, as on a one-GPU machine). Plans over several GPUs and nodes: test_multinode."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=4, object_store_memory=1 << 30, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=2, num_gpus=1, object_store_memory=1 << 30, include_dashboard=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

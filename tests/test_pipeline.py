@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ifbatch.configs.schema import STAGES
 from ifbatch.flows.generate import GenerateParams, generate
 from ifbatch.tasks.outputs.images import image_relpath
 from ifbatch.tasks.outputs.manifest import part_paths, read_manifest
@@ -108,25 +109,28 @@ def test_bad_table_fails_before_any_model_loads(tmp_path, ray_cluster, prefect_a
     assert not never.exists()  # the tiny cascade was not even built
 
 
-def test_gpu_pinning_follows_the_config(tmp_path, tiny_set, ray_cluster, prefect_api):
-    """The session's Ray cluster advertises 4 fake GPUs; each stage's actors must get what the config asks."""
+def test_manual_placement_follows_the_config_and_auto_plans_the_gpu(tmp_path, tiny_set, ray_cluster, prefect_api):
+    """The session's Ray cluster has 1 fake GPU. plan.mode=manual: each stage's actors get what the config asks,
+    no placement group. Auto (the default): the plan's groups, recorded in the run record."""
     prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:2]})
-    asks = [
-        "text_encoder.num_gpus=0.25",
-        "stage_1.num_gpus=1",
-        "stage_2.num_gpus=0.5",
-        "stage_3.num_gpus=2",
-        "device=cpu",
-    ]
-    state, _ = run_flow(prompts, str(tmp_path / "out"), [*tiny_set, *asks])
+    asks = ["plan.mode=manual", "text_encoder.num_gpus=0.25", "stage_1.num_gpus=0.5", "stage_3.num_gpus=0.25"]
+    state, _ = run_flow(prompts, str(tmp_path / "manual"), [*tiny_set, *asks, "stage_2.num_gpus=0"])
     assert state.is_completed(), state.message
-    for r in read_manifest(locate(str(tmp_path / "out"))).to_pylist():
+    for r in read_manifest(locate(str(tmp_path / "manual"))).to_pylist():
         p = json.loads(r["placement"])
-        assert len(p["text_encoder"]["gpus"]) == 1 and len(p["stage_1"]["gpus"]) == 1
-        assert len(p["stage_2"]["gpus"]) == 1 and len(p["stage_3"]["gpus"]) == 2
-        used = {g for s in ("stage_1", "stage_3") for g in p[s]["gpus"]}
-        assert len(used) == 3  # whole GPUs are not shared between stage I and stage III
-        assert {g for s in p.values() for g in s["gpus"]} <= {"0", "1", "2", "3"}
+        assert p["stage_1"]["gpus"] == ["0"] and p["stage_3"]["gpus"] == ["0"] and p["stage_2"]["gpus"] == []
+        assert not any("pg" in s for s in p.values())
+    state, summary = run_flow(prompts, str(tmp_path / "auto"), tiny_set)
+    assert state.is_completed(), state.message
+    record = json.loads(read_bytes(summary.run_record))
+    assert record["plan"]["mode"] == "auto" and record["plan"]["gpus"] == 1
+    assert {s: v["replicas"] for s, v in record["plan"]["stages"].items()} == dict.fromkeys(STAGES, 1)
+    groups = set()
+    for r in read_manifest(locate(str(tmp_path / "auto"))).to_pylist():
+        p = json.loads(r["placement"])
+        assert all(p[s]["gpus"] == ["0"] for s in STAGES), p
+        groups |= {p[s]["pg"] for s in STAGES}
+    assert len(groups) == len(STAGES)  # one placement group per stage
 
 
 def test_cli_example_table_to_s3(tiny_set, ray_cluster, prefect_api):

@@ -13,6 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ifbatch.configs.schema import STAGES, CascadeConfig
+
 from ..inputs.prompts import Rejected
 from ..storage import Location
 
@@ -70,3 +72,36 @@ def write_run_record(loc: Location, run_id: str, record: dict[str, Any]) -> str:
     path = loc.path("runs", f"{run_id}.json")
     loc.write_bytes(path, json.dumps(redact(record), indent=1, sort_keys=True, default=str).encode())
     return loc.uri(path)
+
+
+def _same_work(record: dict[str, Any], cfg: CascadeConfig) -> bool:
+    """Whether an earlier run's models and steps are this config's (so its timings are this run's costs)."""
+    old = record.get("config") or {}
+    keys = ("source", "revision", "dtype", "steps", "timesteps", "batch_size")
+    now = cfg.model_dump(mode="json")
+    return all({k: old.get(s, {}).get(k) for k in keys} == {k: now[s].get(k) for k in keys} for s in STAGES)
+
+
+def measured_costs(loc: Location, cfg: CascadeConfig, lookback: int = 20) -> tuple[dict[str, float], str] | None:
+    """Seconds per image per stage from the newest earlier run into this output that ran under a plan, with the
+    same models, steps and batches, and made at least 4 images per GPU: its GPU-seconds per image (GPUs / its
+    steady rate) split in the shares its stages' own timings had. None when no such run exists."""
+    runs = loc.path("runs")
+    if not loc.fs.exists(runs):
+        return None
+    for path in sorted(loc.fs.glob(f"{runs}/*.json"), reverse=True)[:lookback]:
+        try:
+            rec = json.loads(loc.fs.cat_file(path))
+            plan, per = rec.get("plan") or {}, rec.get("stage_seconds_per_image") or {}
+            rate, images = rec.get("steady_rows_per_second") or 0.0, (rec.get("counts") or {}).get("done", 0)
+            if plan.get("mode") != "auto" or rate <= 0 or images < 4 * plan["gpus"] or not _same_work(rec, cfg):
+                continue
+            total = sum(per.get(s) or 0.0 for s in STAGES)
+            if total <= 0:
+                continue
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a record from an older ifbatch, or damaged: not a measurement
+        gpu_seconds = plan["gpus"] / rate
+        costs = {s: gpu_seconds * (per.get(s) or 0.0) / total for s in STAGES}
+        return costs, f"run {rec.get('run_id')} into this output ({images} images on {plan['gpus']} GPUs)"
+    return None

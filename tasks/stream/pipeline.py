@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -24,6 +25,9 @@ from .progress import Progress, report
 from .stages import STAGE_ACTORS
 from .writer import ImageWriter
 
+BLOCK_BYTES = 1 << 20  # see build_dataset
+ACTOR_START_S = 600  # how long a stage's actors may take to start and load their models
+
 
 @dataclass
 class PipelineResult:
@@ -33,6 +37,19 @@ class PipelineResult:
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed per-row seconds
     errors: list[dict] = field(default_factory=list)  # first few failed rows: id and error
+    marks: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows out) per batch
+
+    @property
+    def steady_rows_per_second(self) -> float:
+        """Rows/s between the times 20% and 80% of the rows came out: the rate without start-up and drain
+        (the whole run's rate when too few batches came out to tell)."""
+        total = self.done + self.failed
+        if len(self.marks) < 5:
+            return total / self.seconds if self.seconds else 0.0
+        t20 = next(t for t, n in self.marks if n >= 0.2 * total)
+        t80, n80 = next((t, n) for t, n in self.marks if n >= 0.8 * total)
+        n20 = next(n for t, n in self.marks if n >= 0.2 * total)
+        return (n80 - n20) / (t80 - t20) if t80 > t20 else total / self.seconds
 
     def add(self, records: pa.Table) -> None:
         ok = pc.equal(records.column("status"), "ok")
@@ -48,25 +65,36 @@ class PipelineResult:
                 self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + s
 
 
-def build_dataset(rows: pa.Table, cfg: CascadeConfig, output: str):
+def build_dataset(rows: pa.Table, cfg: CascadeConfig, output: str, groups: dict | None = None, actors=None):
+    """The lazy Ray Data pipeline. groups: {stage: placement group} from a plan (cluster.reserve), each stage's
+    actors then land in its group's bundles; actors: the stage actor classes (default STAGE_ACTORS)."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    # A map task's output is cut into blocks of at most this many bytes, and a block goes whole to one actor of
+    # the next stage. At Ray's default (128 MB) stage I's batch of 32 left as one block, so one stage II actor
+    # and then one stage III actor got all 32 rows while the other replicas idled (measured: marks arrived in
+    # two lumps at the end). Blocks of about one image each let every replica of the next stage take a share.
+    ctx.target_max_block_size = BLOCK_BYTES
+    # Every actor of a stage is up before rows flow to it. Started lazily, the first replicas up took every
+    # batch while the others loaded (measured, 4 fake GPUs: two of four stage I replicas did all of its work).
+    ctx.wait_for_min_actors_s = ACTOR_START_S
     # Small input blocks: a task takes whole blocks, so the smallest stage batch sets how finely rows stream.
     step = min(getattr(cfg, stage).batch_size for stage in STAGES)
     ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
+    actors = actors or STAGE_ACTORS
     for stage in STAGES:
         sc = getattr(cfg, stage)
-        ds = ds.map_batches(
-            STAGE_ACTORS[stage],
-            fn_constructor_kwargs={"cfg": cfg},
-            batch_size=sc.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=sc.replicas),
-            num_gpus=sc.num_gpus,
-            num_cpus=sc.num_cpus,
-        )
+        where = {}
+        if groups and stage in groups:
+            where["scheduling_strategy"] = PlacementGroupSchedulingStrategy(groups[stage])
+        # Ray 2.60 takes the strategy only as a "remote arg", deprecated for 2.64 with no replacement released
+        # yet (ray#64090 adds per-actor placement groups to map_batches); the pin keeps it working until then.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+            ds = _map_stage(ds, actors[stage], cfg, sc, where)
     return ds.map_batches(
         ImageWriter,
         fn_constructor_kwargs=dict(cfg=cfg, output=output),
@@ -77,8 +105,32 @@ def build_dataset(rows: pa.Table, cfg: CascadeConfig, output: str):
     )
 
 
+def _map_stage(ds, actor, cfg: CascadeConfig, sc, where: dict):
+    import ray
+
+    return ds.map_batches(
+        actor,
+        fn_constructor_kwargs={"cfg": cfg},
+        batch_size=sc.batch_size,
+        batch_format="numpy",
+        # One batch at a time per actor: a batch queued behind another on a busy actor waits while a replica on
+        # another GPU idles (measured: with Ray's default queue one stage I replica of four got no batch at all).
+        compute=ray.data.ActorPoolStrategy(size=sc.replicas, max_tasks_in_flight_per_actor=1),
+        num_gpus=sc.num_gpus,
+        num_cpus=sc.num_cpus,
+        **where,
+    )
+
+
 def run_pipeline(
-    rows: pa.Table, cfg: CascadeConfig, loc: Location, output: str, run_id: str, models: dict
+    rows: pa.Table,
+    cfg: CascadeConfig,
+    loc: Location,
+    output: str,
+    run_id: str,
+    models: dict,
+    groups: dict | None = None,
+    actors=None,
 ) -> PipelineResult:
     """Generate every row of `rows` (already validated, resume-filtered) and write manifest parts."""
     result = PipelineResult()
@@ -97,15 +149,19 @@ def run_pipeline(
             pending.clear()
         last_flush = time.monotonic()
 
-    for records in build_dataset(rows, cfg, output).iter_batches(batch_size=None, batch_format="pyarrow"):
-        pending.append(records)
-        result.add(records)
-        if (
-            sum(t.num_rows for t in pending) >= cfg.output.manifest_part_rows
-            or time.monotonic() - last_flush >= cfg.output.manifest_flush_seconds
-        ):
-            flush()
-        report(Progress(result.done, result.failed, rows.num_rows, t0))
-    flush()
+    try:
+        ds = build_dataset(rows, cfg, output, groups, actors)
+        for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pending.append(records)
+            result.add(records)
+            result.marks.append((time.monotonic() - t0, result.done + result.failed))
+            if (
+                sum(t.num_rows for t in pending) >= cfg.output.manifest_part_rows
+                or time.monotonic() - last_flush >= cfg.output.manifest_flush_seconds
+            ):
+                flush()
+            report(Progress(result.done, result.failed, rows.num_rows, t0))
+    finally:
+        flush()  # also when the stream failed: what was written is recorded, and a rerun resumes after it
     result.seconds = time.monotonic() - t0
     return result

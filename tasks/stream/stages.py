@@ -4,7 +4,7 @@ Rows carry an `error` column: a row that failed upstream passes through untouche
 retried row by row so that one bad row never sinks its batch mates. Rows are grouped on their resolved stage
 parameters (columns `stage_N_*`, worked out when the table was read) and run with exactly those. Embeddings and
 images travel between stages as fp16 (fp32 for fp32 stages) numpy through the object store, never through the
-driver. Each stage adds `seconds_<stage>` and `placement_<stage>` (its node, GPU ids and actor, as JSON).
+driver. Each stage adds `seconds_<stage>` and `placement_<stage>` (node, GPU ids, actor, placement group; JSON).
 """
 
 from __future__ import annotations
@@ -38,20 +38,21 @@ def param(name: str, value: Any) -> Any:
 
 
 def placement() -> str:
-    """Where this actor runs, as JSON: node id, GPU ids, actor id ("{}" outside Ray)."""
+    """Where this actor runs, as JSON: node id, GPU ids, actor id, and the placement group it was planned into
+    ("pg", absent when the stages were placed by hand; "{}" outside Ray)."""
     import ray
 
     if not ray.is_initialized():
         return "{}"
     ctx = ray.get_runtime_context()
-    return json.dumps(
-        {
-            "node": ctx.get_node_id()[:12],
-            "gpus": [str(g) for g in ray.get_gpu_ids()],
-            "actor": (ctx.get_actor_id() or "")[:12],
-        },
-        sort_keys=True,
-    )
+    where = {
+        "node": ctx.get_node_id()[:12],
+        "gpus": [str(g) for g in ray.get_gpu_ids()],
+        "actor": (ctx.get_actor_id() or "")[:12],
+    }
+    if ctx.get_placement_group_id():
+        where["pg"] = ctx.get_placement_group_id()[:12]
+    return json.dumps(where, sort_keys=True)
 
 
 class StageActor:
@@ -152,6 +153,7 @@ class Stage1Stage(StageActor):
         from ifbatch.models.stage_1 import Stage1
 
         self.runner = Stage1(cfg.stage_1, cfg.device)
+        self.runner.warm_up(*self.runner.example(cfg.text_encoder.max_length))
 
     def compute(self, batch, idx, params):
         return {
@@ -173,6 +175,7 @@ class Stage2Stage(StageActor):
         from ifbatch.models.stage_2 import Stage2
 
         self.runner = Stage2(cfg.stage_2, cfg.device)
+        self.runner.warm_up(*self.runner.example(cfg.text_encoder.max_length))
 
     def compute(self, batch, idx, params):
         return {
@@ -190,6 +193,14 @@ class Stage2Stage(StageActor):
         return {"image_2": np.zeros((n, 3, s, s), dtype=np.float16)}
 
 
+def _unet_sample_size(section) -> int:
+    """The side of the images a stage's UNet makes, from its config file alone (no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    path = section.source
+    return int(UNet2DConditionModel.load_config(path, subfolder="unet", revision=section.revision)["sample_size"])
+
+
 class Stage3Stage(StageActor):
     name = "stage_3"
     drops = ("image_2",)
@@ -199,6 +210,8 @@ class Stage3Stage(StageActor):
         from ifbatch.models.stage_3 import Stage3
 
         self.runner = Stage3(cfg.stage_3, cfg.device)
+        if self.runner.compiled:
+            self.runner.warm_up(*self.runner.example(_unet_sample_size(cfg.stage_2)))
         self.safety = Safety(cfg.safety, cfg.safety_source, cfg.stage_3.dtype, cfg.device)
 
     def compute(self, batch, idx, params):

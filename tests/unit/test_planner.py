@@ -28,12 +28,18 @@ def test_plan_numbers_are_the_cost_tables_arithmetic(gpus):
     assert p.images_per_second == pytest.approx(gpus / total)
     assert p.memory_needed_gb == pytest.approx(sum(x.weights_gb + x.activations_gb for x in c.values()))
     for s in STAGES:
-        assert p.stages[s].replicas == gpus and p.stages[s].batch_size == c[s].batch_size
+        # the text encoder's whole load is a sliver of one GPU: one actor; every diffusion stage one per GPU
+        assert p.stages[s].replicas == (1 if s == "text_encoder" else gpus)
+        assert p.stages[s].batch_size == c[s].batch_size and not p.stages[s].by_hand
         assert p.stages[s].share == pytest.approx(c[s].seconds_per_image / total)
     wall, gpu_hours = p.estimate(36)
     assert wall == pytest.approx(36 * total / gpus) and gpu_hours == pytest.approx(36 * total / 3600)
     assert sum(s.num_gpus for s in p.stages.values()) <= 1.0
-    assert f"{s}.replicas={gpus}" in p.overrides()
+    applied = p.apply(cfg)
+    assert (applied.stage_3.replicas, applied.stage_3.num_gpus, applied.stage_3.batch_size) == (gpus, 0.51, 4)
+    assert applied.stage_3.steps == cfg.stage_3.steps  # only placement and batches change
+    record = p.record()
+    assert record["stages"]["stage_1"]["replicas"] == gpus and record["images_per_second"] == p.images_per_second
 
 
 def test_more_steps_cost_proportionally_more():
@@ -49,7 +55,7 @@ def test_reserved_costliest_first_every_gpu_gets_one_of_each_stage(gpus):
     p = plan(load_config("if-xl"), COSTS, gpus, "H200")
     free, holds = [1.0] * gpus, [[] for _ in range(gpus)]
     for stage in p.reservation_order:
-        for _ in range(p.stages[stage].replicas):
+        for _ in range(gpus):  # as many bundles as GPUs for every stage: still one of each per GPU
             g = next(i for i in range(gpus) if free[i] + 1e-9 >= p.stages[stage].num_gpus)
             free[g] -= p.stages[stage].num_gpus
             holds[g].append(stage)
@@ -69,7 +75,7 @@ def test_what_no_plan_can_be_made_for_is_named():
     with pytest.raises(ConfigError, match=r"no GPU kind 'A100'"):
         plan(load_config("if-xl"), COSTS, 2, "A100")
     small = COSTS.model_copy(update={"gpus": {"H200": COSTS.gpus["H200"].model_copy(update={"memory_gb": 40.0})}})
-    with pytest.raises(PlanError, match=r"needs 53.1 GB per GPU.*40 GB"):
+    with pytest.raises(PlanError, match=r"need 53.1 GB per GPU.*40 GB"):
         plan(load_config("if-xl"), small, 2, "H200")
     with pytest.raises(PlanError, match="at least one GPU"):
         plan(load_config("if-xl"), COSTS, 0, "H200")
@@ -84,3 +90,34 @@ def test_ifbatch_plan_prints_the_plan_and_the_estimate(capsys):
     assert "stage_3               8     0.5100      4    2.870          54.1%" in out
     assert main(["plan", str(EXAMPLES), "--preset", "if-l", "--gpus", "2"]) == 2
     assert "IF-I-L-v1.0" in capsys.readouterr().err
+
+
+def test_what_the_user_set_is_kept_and_the_rest_is_planned_around_it():
+    keys = frozenset({"stage_3.replicas", "stage_1.batch_size", "stage_2.num_cpus"})
+    cfg = load_config("if-xl", ["stage_3.replicas=4", "stage_1.batch_size=8", "stage_2.num_cpus=3"])
+    p = plan(cfg, COSTS, 8, "H200", explicit=keys, cpus_per_gpu=8)
+    s3 = p.stages["stage_3"]
+    assert (s3.replicas, s3.num_gpus, s3.by_hand) == (4, 1.0, True)  # by hand: whole GPUs, reserved first
+    assert p.reservation_order[0] == "stage_3" and p.shared_gpus == 4
+    assert p.stages["stage_1"].replicas == 4 and p.stages["stage_1"].batch_size == 8  # kept
+    assert p.stages["stage_2"].num_cpus == 3 and p.stages["stage_1"].num_cpus == 1.0
+    # the stages left share 4 GPUs: 4 / (1.50 + 0.93 + 0.002) images/s; stage III alone makes 4 / 2.87
+    assert p.images_per_second == pytest.approx(4 / 2.87) and "stage_3, placed by hand" in p.bottleneck
+    assert p.stages["stage_1"].num_gpus == 0.51  # now the costliest of the shared stages
+    with pytest.raises(PlanError, match=r"stage_3.num_gpus = 0.5: a stage placed by hand gets whole GPUs"):
+        plan(load_config("if-xl", ["stage_3.num_gpus=0.5"]), COSTS, 8, "H200", explicit={"stage_3.num_gpus"})
+    with pytest.raises(PlanError, match=r"take 8 of the cluster's 8 GPUs, leaving none for text_encoder"):
+        plan(load_config("if-xl", ["stage_3.replicas=8"]), COSTS, 8, "H200", explicit={"stage_3.replicas"})
+
+
+def test_cpu_reservations_fit_the_gpu_nodes_cpus():
+    p = plan(load_config("if-xl"), COSTS, 4, "H200", cpus_per_gpu=2.0)
+    per_gpu = [s.num_cpus for s in p.stages.values()]
+    assert all(c == 0.37 for c in per_gpu) and sum(per_gpu) <= 0.75 * 2.0  # 75% of 2 CPUs over 4 actors
+
+
+def test_an_earlier_runs_measurements_replace_the_tables_seconds():
+    measured = {"text_encoder": 0.01, "stage_1": 1.0, "stage_2": 1.0, "stage_3": 2.0}
+    p = plan(load_config("if-xl"), COSTS, 2, "H200", measured=measured, measured_by="run X")
+    assert p.images_per_second == pytest.approx(2 / 4.01) and p.costs_from == "run X"
+    assert "costs from run X" in p.lines(10)[0]
