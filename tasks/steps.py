@@ -80,7 +80,12 @@ def generate_rows(
             for line in placement.lines:
                 log.info("%s", line)
             startup = time.monotonic() - t0
-            result = run_pipeline(rows, placement.cfg, ctx.loc, ctx.output, ctx.run_id, models, groups=placement.groups)
+            try:
+                result = run_pipeline(
+                    rows, placement.cfg, ctx.loc, ctx.output, ctx.run_id, models, groups=placement.groups
+                )
+            except Exception as e:
+                raise placement.failed(e) from e
     finally:
         for stop in stops:
             stop()

@@ -1,0 +1,110 @@
+"""A run on a real multi-node Ray cluster on this machine: a head without GPUs and two worker nodes with a fake
+GPU each (ray.cluster_utils.Cluster: each node its own raylet). `ifbatch run --ray-address` plans for the
+cluster's GPUs and places stage actors on both workers; a worker removed mid-run ends the run with a clear reason
+(or the run completes), and a rerun completes with every row exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from .helpers import SMALL, manifest_rows, write_table
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args=dict(num_cpus=1, num_gpus=0, object_store_memory=256 << 20, include_dashboard=False),
+    )
+    workers = [c.add_node(num_cpus=2, num_gpus=1, object_store_memory=384 << 20) for _ in range(2)]
+    c.wait_for_nodes(timeout=120)
+    yield c, workers
+    c.shutdown()
+
+
+def run_cli(prompts: str, out: str, address: str, env: dict, *extra: str, wait: bool = True):
+    cmd = [str(Path(sys.executable).with_name("ifbatch")), "run", prompts, out, "--ray-address", address]
+    cmd += ["--no-progress", *extra]
+    env = {**os.environ, **env}
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def ok_records(out: str) -> list[str]:
+    """The ids of every `ok` record in every manifest part, duplicates included (read_manifest keeps one)."""
+    import pyarrow.parquet as pq
+
+    from ifbatch.tasks.outputs.manifest import part_paths
+    from ifbatch.tasks.storage import locate
+
+    ids = []
+    for path in part_paths(locate(out)):
+        t = pq.read_table(path, columns=["id", "status"]).to_pylist()
+        ids += [r["id"] for r in t if r["status"] == "ok"]
+    return sorted(ids)
+
+
+def placements(out: str) -> dict[tuple, set]:
+    """(node, GPU ids) -> {(stage, actor)} over the rows recorded so far."""
+    held = defaultdict(set)
+    for r in manifest_rows(out):
+        for stage, where in json.loads(r["placement"]).items():
+            held[(where["node"], tuple(where["gpus"]))].add((stage, where["actor"]))
+    return held
+
+
+def test_plans_for_both_workers_and_survives_losing_one(cluster, tiny_dir, prefect_api, tmp_path):
+    c, workers = cluster
+    env = {"PREFECT_API_URL": prefect_api}
+    tiny = ["--set", f"tiny.dir={tiny_dir}"]
+    worker_ids = {w.node_id[:12] for w in workers}
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"{p} number {i}" for i in range(8) for p in SMALL]})
+    out = str(tmp_path / "out")
+    flush = ["--set", "output.manifest_flush_seconds=1", "--set", "output.manifest_part_rows=4"]
+
+    # 1. The plan covers both workers' GPUs, and stage actors run on both (the head has no GPUs: none there).
+    proc = run_cli(prompts, out, c.address, env, *tiny, *flush, wait=False)
+    deadline, nodes = time.monotonic() + 600, set()
+    while time.monotonic() < deadline and proc.poll() is None and nodes != worker_ids:
+        if Path(out, "manifest").exists() and any(Path(out, "manifest").glob("*.parquet")):
+            nodes = {node for node, _ in placements(out)}
+        time.sleep(0.5)
+    assert nodes == worker_ids, f"stage actors ran on {nodes}, expected both workers {worker_ids}"
+    for held in placements(out).values():  # never two actors of one stage on one GPU
+        stages = [s for s, _ in held]
+        assert len(stages) == len(set(stages)), held
+
+    # 2. A worker leaves mid-run: the run completes on what remains, or ends saying why; a rerun finishes.
+    assert proc.poll() is None, "the run ended before a worker could be removed"
+    c.remove_node(workers[1], allow_graceful=False)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert "plan: 2 x H200" in stdout + stderr and f"{'stage_3':<14}{2:>9}" in stdout + stderr
+    done_before = ok_records(out)
+    if proc.returncode != 0:
+        assert "left the Ray cluster" in stderr and "Rerun the same command" in stderr, stderr[-3000:]
+        assert 0 < len(done_before) < 48
+    res = run_cli(prompts, out, c.address, env, *tiny)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{len(done_before)} rows already in the manifest are skipped" in res.stdout + res.stderr or (
+        len(done_before) == 48
+    )
+    ids = ok_records(out)
+    assert len(ids) == 48 and len(set(ids)) == 48  # every row exactly once, in the parts themselves
+    record = max(Path(out, "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    plan = json.loads(record.read_text())["plan"]
+    assert plan["gpus"] == 1 and plan["stages"]["stage_3"]["replicas"] == 1  # planned for the GPU that remains
+    print(f"run with a worker removed: exit {proc.returncode}, {len(done_before)} rows recorded before the rerun")
