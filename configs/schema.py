@@ -70,6 +70,11 @@ class DiffusionStage(ModelRef, Execution):
         description="torch.compile the UNet, compiled at actor start on the stage's batch shape; shorter batches are "
         "padded to it so the shape never changes. Measured 1.35-1.38x on H200 UNets; off until measured on yours.",
     )
+    compile_backend: Literal["inductor", "aot_eager"] = Field(
+        "inductor",
+        description="torch.compile backend: inductor (generated kernels, the fast one) or aot_eager (the same "
+        "graph capture without code generation: how the tests check compiled stages on a 2-core CPU).",
+    )
 
     @model_validator(mode="after")
     def _steps_or_timesteps(self) -> DiffusionStage:

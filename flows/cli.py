@@ -81,7 +81,9 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--preset", default="if-xl", choices=preset_names(), help="model preset (default: if-xl)")
     pl.add_argument("--gpus", type=int, help="GPUs to plan for (default: those of the Ray cluster at --ray-address)")
     pl.add_argument("--ray-address", help="count the GPUs of this Ray cluster ('auto', ray://host:10001)")
-    pl.add_argument("--gpu-kind", default="H200", help="GPU kind in the cost table (default: H200)")
+    pl.add_argument(
+        "--gpu-kind", help="GPU kind in the cost table (default: as the cluster reports it, else plan.gpu_kind or H200)"
+    )
     pl.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for run"
     )
@@ -226,14 +228,20 @@ def _serve(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from ifbatch.configs import ConfigError, load_config
     from ifbatch.configs.costs import load_costs
+    from ifbatch.configs.loader import override_keys
     from ifbatch.tasks.inputs.prompts import PromptTableError, read_prompts
     from ifbatch.tasks.stream.planner import PlanError, plan
 
     extra = [f"data.prompt_column={args.prompt_column}"] if args.prompt_column else []
     try:
         cfg = load_config(args.preset, [*args.overrides, *extra])
-        gpus = args.gpus if args.gpus is not None else _cluster_gpus(args.ray_address)
-        p = plan(cfg, load_costs(), gpus, args.gpu_kind)
+        gpus, kind, cpus_per_gpu = args.gpus, args.gpu_kind, None
+        if gpus is None:
+            gpus, found_kind, cpus_per_gpu = _cluster_gpus(args.ray_address)
+            kind = kind or found_kind
+        costs = load_costs(cfg.plan.costs) if cfg.plan.costs else load_costs()
+        kind = kind or cfg.plan.gpu_kind or "H200"
+        p = plan(cfg, costs, gpus, kind, explicit=override_keys(args.overrides), cpus_per_gpu=cpus_per_gpu)
         table = read_prompts(args.prompts, cfg)
     except (ConfigError, PlanError, PromptTableError, ValueError) as e:
         print(f"ifbatch: {e}", file=sys.stderr)
@@ -245,14 +253,17 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster_gpus(address: str | None) -> int:
+def _cluster_gpus(address: str | None) -> tuple[int, str | None, float | None]:
     if not address:
         raise ValueError("give --gpus N, or --ray-address of a cluster whose GPUs to count")
     import ray
 
+    from ifbatch.tasks.stream.cluster import cluster_gpus
+
     ray.init(address=address, include_dashboard=False, logging_level="ERROR")
     try:
-        return int(ray.cluster_resources().get("GPU", 0))
+        c = cluster_gpus()
+        return c.gpus, c.kind, c.cpus_per_gpu
     finally:
         ray.shutdown()
 

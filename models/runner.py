@@ -54,7 +54,8 @@ class DiffusionStage:
         self.pipe.set_progress_bar_config(disable=True)
         self.compiled = bool(getattr(cfg, "compile", False))
         if self.compiled:
-            self.pipe.unet.compile()  # in place: the pipeline keeps its UNet (and its config)
+            # in place: the pipeline keeps its UNet (and its config)
+            self.pipe.unet.compile(backend=getattr(cfg, "compile_backend", "inductor"))
 
     def pad(self, n: int, *columns: Any) -> tuple[Any, ...]:
         """A compiled stage always runs at its batch size (a new shape would compile again): short columns (arrays

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from ifbatch.tasks.artifacts import artifact_key, counts_table, md_escape
+from ifbatch.configs import load_config
+from ifbatch.configs.costs import load_costs
+from ifbatch.tasks.artifacts import artifact_key, counts_table, md_escape, plan_markdown
 from ifbatch.tasks.context import RunSummary
+from ifbatch.tasks.stream.planner import plan
 
 
 def test_prompt_text_cannot_inject_markdown_or_html():
@@ -33,3 +36,19 @@ def test_counts_table_gives_each_stage_its_share():
     )
     rows = {r["what"]: r["value"] for r in counts_table(s)}
     assert rows["done"] == 3 and rows["stage_1 s/image"] == "1.000 (25%)" and rows["stage_3 s/image"] == "3.000 (75%)"
+
+
+def test_the_summary_shows_the_plans_estimate_beside_the_measured_rate():
+    p = plan(load_config("if-xl"), load_costs(), 2, "H200")
+    s = RunSummary(
+        run_id="r", output="o", total=40, done=40, failed=0, rejected=0, skipped=0, seconds=300.0,
+        startup_seconds=60.0, rows_per_second=0.2, run_record="x", rejected_file=None,
+        stage_seconds_per_image={"stage_3": 3.1}, steady_rows_per_second=0.35, plan=p.record(),
+    )  # fmt: skip
+    md = "\n".join(plan_markdown(s))
+    assert f"| images/s | {p.images_per_second:.3f} | 0.350 in steady state, 0.200 over the run |" in md
+    assert "| stage_3: 2 x 0.51 GPU, batch 4, s/image | 2.870 | 3.100 (in the actor) |" in md
+    rows = {r["what"]: r["value"] for r in counts_table(s)}
+    assert rows["images/s the plan estimated"] == round(p.images_per_second, 3)
+    none = RunSummary(**{**s.__dict__, "plan": {"mode": "none", "reason": "the Ray cluster has no GPUs"}})
+    assert plan_markdown(none) == ["No plan (none): the Ray cluster has no GPUs."]

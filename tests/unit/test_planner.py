@@ -121,3 +121,12 @@ def test_an_earlier_runs_measurements_replace_the_tables_seconds():
     p = plan(load_config("if-xl"), COSTS, 2, "H200", measured=measured, measured_by="run X")
     assert p.images_per_second == pytest.approx(2 / 4.01) and p.costs_from == "run X"
     assert "costs from run X" in p.lines(10)[0]
+
+
+def test_ifbatch_plan_keeps_what_set_gave(capsys):
+    args = ["plan", str(EXAMPLES), "--preset", "if-xl", "--gpus", "8", "--set", "stage_3.replicas=4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "stage_3 by hand on whole GPUs; the other stages share 4 GPUs" in out
+    assert "stage_3               4     1.0000      4    2.870          54.1%  (by hand)" in out
+    assert f"{4 / 2.87:.3f} images/s" in out
