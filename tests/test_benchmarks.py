@@ -26,3 +26,24 @@ def test_gpu_smoke_tiny_mode_prints_a_table(tmp_path):
     for stage in ("text_encoder", "stage_1", "stage_2", "stage_3+safety", "all"):
         assert f"| 1 | {stage} |" in table and f"| 2 | {stage} |" in table
     assert "OOM" not in table and (tmp_path / "gpu_smoke.json").is_file()
+
+
+def test_cluster_simulation_prints_its_table_with_the_plans_packing(tmp_path):
+    """The cluster simulation keeps working: a 2-GPU run on a small table, plan only."""
+    out = tmp_path / "sim.json"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "cluster_sim.py"),
+            *("--gpus", "2", "--images-per-gpu", "8", "--preset-images", "0", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| 2 | 5.30 | 16 | 2/2/2, 1 | one of each on 2 GPUs |" in res.stdout
+    import json
+
+    (row,) = json.loads(out.read_text())
+    assert row["plan"]["images"] == 16 and 0 < row["plan"]["busy_whole"] <= 1.0

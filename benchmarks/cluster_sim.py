@@ -1,0 +1,259 @@
+"""How close ifbatch's plan comes to using every GPU: a cluster simulation on a local Ray cluster with N fake GPUs.
+
+The real pipeline runs: ifbatch's planner and placement groups (tasks/stream/placing.py), its Ray Data stage
+plumbing and object-store hand-off (tasks/stream/pipeline.py, the StageActor batch logic) and its image writer.
+Only each stage's model call is replaced: it waits the cost table's seconds per image x batch, divided by a scale,
+while holding its fake GPU (an flock per GPU id, in slices as kernels interleave), so actors sharing one GPU take
+turns as on a real one. What travels between the fake stages has the real shapes and dtypes (77x4096 fp16
+embeddings, 64 and 256 px fp16 images, 1024 px uint8), so the object store moves what a real run moves.
+
+For each N the scale is chosen so that the ideal rate N / sum(cost / scale) equals --rate images/s: a rate the
+2-core development machine can move (its plumbing, not the plan, is the limit above ~3 images/s; see
+docs/performance.md). Steady state is the rate between the times 20% and 80% of the images left the writer;
+the whole-run rate counts from the pipeline's start (actors starting) to its end. Today's fixed preset
+(configs/if-xl.yaml with plan.mode=manual: one actor per stage, fractions of one GPU) runs beside it at the
+1-GPU scale, on a shorter table.
+
+    python benchmarks/cluster_sim.py                       # N = 1 2 3 4 8 16, 60 images per GPU
+    python benchmarks/cluster_sim.py --gpus 1 2 --images-per-gpu 16 --preset-images 16   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ifbatch.configs import load_config  # noqa: E402
+from ifbatch.configs.costs import load_costs  # noqa: E402
+from ifbatch.configs.schema import STAGES  # noqa: E402
+from ifbatch.tasks.inputs.prompts import read_prompts  # noqa: E402
+from ifbatch.tasks.storage import locate  # noqa: E402
+from ifbatch.tasks.stream import stages as real  # noqa: E402
+from ifbatch.tasks.stream.pipeline import run_pipeline  # noqa: E402
+from ifbatch.tasks.stream.placing import placed  # noqa: E402
+from ifbatch.tasks.stream.planner import model_key  # noqa: E402
+
+SLICES = 10  # lock slices per call: stages on one GPU interleave at this grain
+
+
+def make_actors(seconds: dict[str, float], lock_dir: str) -> dict[str, type]:
+    """Stage actors whose model call waits `seconds[stage]` per image on their fake GPU (classes built here are
+    pickled by value into the Ray workers)."""
+
+    def occupy(total: float) -> None:
+        import ray
+
+        gpu = (ray.get_gpu_ids() or ["cpu"])[0]
+        held = []
+        with open(f"{lock_dir}/gpu-{gpu}.lock", "a") as f:
+            for _ in range(SLICES):
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    t = time.time()
+                    time.sleep(total / SLICES)
+                    held.append((t, time.time()))
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        with open(f"{lock_dir}/busy-{gpu}-{os.getpid()}.log", "a") as log:
+            log.writelines(f"{a} {b}\n" for a, b in held)
+
+    def outputs(stage: str, n: int) -> dict[str, np.ndarray]:
+        if stage == "text_encoder":
+            e = np.zeros((n, 77, 4096), np.float16)
+            f = np.zeros(n, bool)
+            return {"prompt_embeds": e, "negative_embeds": e.copy(), "truncated": f, "negative_truncated": f.copy()}
+        if stage == "stage_1":
+            return {"image_1": np.zeros((n, 3, 64, 64), np.float16)}
+        if stage == "stage_2":
+            return {"image_2": np.zeros((n, 3, 256, 256), np.float16)}
+        return {
+            "image": np.zeros((n, 1024, 1024, 3), np.uint8),
+            "nsfw": np.full(n, -1, np.int8),
+            "watermark_detected": np.full(n, -1, np.int8),
+            "watermarked": np.zeros(n, bool),
+        }
+
+    def init(self, cfg) -> None:
+        import ray
+
+        with open(f"{lock_dir}/actor-{os.getpid()}.json", "w") as f:
+            json.dump({"stage": self.name, "gpus": [str(g) for g in ray.get_gpu_ids()]}, f)
+
+    def compute(self, batch, idx, params):
+        occupy(seconds[self.name] * len(idx))
+        return outputs(self.name, len(idx))
+
+    def empty(self, batch, n):
+        return outputs(self.name, n)
+
+    return {
+        stage: type(
+            f"Sim{base.__name__}",
+            (real.StageActor,),
+            {"name": stage, "drops": base.drops, "__init__": init, "compute": compute, "empty_outputs": empty},
+        )
+        for stage, base in real.STAGE_ACTORS.items()
+    }
+
+
+def prompts_table(path: str, n: int) -> str:
+    pq.write_table(pa.table({"prompt": [f"a simulated prompt number {i}" for i in range(n)]}), path)
+    return path
+
+
+@contextlib.contextmanager
+def cluster(gpus: int):
+    import ray
+
+    os.environ.setdefault("RAY_worker_niceness", "0")  # the default nice 15 starves workers on 2 cores
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Logical CPUs for the reservations (the planner fits its CPU shares to CPUs per GPU); the cores are shared.
+    ray.init(
+        num_cpus=4 + 4 * gpus,
+        num_gpus=gpus,
+        object_store_memory=8 << 30,  # of 24 GiB; Ray Data's per-stage budgets are shares of it
+        include_dashboard=False,
+        logging_level="ERROR",
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def simulate(gpus: int, images: int, scale: float, overrides: list[str], tmp: str) -> dict:
+    """One run on a fresh local cluster of `gpus` fake GPUs; returns its figures."""
+    from ifbatch.models.quiet import quiet_libraries
+
+    quiet_libraries()
+    cfg = load_config("if-xl", overrides)
+    costs = load_costs()
+    table_seconds = {s: costs.cost("H200", s, model_key(cfg, s)).seconds_per_image for s in STAGES}
+    out = tempfile.mkdtemp(dir=tmp)
+    rows = read_prompts(prompts_table(f"{out}/prompts.parquet", images), cfg).rows
+    lock_dir = tempfile.mkdtemp(dir=tmp)
+    with cluster(gpus), placed(cfg, frozenset(), images, None) as placement:
+        seconds = {s: table_seconds[s] / scale for s in STAGES}
+        if placement.plan is not None:
+            seconds = {s: placement.plan.stages[s].seconds_per_image / scale for s in STAGES}
+        actors = make_actors(seconds, lock_dir)
+        wall0 = time.time()
+        result = run_pipeline(rows, placement.cfg, locate(out), out, "sim", {}, placement.groups, actors)
+    if result.failed:
+        raise SystemExit(f"{result.failed} simulated rows failed: {result.errors[:3]}")
+    ideal = gpus / sum(seconds.values())
+    packing = _packing(lock_dir)
+    t20, t80 = _window(result)
+    return dict(
+        gpus=gpus,
+        images=images,
+        ideal=ideal,
+        steady=result.steady_rows_per_second,
+        busy=_busy(lock_dir, wall0 + t20, wall0 + t80, gpus),
+        busy_whole=_busy(lock_dir, wall0, wall0 + result.seconds, gpus),
+        whole=result.done / result.seconds,
+        seconds=result.seconds,
+        plan=placement.record,
+        packing=packing,
+    )
+
+
+def _window(result) -> tuple[float, float]:
+    """Seconds from the start at which 20% and 80% of the images had left the writer."""
+    total = result.done + result.failed
+    t20 = next(t for t, n in result.marks if n >= 0.2 * total)
+    t80 = next(t for t, n in result.marks if n >= 0.8 * total)
+    return t20, t80
+
+
+def _busy(lock_dir: str, a: float, b: float, gpus: int) -> float:
+    """Share of the fake GPUs' time between wall clock a and b that a stage held them."""
+    held = 0.0
+    for log in Path(lock_dir).glob("busy-*.log"):
+        for line in log.read_text().splitlines():
+            s, e = map(float, line.split())
+            held += max(0.0, min(e, b) - max(s, a))
+    return held / (gpus * (b - a)) if b > a else 0.0
+
+
+def _packing(lock_dir: str) -> str:
+    """Which stages' actors share which fake GPU (each actor wrote its GPU ids when it started): 'one of each'
+    when every GPU holds exactly one actor of each diffusion stage."""
+    per_gpu: dict[str, list[str]] = {}
+    for f in Path(lock_dir).glob("actor-*.json"):
+        a = json.loads(f.read_text())
+        for g in a["gpus"]:
+            per_gpu.setdefault(g, []).append(a["stage"])
+    ok = all(sorted(s for s in held if s != "text_encoder") == list(STAGES[1:]) for held in per_gpu.values())
+    if ok:
+        return f"one of each on {len(per_gpu)} GPUs"
+    return "uneven: " + "; ".join(f"GPU {g}: {sorted(held)}" for g, held in sorted(per_gpu.items()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16])
+    p.add_argument("--images-per-gpu", type=int, default=60)
+    p.add_argument("--rate", type=float, default=2.0, help="the ideal images/s every N is scaled to")
+    p.add_argument("--preset-images", type=int, default=48, help="images for today's preset (0: skip it)")
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args()
+    costs = load_costs()
+    cfg = load_config("if-xl")
+    total = sum(costs.cost("H200", s, model_key(cfg, s)).seconds_per_image for s in STAGES)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.gpus:
+            scale = args.rate * total / n  # ideal N / (total / scale) = rate
+            plan = simulate(n, args.images_per_gpu * n, scale, [], tmp)
+            preset = None
+            if args.preset_images:
+                preset = simulate(n, args.preset_images, args.rate * total, ["plan.mode=manual"], tmp)
+                preset["ideal"] = n * args.rate  # N GPUs at the 1-GPU scale
+            rows.append((n, scale, plan, preset))
+            _print_row(n, scale, plan, preset, flush=True)
+    print()
+    print(
+        f"cluster simulation on {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}; "
+        f"ideal = N / sum(cost), scaled to {args.rate:g} images/s"
+    )
+    print(
+        "| GPUs | cost ÷ | images | replicas I/II/III, T5 | packing | steady images/s | steady % of ideal "
+        "| GPUs busy, steady | whole-run % of ideal | GPUs busy, whole run | today's preset: steady % / busy |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, scale, plan, preset in rows:
+        _print_row(n, scale, plan, preset)
+    if args.json:
+        Path(args.json).write_text(json.dumps([dict(gpus=n, scale=s, plan=a, preset=b) for n, s, a, b in rows]))
+
+
+def _print_row(n, scale, plan, preset, flush=False) -> None:
+    st = plan["plan"].get("stages", {})
+    replicas = "/".join(str(st[s]["replicas"]) for s in STAGES[1:]) + f", {st['text_encoder']['replicas']}"
+    pre = f"{100 * preset['steady'] / preset['ideal']:.0f}% / {100 * preset['busy']:.0f}%" if preset else "-"
+    print(
+        f"| {n} | {scale:.2f} | {plan['images']} | {replicas} | {plan['packing']} | {plan['steady']:.2f} "
+        f"| {100 * plan['steady'] / plan['ideal']:.0f}% | {100 * plan['busy']:.0f}% "
+        f"| {100 * plan['whole'] / plan['ideal']:.0f}% | {100 * plan['busy_whole']:.0f}% | {pre} |",
+        flush=flush,
+    )
+
+
+if __name__ == "__main__":
+    main()
