@@ -175,9 +175,7 @@ def simulate(gpus: int, images: int, scale: float, overrides: list[str], tmp: st
 
 def _window(result) -> tuple[float, float]:
     """Seconds from the start at which 20% and 80% of the images had left the writer."""
-    total = result.done + result.failed
-    t20 = next(t for t, n in result.marks if n >= 0.2 * total)
-    t80 = next(t for t, n in result.marks if n >= 0.8 * total)
+    t20, _, t80, _ = result.window(min_marks=1)
     return t20, t80
 
 

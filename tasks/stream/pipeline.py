@@ -39,17 +39,25 @@ class PipelineResult:
     errors: list[dict] = field(default_factory=list)  # first few failed rows: id and error
     marks: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows out) per batch
 
+    def window(self, low: float = 0.2, high: float = 0.8, min_marks: int = 5) -> tuple[float, int, float, int] | None:
+        """(seconds, rows out) at the first marks where `low` and `high` of the rows had come out; None when fewer
+        than `min_marks` batches came out (too few to tell)."""
+        total = self.done + self.failed
+        if len(self.marks) < max(min_marks, 1):
+            return None
+        t_low, n_low = next((t, n) for t, n in self.marks if n >= low * total)
+        t_high, n_high = next((t, n) for t, n in self.marks if n >= high * total)
+        return t_low, n_low, t_high, n_high
+
     @property
     def steady_rows_per_second(self) -> float:
         """Rows/s between the times 20% and 80% of the rows came out: the rate without start-up and drain
         (the whole run's rate when too few batches came out to tell)."""
         total = self.done + self.failed
-        if len(self.marks) < 5:
+        w = self.window()
+        if w is None or w[2] <= w[0]:
             return total / self.seconds if self.seconds else 0.0
-        t20 = next(t for t, n in self.marks if n >= 0.2 * total)
-        t80, n80 = next((t, n) for t, n in self.marks if n >= 0.8 * total)
-        n20 = next(n for t, n in self.marks if n >= 0.2 * total)
-        return (n80 - n20) / (t80 - t20) if t80 > t20 else total / self.seconds
+        return (w[3] - w[1]) / (w[2] - w[0])
 
     def add(self, records: pa.Table) -> None:
         ok = pc.equal(records.column("status"), "ok")
