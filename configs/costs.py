@@ -40,7 +40,9 @@ class CostTable(Section):
         return found
 
 
-def load_costs(path: str | Path = COSTS_FILE) -> CostTable:
+def load_costs(path: str | Path | None = None) -> CostTable:
+    """The cost table at `path` (a config's plan.costs), or the repository's when None."""
+    path = COSTS_FILE if path is None else path
     try:
         table = CostTable.model_validate(yaml.safe_load(Path(path).read_text()))
     except ValidationError as e:

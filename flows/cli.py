@@ -82,7 +82,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus", type=int, help="GPUs to plan for (default: those of the Ray cluster at --ray-address)")
     pl.add_argument("--ray-address", help="count the GPUs of this Ray cluster ('auto', ray://host:10001)")
     pl.add_argument(
-        "--gpu-kind", help="GPU kind in the cost table (default: as the cluster reports it, else plan.gpu_kind or H200)"
+        "--gpu-kind",
+        help="GPU kind in the cost table (default: plan.gpu_kind, else as the cluster says, else H200)",
     )
     pl.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for run"
@@ -230,17 +231,17 @@ def _plan(args: argparse.Namespace) -> int:
     from ifbatch.configs.costs import load_costs
     from ifbatch.configs.loader import override_keys
     from ifbatch.tasks.inputs.prompts import PromptTableError, read_prompts
+    from ifbatch.tasks.stream.cluster import DEFAULT_KIND
     from ifbatch.tasks.stream.planner import PlanError, plan
 
     extra = [f"data.prompt_column={args.prompt_column}"] if args.prompt_column else []
     try:
         cfg = load_config(args.preset, [*args.overrides, *extra])
-        gpus, kind, cpus_per_gpu = args.gpus, args.gpu_kind, None
+        gpus, found_kind, cpus_per_gpu = args.gpus, None, None
         if gpus is None:
             gpus, found_kind, cpus_per_gpu = _cluster_gpus(args.ray_address)
-            kind = kind or found_kind
-        costs = load_costs(cfg.plan.costs) if cfg.plan.costs else load_costs()
-        kind = kind or cfg.plan.gpu_kind or "H200"
+        costs = load_costs(cfg.plan.costs)
+        kind = args.gpu_kind or cfg.plan.gpu_kind or found_kind or DEFAULT_KIND  # as a run picks it (placing.py)
         p = plan(cfg, costs, gpus, kind, explicit=override_keys(args.overrides), cpus_per_gpu=cpus_per_gpu)
         table = read_prompts(args.prompts, cfg)
     except (ConfigError, PlanError, PromptTableError, ValueError) as e:

@@ -58,7 +58,7 @@ def make_plan(cfg: CascadeConfig, explicit: frozenset[str], images: int, loc: Lo
     kind = cfg.plan.gpu_kind or cluster.kind or DEFAULT_KIND
     measured = measured_costs(loc, cfg) if (loc is not None and cfg.plan.use_measured) else None
     try:
-        costs = load_costs(cfg.plan.costs) if cfg.plan.costs else load_costs()
+        costs = load_costs(cfg.plan.costs)
         p = plan(
             cfg,
             costs,
