@@ -3,8 +3,8 @@
 The real pipeline runs: ifbatch's planner and placement groups (tasks/stream/placing.py), its Ray Data stage
 plumbing and object-store hand-off (tasks/stream/pipeline.py, the StageActor batch logic) and its image writer.
 Only each stage's model call is replaced: it waits the cost table's seconds per image x batch, divided by a scale,
-while holding its fake GPU (an flock per GPU id, in slices as kernels interleave), so actors sharing one GPU take
-turns as on a real one. What travels between the fake stages has the real shapes and dtypes (77x4096 fp16
+while holding its fake GPU (an flock per GPU id, in 20 ms slices as processes time-slice a GPU), so actors sharing
+one GPU take turns as on a real one. What travels between the fake stages has the real shapes and dtypes (77x4096 fp16
 embeddings, 64 and 256 px fp16 images, 1024 px uint8), so the object store moves what a real run moves.
 
 For each N the scale is chosen so that the ideal rate N / sum(cost / scale) equals --rate images/s: a rate the
@@ -48,7 +48,12 @@ from ifbatch.tasks.stream.pipeline import run_pipeline  # noqa: E402
 from ifbatch.tasks.stream.placing import placed  # noqa: E402
 from ifbatch.tasks.stream.planner import model_key  # noqa: E402
 
-SLICES = 10  # lock slices per call: stages on one GPU interleave at this grain
+# A GPU shared by several processes time-slices between them at a grain of milliseconds, far finer than a model
+# call. The fake GPU is held in slices of this many seconds, and a process lets waiters in between two of its own
+# slices. (Slices of a tenth of each call, as first written, let a stage III call hold GPU 0 for 1.7 s at a time
+# at N = 16 and the text encoder, which shares GPU 0, waited ~19 s for each 0.1 s batch: it fed every stage I
+# replica, and so starved them all.)
+SLICE_S = 0.02
 
 
 def make_actors(seconds: dict[str, float], lock_dir: str) -> dict[str, type]:
@@ -61,14 +66,17 @@ def make_actors(seconds: dict[str, float], lock_dir: str) -> dict[str, type]:
         gpu = (ray.get_gpu_ids() or ["cpu"])[0]
         held = []
         with open(f"{lock_dir}/gpu-{gpu}.lock", "a") as f:
-            for _ in range(SLICES):
+            left = total
+            while left > 0:
                 fcntl.flock(f, fcntl.LOCK_EX)
                 try:
                     t = time.time()
-                    time.sleep(total / SLICES)
+                    time.sleep(min(SLICE_S, left))
                     held.append((t, time.time()))
                 finally:
                     fcntl.flock(f, fcntl.LOCK_UN)
+                left -= held[-1][1] - held[-1][0]
+                os.sched_yield()  # a waiting process gets the GPU before this one takes it again
         with open(f"{lock_dir}/busy-{gpu}-{os.getpid()}.log", "a") as log:
             log.writelines(f"{a} {b}\n" for a, b in held)
 
@@ -95,7 +103,10 @@ def make_actors(seconds: dict[str, float], lock_dir: str) -> dict[str, type]:
             json.dump({"stage": self.name, "gpus": [str(g) for g in ray.get_gpu_ids()]}, f)
 
     def compute(self, batch, idx, params):
+        t = time.time()
         occupy(seconds[self.name] * len(idx))
+        with open(f"{lock_dir}/calls-{os.getpid()}.log", "a") as log:
+            log.write(f"{self.name} {len(idx)} {t} {time.time()}\n")
         return outputs(self.name, len(idx))
 
     def empty(self, batch, n):
@@ -105,7 +116,13 @@ def make_actors(seconds: dict[str, float], lock_dir: str) -> dict[str, type]:
         stage: type(
             f"Sim{base.__name__}",
             (real.StageActor,),
-            {"name": stage, "drops": base.drops, "__init__": init, "compute": compute, "empty_outputs": empty},
+            {
+                "name": stage,
+                "drops": base.drops,
+                "__init__": init,
+                "compute": compute,
+                "empty_outputs": empty,
+            },
         )
         for stage, base in real.STAGE_ACTORS.items()
     }
@@ -158,6 +175,7 @@ def simulate(gpus: int, images: int, scale: float, overrides: list[str], tmp: st
         raise SystemExit(f"{result.failed} simulated rows failed: {result.errors[:3]}")
     ideal = gpus / sum(seconds.values())
     packing = _packing(lock_dir)
+    batches = _batches(lock_dir, placement.cfg)
     t20, t80 = _window(result)
     return dict(
         gpus=gpus,
@@ -170,6 +188,7 @@ def simulate(gpus: int, images: int, scale: float, overrides: list[str], tmp: st
         seconds=result.seconds,
         plan=placement.record,
         packing=packing,
+        batches=batches,
     )
 
 
@@ -187,6 +206,19 @@ def _busy(lock_dir: str, a: float, b: float, gpus: int) -> float:
             s, e = map(float, line.split())
             held += max(0.0, min(e, b) - max(s, a))
     return held / (gpus * (b - a)) if b > a else 0.0
+
+
+def _batches(lock_dir: str, cfg) -> dict[str, list[int]]:
+    """Per diffusion stage: [calls, calls with fewer rows than its batch size]. With blocks of one batch each
+    there is at most one short call per stage (the table's remainder)."""
+    out = {s: [0, 0] for s in STAGES[1:]}
+    for log in Path(lock_dir).glob("calls-*.log"):
+        for line in log.read_text().splitlines():
+            stage, n = line.split()[:2]
+            if stage in out:
+                out[stage][0] += 1
+                out[stage][1] += int(n) < getattr(cfg, stage).batch_size
+    return out
 
 
 def _packing(lock_dir: str) -> str:
@@ -232,9 +264,10 @@ def main() -> None:
     )
     print(
         "| GPUs | cost ÷ | images | replicas I/II/III, T5 | packing | steady images/s | steady % of ideal "
-        "| GPUs busy, steady | whole-run % of ideal | GPUs busy, whole run | today's preset: steady % / busy |"
+        "| GPUs busy, steady | whole-run % of ideal | GPUs busy, whole run | short calls of all, I / II / III "
+        "| today's preset: steady % / busy |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n, scale, plan, preset in rows:
         _print_row(n, scale, plan, preset)
     if args.json:
@@ -245,10 +278,11 @@ def _print_row(n, scale, plan, preset, flush=False) -> None:
     st = plan["plan"].get("stages", {})
     replicas = "/".join(str(st[s]["replicas"]) for s in STAGES[1:]) + f", {st['text_encoder']['replicas']}"
     pre = f"{100 * preset['steady'] / preset['ideal']:.0f}% / {100 * preset['busy']:.0f}%" if preset else "-"
+    short = " / ".join(f"{b} of {a}" for a, b in plan["batches"].values())
     print(
         f"| {n} | {scale:.2f} | {plan['images']} | {replicas} | {plan['packing']} | {plan['steady']:.2f} "
         f"| {100 * plan['steady'] / plan['ideal']:.0f}% | {100 * plan['busy']:.0f}% "
-        f"| {100 * plan['whole'] / plan['ideal']:.0f}% | {100 * plan['busy_whole']:.0f}% | {pre} |",
+        f"| {100 * plan['whole'] / plan['ideal']:.0f}% | {100 * plan['busy_whole']:.0f}% | {short} | {pre} |",
         flush=flush,
     )
 

@@ -29,7 +29,7 @@ def test_gpu_smoke_tiny_mode_prints_a_table(tmp_path):
 
 
 def test_cluster_simulation_prints_its_table_with_the_plans_packing(tmp_path):
-    """The cluster simulation keeps working: a 2-GPU run on a small table, plan only."""
+    """The cluster simulation keeps working: a 2-GPU run on a small table, plan only, in full batches."""
     out = tmp_path / "sim.json"
     res = subprocess.run(
         [
@@ -47,3 +47,6 @@ def test_cluster_simulation_prints_its_table_with_the_plans_packing(tmp_path):
 
     (row,) = json.loads(out.read_text())
     assert row["plan"]["images"] == 16 and 0 < row["plan"]["busy_whole"] <= 1.0
+    # Every stage call is a full batch but the table's remainder: 16 images are one short stage I call (of 32),
+    # one stage II call of 16, four stage III calls of 4 (blocks of 2-3 rows used to give stage III 4 + 2).
+    assert row["plan"]["batches"] == {"stage_1": [1, 1], "stage_2": [1, 0], "stage_3": [4, 0]}
