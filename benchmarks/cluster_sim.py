@@ -119,6 +119,7 @@ def make_actors(seconds: dict[str, float], lock_dir: str) -> dict[str, type]:
             {
                 "name": stage,
                 "drops": base.drops,
+                "expands": base.expands,
                 "__init__": init,
                 "compute": compute,
                 "empty_outputs": empty,

@@ -129,6 +129,9 @@ class TinyCascade(Section):
     )
 
 
+MAX_IMAGES_PER_PROMPT = 10_000
+
+
 class DataConfig(Section):
     prompt_column: str = Field("prompt", min_length=1, description="Column holding the prompt text.")
     id_column: str = Field("id", min_length=1, description="Optional column of row ids (safe file names).")
@@ -136,6 +139,12 @@ class DataConfig(Section):
     seed_column: str = Field("seed", min_length=1, description="Optional per-row seeds (0 <= seed < 2**63).")
     read_batch_rows: int = Field(65536, ge=1, le=10_000_000, description="Rows read from the table at a time.")
     row_overrides: bool = Field(True, description="Allow per-row columns stage_N_steps / stage_N_guidance_scale.")
+    images_per_prompt: int = Field(
+        1, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Images made from each row (its own seed and id each)."
+    )
+    images_column: str = Field(
+        "n", min_length=1, description="Optional per-row column of images per prompt (overrides images_per_prompt)."
+    )
 
 
 class OutputConfig(Section):
@@ -146,6 +155,7 @@ class OutputConfig(Section):
     manifest_flush_seconds: float = Field(
         30.0, gt=0, le=3600, description="Write a part at least this often; a killed run loses at most these rows."
     )
+    compact: bool = Field(True, description="Merge the run's manifest parts into one when it ends (ifbatch compact).")
 
 
 class RayConfig(Section):

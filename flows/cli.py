@@ -9,15 +9,19 @@ import sys
 import textwrap
 import time
 
+from .check import add_parsers as add_check_parsers
+from .check import compact_command, verify_command
+
 EXAMPLES = textwrap.dedent("""
     examples:
       ifbatch run examples/prompts.parquet ./out                       # tiny cascade, local Ray, local files
       ifbatch run s3://bucket/prompts/ s3://bucket/images --preset if-xl --ray-address auto
       ifbatch run captions.parquet ./out --prompt-column caption --set stage_1.steps=50 --set seed=7
       ifbatch plan prompts.parquet --preset if-xl --gpus 8             # the plan, time and GPU-hours first
+      ifbatch verify s3://bucket/images                                # is every image there, as recorded?
       ifbatch presets                                                  # list presets and what they set
 
-    exit status: 0 all rows done; 1 some rows failed or were rejected (see the manifest and runs/);
+    exit status: 0 all images done; 1 some images failed or rows were rejected (see the manifest and runs/);
                  2 the run could not start (bad arguments, config, prompt table or model).
     environment: PREFECT_API_URL (a Prefect server; unset = a temporary local one), AWS_ACCESS_KEY_ID,
                  AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION (S3), HF_TOKEN (gated IF weights),
@@ -89,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for run"
     )
     pl.add_argument("--prompt-column", help="name of the prompt column when it is not 'prompt'")
+    add_check_parsers(sub)
     srv = sub.add_parser(
         "serve",
         help="serve the Prefect deployments (generate, nightly-dataset) from this process",
@@ -179,12 +184,12 @@ def _generate(params, progress_bar: bool) -> int:
             TextColumn("generating"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:.2f} rows/s"),
+            TextColumn("{task.fields[rate]:.2f} images/s"),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             transient=False,
         )
-        job = bar.add_task("rows", total=None, rate=0.0)
+        job = bar.add_task("images", total=None, rate=0.0)
         stop = progress.listen(lambda p: bar.update(job, completed=p.done + p.failed, total=p.total, rate=p.rate))
         bar.start()
     t0 = time.monotonic()
@@ -202,7 +207,7 @@ def _generate(params, progress_bar: bool) -> int:
     wall = time.monotonic() - t0
     print(
         f"wall {wall:.1f} s: flow {summary.seconds:.1f} s, of which Ray start-up and model checks "
-        f"{summary.startup_seconds:.1f} s; {summary.rows_per_second:.2f} rows/s while generating"
+        f"{summary.startup_seconds:.1f} s; {summary.rows_per_second:.2f} images/s while generating"
     )
     for err in summary.errors[:5]:
         print(f"  failed {err['id']}: {err['error']}", file=sys.stderr)
@@ -230,6 +235,7 @@ def _plan(args: argparse.Namespace) -> int:
     from ifbatch.configs import ConfigError, load_config
     from ifbatch.configs.costs import load_costs
     from ifbatch.configs.loader import override_keys
+    from ifbatch.tasks.inputs.expand import image_count
     from ifbatch.tasks.inputs.prompts import PromptTableError, read_prompts
     from ifbatch.tasks.stream.cluster import DEFAULT_KIND
     from ifbatch.tasks.stream.planner import PlanError, plan
@@ -247,10 +253,12 @@ def _plan(args: argparse.Namespace) -> int:
     except (ConfigError, PlanError, PromptTableError, ValueError) as e:
         print(f"ifbatch: {e}", file=sys.stderr)
         return 2
+    images = image_count(table.rows)
     print(
-        f"{args.prompts}: {table.rows.num_rows} rows to generate ({len(table.rejected)} rejected), preset {args.preset}"
+        f"{args.prompts}: {table.rows.num_rows} rows to generate, {images} images ({len(table.rejected)} rows "
+        f"rejected), preset {args.preset}"
     )
-    print("\n".join(p.lines(table.rows.num_rows)))
+    print("\n".join(p.lines(images)))
     return 0
 
 
@@ -273,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "presets":
         return _presets()
-    return {"serve": _serve, "run": _run, "plan": _plan}[args.command](args)
+    commands = {"serve": _serve, "run": _run, "plan": _plan, "verify": verify_command, "compact": compact_command}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

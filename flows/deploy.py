@@ -27,7 +27,8 @@ def deployments(
     on_demand = generate.to_deployment(
         name="generate",
         tags=["ifbatch"],
-        description="Generate one image per prompt row. Edit the parameters in the Run form; rerunning into the "
+        description="Generate images for every prompt row (data.images_per_prompt, or the row's n column). Edit "
+        "the parameters in the Run form; rerunning into the "
         "same output resumes.",
         parameters={"params": {"prompts": EXAMPLES, "output": "out/dashboard", "preset": "tiny", **common}},
     )

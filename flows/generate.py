@@ -60,7 +60,8 @@ def _run_name() -> str:
 
 @flow(name="ifbatch-generate", flow_run_name=_run_name, validate_parameters=True)
 def generate(params: GenerateParams):
-    """Generate one image per prompt row through the IF cascade on Ray; write images and a Parquet manifest."""
+    """Generate data.images_per_prompt images (or a row's n) per prompt row through the IF cascade on Ray; write
+    images and a Parquet manifest."""
     log = get_run_logger()
     try:
         summary = _generate(params, log)
@@ -68,10 +69,7 @@ def generate(params: GenerateParams):
         reason = f"{type(e).__name__}: {e}"
         log.error("run failed: %s", reason)
         return Failed(message=reason)
-    message = (
-        f"{summary.done} done, {summary.failed} failed, {summary.rejected} rejected, {summary.skipped} "
-        f"skipped (already done) of {summary.total} rows; run record {summary.run_record}"
-    )
+    message = f"{summary.line}; run record {summary.run_record}"
     if not summary.ok:
         log.error("rows did not complete: %s", message)
         return Failed(message=message, data=summary)

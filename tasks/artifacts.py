@@ -38,7 +38,7 @@ class LiveProgress:
         self.id = create_progress_artifact(
             progress=0.0,
             key=artifact_key(run_id, "progress"),
-            description=f"ifbatch run {run_id}: rows done of {total}",
+            description=f"ifbatch run {run_id}: images done of {total}",
         )
 
     def __call__(self, p: Progress) -> None:
@@ -86,6 +86,7 @@ def counts_table(s: RunSummary) -> list[dict[str, Any]]:
         {"what": k, "value": v}
         for k, v in (
             ("rows in table", s.total),
+            ("images asked for", s.images),
             ("done", s.done),
             ("rejected", s.rejected),
             ("failed", s.failed),
@@ -128,11 +129,11 @@ def plan_markdown(s: RunSummary) -> list[str]:
 def summary_markdown(
     s: RunSummary, preset: str, models: dict, prompts: str, manifest_dir: str, sheet: str | None, sample: list[dict]
 ) -> str:
-    status = "all rows done" if s.ok else f"**{s.failed} failed, {s.rejected} rejected**"
+    status = "all images done" if s.ok else f"**{s.failed} failed, {s.rejected} rejected**"
     lines = [
         f"# ifbatch run `{s.run_id}`",
         "",
-        f"{status}: {s.done} done, {s.skipped} skipped (already done) of {s.total} rows in {s.seconds:.0f} s.",
+        f"{status}: {s.line}, in {s.seconds:.0f} s.",
         "",
         f"- prompts: {_link(prompts)}",
         f"- output: {_link(s.output)}",

@@ -66,6 +66,14 @@ class RunSummary:
     errors: list[dict] = field(default_factory=list)
     steady_rows_per_second: float = 0.0  # between 20% and 80% of the rows done
     plan: dict = field(default_factory=dict)  # the run record's plan: its estimate is plan["images_per_second"]
+    images: int = 0  # images the valid rows ask for (images_per_prompt or a row's n); done/failed/skipped count these
+
+    @property
+    def line(self) -> str:
+        return (
+            f"{self.done} images done, {self.failed} failed, {self.skipped} skipped (already done) of {self.images} "
+            f"images from {self.total} rows, {self.rejected} rows rejected"
+        )
 
     @property
     def ok(self) -> bool:

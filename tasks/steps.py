@@ -6,7 +6,6 @@ import datetime as dt
 import time
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -16,7 +15,9 @@ from ifbatch.models.tiny import tiny_ready
 
 from .artifacts import LiveProgress, artifact_key, contact_sheet, counts_table, summary_markdown
 from .context import RunContext, RunSummary
+from .inputs.expand import image_count, without_done
 from .inputs.prompts import PromptPlan, read_prompts
+from .outputs.compact import compact
 from .outputs.manifest import MANIFEST_DIR, done_ids
 from .outputs.records import versions, write_rejected, write_run_record
 from .stream.pipeline import PipelineResult, run_pipeline
@@ -48,9 +49,9 @@ def plan_resume(ctx: RunContext) -> tuple[pa.Table, int]:
     done = done_ids(loc)
     if len(done) == 0:
         return rows, 0
-    todo = rows.filter(pc.invert(pc.is_in(rows.column("id"), value_set=done)))
-    skipped = rows.num_rows - todo.num_rows
-    log.info("resuming: %d rows already in the manifest are skipped, %d to generate", skipped, todo.num_rows)
+    todo = without_done(rows, done)
+    skipped = image_count(rows) - image_count(todo)
+    log.info("resuming: %d images already in the manifest are skipped, %d to generate", skipped, image_count(todo))
     return todo, skipped
 
 
@@ -73,10 +74,11 @@ def generate_rows(
             last[0] = time.monotonic()
             log.info("progress: %s", p.line())
 
-    stops = [listen(log_progress), listen(LiveProgress(ctx.run_id, rows.num_rows))]
+    images = image_count(rows)
+    stops = [listen(log_progress), listen(LiveProgress(ctx.run_id, images))]
     try:
         explicit = override_keys(ctx.params.get("overrides") or [])
-        with ray_session(cfg.ray), placed(cfg, explicit, rows.num_rows, ctx.loc) as placement:
+        with ray_session(cfg.ray), placed(cfg, explicit, images, ctx.loc) as placement:
             for line in placement.lines:
                 log.info("%s", line)
             startup = time.monotonic() - t0
@@ -95,11 +97,21 @@ def generate_rows(
 @task(name="write-run-record", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def write_records(ctx: RunContext) -> RunSummary:
     loc, result, plan = ctx.loc, ctx.result, ctx.plan
+    if ctx.cfg.output.compact and len(result.parts) > 1:  # few large parts: what every resume and verify reads
+        written, removed = compact(loc, ctx.run_id)
+        if removed:
+            result.parts = written
+            get_run_logger().info("merged the run's %d manifest parts into %d", len(removed), len(written))
     rejected_file = write_rejected(loc, ctx.run_id, plan.rejected)
     images = result.done + result.failed
     per_image = {k: v / images for k, v in result.stage_seconds.items()} if images else {}
     counts = dict(
-        total=plan.total, done=result.done, failed=result.failed, rejected=len(plan.rejected), skipped=ctx.skipped
+        total=plan.total,
+        images=image_count(plan.rows),
+        done=result.done,
+        failed=result.failed,
+        rejected=len(plan.rejected),
+        skipped=ctx.skipped,
     )
     seconds = ctx.seconds
     record = dict(

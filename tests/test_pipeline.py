@@ -14,6 +14,7 @@ import pytest
 
 from ifbatch.configs.schema import STAGES
 from ifbatch.flows.generate import GenerateParams, generate
+from ifbatch.tasks.inputs.expand import image_id, image_seed
 from ifbatch.tasks.outputs.images import image_relpath
 from ifbatch.tasks.outputs.manifest import part_paths, read_manifest
 from ifbatch.tasks.storage import locate
@@ -183,18 +184,25 @@ def test_cli_rejects_bad_overrides_before_starting(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_killed_mid_run_then_rerun_resumes(tmp_path, tiny_set, ray_cluster, prefect_api):
-    prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a photo of a cat number {i}" for i in range(16)]})
-    out = tmp_path / "out"
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_cli_killed_mid_run_then_rerun_resumes_per_image(where, tmp_path, tiny_set, ray_cluster, prefect_api):
+    """Several images per prompt (data.images_per_prompt and a per-row n column), SIGKILL mid-run, rerun: every
+    image exactly once, each with its own id, seed and prompt_id; the ones made before the kill are kept."""
+    n = [1, 3, None, 2, None, 4]  # null: data.images_per_prompt (2); 14 images in all
+    cats = [f"a photo of a cat number {i}" for i in range(6)]
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": cats, "n": n})
+    out = str(tmp_path / "out") if where == "local" else f"s3://{BUCKET}/kill-{tmp_path.name}"
     small_batches = [f"--set={s}.batch_size=2" for s in ("text_encoder", "stage_1", "stage_2", "stage_3")]
     args = [
         "run",
         prompts,
-        str(out),
+        out,
         "--set",
         tiny_set[0],
         "--set",
         "output.manifest_part_rows=2",
+        "--set",
+        "data.images_per_prompt=2",
         *small_batches,
         "--ray-address",
         ray_cluster,
@@ -207,7 +215,7 @@ def test_cli_killed_mid_run_then_rerun_resumes(tmp_path, tiny_set, ray_cluster, 
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PREFECT_API_URL": prefect_api},
     )
-    loc = locate(str(out))
+    loc = locate(out)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not part_paths(loc):
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -215,15 +223,33 @@ def test_cli_killed_mid_run_then_rerun_resumes(tmp_path, tiny_set, ray_cluster, 
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     before = {r["id"]: r for r in read_manifest(loc).to_pylist()}
-    assert 0 < len(before) < 16
+    assert 0 < len(before) < 14
     res = cli("run", *args[1:], env={"PREFECT_API_URL": prefect_api})
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = check_outputs(str(out), set(_ids(prompts)))
+    assert "of 14 images from 6 rows" in res.stdout + res.stderr
+    expect = _image_ids(prompts, ["data.images_per_prompt=2"])
+    rows = check_outputs(out, set(expect))
     raw_ok = [i for p in part_paths(loc) for i in _part_ids(loc, p)]
-    assert len(raw_ok) == len(set(raw_ok)) == 16  # no row was generated twice
+    assert len(raw_ok) == len(set(raw_ok)) == 14  # no image was generated twice
     for r in rows:
         if r["id"] in before:  # finished before the kill: kept, not regenerated
             assert r["run_id"] == before[r["id"]]["run_id"] and r["sha256"] == before[r["id"]]["sha256"]
+        row_id, seed = expect[r["id"]]
+        assert (r["prompt_id"], r["seed"]) == (row_id, image_seed(seed, r["image_index"]))
+        assert r["id"] == image_id(row_id, r["image_index"])
+    by_prompt: dict[str, set] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], set()).add(r["sha256"])
+    assert sorted(len(v) for v in by_prompt.values()) == [1, 2, 2, 2, 3, 4]  # each image of a prompt differs
+
+
+def _image_ids(prompts: str, overrides: list[str]) -> dict[str, tuple[str, int]]:
+    """{image id: (its row's id, the row's seed)} for every image the table asks for."""
+    from ifbatch.configs import load_config
+    from ifbatch.tasks.inputs.prompts import read_prompts
+
+    rows = read_prompts(prompts, load_config("tiny", overrides)).rows.to_pylist()
+    return {image_id(r["id"], k): (r["id"], r["seed"]) for r in rows for k in r["images"]}
 
 
 def _part_ids(loc, path):

@@ -103,3 +103,16 @@ def test_overrides_need_the_config_to_allow_them(tmp_path):
 def test_large_string_columns_are_accepted(tmp_path):
     path = write_table(tmp_path / "t.parquet", {"prompt": pa.array(["a cat"], pa.large_string())})
     assert read_prompts(path, CFG).rows.num_rows == 1
+
+
+def test_images_per_prompt_from_the_config_and_the_n_column(tmp_path):
+    path = write_table(tmp_path / "p.parquet", {"prompt": ["a", "b", "c", "d", "e"], "n": [3, None, 0, 10_001, 1]})
+    plan = read_prompts(path, load_config("tiny", ["data.images_per_prompt=2"]))
+    assert plan.rows.column("images").to_pylist() == [[0, 1, 2], [0, 1], [0]]
+    assert [r.reason for r in plan.rejected] == [
+        "row 2: n = 0 images per prompt is outside [1, 10000]",
+        "row 3: n = 10001 images per prompt is outside [1, 10000]",
+    ]
+    words = write_table(tmp_path / "w.parquet", {"prompt": ["a"], "copies": ["3"]})
+    with pytest.raises(PromptTableError, match="column 'copies' has type string, expected integer"):
+        read_prompts(words, load_config("tiny", ["data.images_column=copies"]))

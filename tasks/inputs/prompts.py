@@ -12,14 +12,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from ifbatch.configs.schema import CascadeConfig
+from ifbatch.configs.schema import MAX_IMAGES_PER_PROMPT, CascadeConfig
 from ifbatch.models.seeding import SEED_MAX, derive_seed
 
 from ..storage import locate
+from .expand import image_lists
 from .params import OVERRIDES, param_fields, resolve_params
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -30,8 +32,9 @@ ROW_FIELDS = [
     pa.field("negative_prompt", pa.string()),
     pa.field("seed", pa.int64()),
 ]
-# The work order: one record per valid row, with every stage parameter already resolved
-WORK_SCHEMA = pa.schema(ROW_FIELDS + param_fields())
+# The work order: one record per valid row, with every stage parameter already resolved, and the indices of
+# the images still to make from it (expand.py)
+WORK_SCHEMA = pa.schema(ROW_FIELDS + param_fields() + [pa.field("images", pa.list_(pa.int32()))])
 
 
 class PromptTableError(ValueError):
@@ -84,7 +87,13 @@ def _check_columns(uri: str, schema: pa.Schema, cfg: CascadeConfig) -> dict[str,
             f"data.prompt_column"
         )
     cols = {"prompt": d.prompt_column}
-    for ours, theirs in (("id", d.id_column), ("negative_prompt", d.negative_prompt_column), ("seed", d.seed_column)):
+    optional = (
+        ("id", d.id_column),
+        ("negative_prompt", d.negative_prompt_column),
+        ("seed", d.seed_column),
+        ("n", d.images_column),
+    )
+    for ours, theirs in optional:
         if theirs in names:
             cols[ours] = theirs
     present_overrides = [c for c in OVERRIDES if c in names]
@@ -98,8 +107,15 @@ def _check_columns(uri: str, schema: pa.Schema, cfg: CascadeConfig) -> dict[str,
         "negative_prompt": pa.types.is_string,
         "id": lambda t: pa.types.is_string(t) or pa.types.is_integer(t),
         "seed": pa.types.is_integer,
+        "n": pa.types.is_integer,
     }
-    words = {"prompt": "string", "negative_prompt": "string", "id": "string or integer", "seed": "integer"}
+    words = {
+        "prompt": "string",
+        "negative_prompt": "string",
+        "id": "string or integer",
+        "seed": "integer",
+        "n": "integer (images per prompt)",
+    }
     for ours, theirs in cols.items():
         typ = schema.field(theirs).type
         if pa.types.is_large_string(typ) or pa.types.is_string_view(typ):
@@ -129,7 +145,7 @@ def read_prompts(uri: str, cfg: CascadeConfig) -> PromptPlan:
     """Stream the table in batches of data.read_batch_rows; validate; assign ids and seeds."""
     ds = _dataset(uri, cfg)
     cols = _check_columns(uri, ds.schema, cfg)
-    out: dict[str, list] = {f.name: [] for f in ROW_FIELDS} | {c: [] for c in OVERRIDES}
+    out: dict[str, list] = {f.name: [] for f in ROW_FIELDS} | {c: [] for c in OVERRIDES} | {"n": []}
     rejected: list[Rejected] = []
     seen: dict[str, int] = {}
     occurrences: Counter = Counter()
@@ -149,6 +165,7 @@ def read_prompts(uri: str, cfg: CascadeConfig) -> PromptPlan:
     n = len(out["id"])
     given = {c: pa.array(out[c], pa.float64()) for c in OVERRIDES if c in cols}
     columns = {f.name: pa.array(out[f.name], f.type) for f in ROW_FIELDS} | resolve_params(given, n, cfg)
+    columns["images"] = image_lists(np.array(out["n"], dtype=np.int64))
     return PromptPlan(uri, pa.table(columns, schema=WORK_SCHEMA), rejected, row)
 
 
@@ -177,6 +194,14 @@ def _take(rec: dict, row: int, cfg: CascadeConfig, out: dict, rejected: list, se
         seed = derive_seed(cfg.seed, rid)
     elif not 0 <= seed <= SEED_MAX:
         return reject(f"row {row}: seed {seed!r} is outside [0, 2**63 - 1]")
+    images = rec.get("n")
+    if images is None:
+        images = cfg.data.images_per_prompt
+    elif not 1 <= images <= MAX_IMAGES_PER_PROMPT:
+        return reject(
+            f"row {row}: {cfg.data.images_column} = {images!r} images per prompt is outside "
+            f"[1, {MAX_IMAGES_PER_PROMPT}]"
+        )
     overrides = {}
     for column in OVERRIDES:
         value = rec.get(column)
@@ -187,5 +212,7 @@ def _take(rec: dict, row: int, cfg: CascadeConfig, out: dict, rejected: list, se
             value = int(value) if column.endswith("steps") else float(value)
         overrides[column] = value
     seen[rid] = row
-    for k, v in dict(row=row, id=rid, prompt=prompt, negative_prompt=negative, seed=seed, **overrides).items():
+    for k, v in dict(
+        row=row, id=rid, prompt=prompt, negative_prompt=negative, seed=seed, n=images, **overrides
+    ).items():
         out[k].append(v)

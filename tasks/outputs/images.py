@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from ifbatch.configs.schema import OutputConfig
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+KEY = "ifbatch"  # the PNG text chunk with the provenance JSON
+SOFTWARE = "ifbatch"
+EXIF_DESCRIPTION, EXIF_SOFTWARE = 0x010E, 0x0131
 
 
 def image_relpath(row_id: str, out: OutputConfig) -> str:
@@ -20,8 +25,34 @@ def image_relpath(row_id: str, out: OutputConfig) -> str:
     return "/".join(["images", *shards, f"{row_id}.{EXTENSIONS[out.image_format]}"])
 
 
-def encode_image(pixels: np.ndarray, out: OutputConfig) -> bytes:
+def encode_image(pixels: np.ndarray, out: OutputConfig, meta: dict | None = None) -> bytes:
+    """The file's bytes, carrying `meta` (how the image was made): PNG in text chunks (the JSON in `ifbatch`, the
+    prompt also as the standard `Description`), JPEG and WebP in EXIF (the JSON as ImageDescription, ASCII-escaped
+    so that any prompt survives EXIF's ASCII)."""
     buf = io.BytesIO()
-    kwargs = {"optimize": False} if out.image_format == "png" else {"quality": out.quality}
+    kwargs: dict = {"optimize": False} if out.image_format == "png" else {"quality": out.quality}
+    if meta is not None:
+        doc = json.dumps(meta, sort_keys=True)
+        if out.image_format == "png":
+            info = PngInfo()
+            info.add_itxt("Description", str(meta.get("prompt", "")))
+            info.add_text("Software", SOFTWARE)
+            info.add_itxt(KEY, doc)
+            kwargs["pnginfo"] = info
+        else:
+            exif = Image.Exif()
+            exif[EXIF_DESCRIPTION] = json.dumps(meta, sort_keys=True, ensure_ascii=True)
+            exif[EXIF_SOFTWARE] = SOFTWARE
+            kwargs["exif"] = exif.tobytes()
     Image.fromarray(pixels).save(buf, format=out.image_format.upper(), **kwargs)
     return buf.getvalue()
+
+
+def read_provenance(data: bytes) -> dict | None:
+    """What encode_image stored in an image file; None when the file carries none."""
+    with Image.open(io.BytesIO(data)) as im:
+        doc = im.text.get(KEY) if im.format == "PNG" else im.getexif().get(EXIF_DESCRIPTION)
+    try:
+        return json.loads(doc) if doc else None
+    except ValueError:
+        return None

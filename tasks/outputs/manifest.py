@@ -22,9 +22,11 @@ MANIFEST_DIR = "manifest"
 # One record per image, as the writer makes it (columnar, no per-run facts) ...
 RECORD_SCHEMA = pa.schema(
     [
-        ("id", pa.string()), ("row", pa.int64()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
+        ("id", pa.string()), ("row", pa.int64()), ("prompt_id", pa.string()), ("image_index", pa.int32()),
+        ("prompt", pa.string()), ("negative_prompt", pa.string()),
         ("seed", pa.int64()), ("status", pa.string()), ("error", pa.string()),
         ("image_uri", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
+        ("bytes", pa.int64()),
         ("nsfw", pa.bool_()), ("watermark_detected", pa.bool_()), ("watermarked", pa.bool_()),
         ("truncated", pa.bool_()), ("negative_truncated", pa.bool_()),
         *param_fields(),
@@ -39,6 +41,7 @@ SCHEMA = pa.schema(list(RECORD_SCHEMA) + RUN_FIELDS)
 
 def part_paths(loc: Location) -> list[str]:
     base = loc.path(MANIFEST_DIR)
+    loc.fs.invalidate_cache(base)  # s3fs keeps listings: another process (a rerun, verify) may have written since
     if not loc.fs.exists(base):
         return []
     return sorted(p for p in loc.fs.ls(base, detail=False) if p.endswith(".parquet"))
@@ -71,15 +74,24 @@ def _read_part(loc: Location, path: str, columns: list[str]) -> pa.Table:
 def read_manifest(loc: Location, columns: Iterable[str] | None = None) -> pa.Table:
     """All parts, the latest record per id; an empty table with the schema when nothing was written yet."""
     cols = list(columns) if columns else SCHEMA.names
-    need = list(dict.fromkeys(["id", *cols]))
+    need = list(dict.fromkeys(["id", "written_at", *cols]))
     tables = [_read_part(loc, path, need) for path in part_paths(loc)]
     if not tables:
         return SCHEMA.empty_table().select(cols)
-    t = pa.concat_tables(tables)
+    return latest_per_id(pa.concat_tables(tables)).select(cols)
+
+
+def latest_per_id(t: pa.Table) -> pa.Table:
+    """The latest record of each id: the last written (`written_at`, to the microsecond; parts' order breaks ties
+    and orders records without it), in the order the surviving records came. Not the parts' names alone: a
+    `verify --repair` part and a rerun begun in the same second would otherwise sort by their random suffixes."""
     t = t.append_column("_pos", pa.array(range(t.num_rows), pa.int64()))
-    last = t.group_by("id").aggregate([("_pos", "max")]).column("_pos_max")
-    t = t.take(last.take(pc.sort_indices(last)))  # input order of the surviving records
-    return t.select(cols)
+    order = pc.sort_indices(t, sort_keys=[("written_at", "ascending", "at_start"), ("_pos", "ascending", "at_start")])
+    ranked = t.select(["id"]).take(order).append_column("_rank", pa.array(range(t.num_rows), pa.int64()))
+    ranked = ranked.append_column("_at", order)
+    best = ranked.group_by("id").aggregate([("_rank", "max")]).column("_rank_max")
+    rows = pc.take(ranked.column("_at"), best)  # positions in t of each id's latest record
+    return t.take(pc.take(rows, pc.sort_indices(rows))).drop_columns(["_pos"])
 
 
 def done_ids(loc: Location) -> pa.Array:

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from ifbatch.configs.schema import STAGES, CascadeConfig
 
+from ..inputs.expand import image_count
 from ..outputs.manifest import write_part
 from ..storage import Location
 from .progress import Progress, report
@@ -73,7 +74,9 @@ class PipelineResult:
                 self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + s
 
 
-def build_dataset(rows: pa.Table, cfg: CascadeConfig, output: str, groups: dict | None = None, actors=None):
+def build_dataset(
+    rows: pa.Table, cfg: CascadeConfig, output: str, groups: dict | None = None, actors=None, models: dict | None = None
+):
     """The lazy Ray Data pipeline. groups: {stage: placement group} from a plan (cluster.reserve), each stage's
     actors then land in its group's bundles; actors: the stage actor classes (default STAGE_ACTORS)."""
     import ray
@@ -85,14 +88,16 @@ def build_dataset(rows: pa.Table, cfg: CascadeConfig, output: str, groups: dict 
     # the next stage. At Ray's default (128 MB) stage I's batch of 32 left as one block, so one stage II actor
     # and then one stage III actor got all 32 rows while the other replicas idled (measured: marks arrived in
     # two lumps at the end). Every row between stages is larger than 64 KB (the smallest, stage I's output, is a
-    # 24 KB 64 px image travelling with its 1.3 MB of embeddings), so each block holds one row: every replica of the next stage takes a share, and Ray
-    # Data, which bundles whole blocks up to a batch, makes whole batches. At 1 MB, blocks of 2-3 stage II rows
-    # gave stage III (batch 4) a batch of 4 and one of 2, over and over (8 of 19 calls were short at N = 1).
+    # 24 KB 64 px image travelling with its 1.3 MB of embeddings), so each block holds one row: every replica of
+    # the next stage takes a share, and Ray Data, which bundles whole blocks up to a batch, makes whole batches.
+    # At 1 MB, blocks of 2-3 stage II rows gave stage III (batch 4) a batch of 4 and one of 2, over and over
+    # (8 of 19 calls were short at N = 1).
     ctx.target_max_block_size = BLOCK_BYTES
     # Every actor of a stage is up before rows flow to it. Started lazily, the first replicas up took every
     # batch while the others loaded (measured, 4 fake GPUs: two of four stage I replicas did all of its work).
     ctx.wait_for_min_actors_s = ACTOR_START_S
     step = cfg.text_encoder.batch_size
+    images = image_count(rows)
     ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
     actors = actors or STAGE_ACTORS
     for stage in STAGES:
@@ -104,10 +109,10 @@ def build_dataset(rows: pa.Table, cfg: CascadeConfig, output: str, groups: dict 
         # yet (ray#64090 adds per-actor placement groups to map_batches); the pin keeps it working until then.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-            ds = _map_stage(ds, actors[stage], cfg, sc, where, in_flight(rows.num_rows, sc.batch_size, sc.replicas))
+            ds = _map_stage(ds, actors[stage], cfg, sc, where, in_flight(images, sc.batch_size, sc.replicas))
     return ds.map_batches(
         ImageWriter,
-        fn_constructor_kwargs=dict(cfg=cfg, output=output),
+        fn_constructor_kwargs=dict(cfg=cfg, output=output, models=models or {}),
         batch_size=cfg.stage_3.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),
@@ -160,6 +165,7 @@ def run_pipeline(
     if rows.num_rows == 0:
         return result
     t0 = time.monotonic()
+    images = image_count(rows)
     models_json = json.dumps(models, sort_keys=True)
     pending: list[pa.Table] = []
     last_flush = time.monotonic()
@@ -173,7 +179,7 @@ def run_pipeline(
         last_flush = time.monotonic()
 
     try:
-        ds = build_dataset(rows, cfg, output, groups, actors)
+        ds = build_dataset(rows, cfg, output, groups, actors, models)
         for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             pending.append(records)
             result.add(records)
@@ -183,7 +189,7 @@ def run_pipeline(
                 or time.monotonic() - last_flush >= cfg.output.manifest_flush_seconds
             ):
                 flush()
-            report(Progress(result.done, result.failed, rows.num_rows, t0))
+            report(Progress(result.done, result.failed, images, t0))
     finally:
         flush()  # also when the stream failed: what was written is recorded, and a rerun resumes after it
     result.seconds = time.monotonic() - t0

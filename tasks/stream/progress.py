@@ -1,4 +1,4 @@
-"""Progress of a run: rows done, rows/s and ETA, pushed to whoever listens (the CLI's bar, Prefect's logs)."""
+"""Progress of a run: images done, images/s and ETA, pushed to whoever listens (the CLI's bar, Prefect's logs)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ class Progress:
 
     def line(self) -> str:
         eta = "?" if self.eta is None else f"{self.eta:.0f}s"
-        return f"{self.done + self.failed}/{self.total} rows ({self.failed} failed), {self.rate:.2f} rows/s, ETA {eta}"
+        done = self.done + self.failed
+        return f"{done}/{self.total} images ({self.failed} failed), {self.rate:.2f} images/s, ETA {eta}"
 
 
 def listen(fn: Listener) -> Callable[[], None]:

@@ -20,6 +20,8 @@ import numpy as np
 from ifbatch.configs.schema import CascadeConfig
 from ifbatch.models.params import PARAM_TYPES, PARAMS, StageParams
 
+from ..inputs.expand import expand
+
 Batch = dict[str, np.ndarray]
 
 
@@ -60,6 +62,7 @@ class StageActor:
 
     name = ""
     drops: tuple[str, ...] = ()  # columns no later stage needs
+    expands = False  # the batch leaves as one row per image to make (inputs/expand.py)
     _where: str | None = None
 
     def groups(self, batch: Batch, idx: list[int]) -> dict[StageParams | None, list[int]]:
@@ -114,7 +117,7 @@ class StageActor:
         batch[f"placement_{self.name}"] = np.full(n, self._where, dtype=object)
         for key in self.drops:
             batch.pop(key, None)
-        return batch
+        return expand(batch) if self.expands else batch
 
 
 def _seeds(batch: Batch, idx: list[int]) -> list[int]:
@@ -122,7 +125,10 @@ def _seeds(batch: Batch, idx: list[int]) -> list[int]:
 
 
 class EncodeStage(StageActor):
+    """Encodes each prompt once, then hands on one row per image to make, each with the row's embeddings."""
+
     name = "text_encoder"
+    expands = True
 
     def __init__(self, cfg: CascadeConfig):
         from ifbatch.models.encode import TextEncoder

@@ -16,11 +16,14 @@ from ..inputs.params import param_fields
 from ..outputs.images import encode_image, image_relpath
 from ..outputs.manifest import RECORD_SCHEMA
 from ..storage import locate
+from .stages import cell
 
 # Copied from the row as they are: what the row was, and what shaped its image
 COPIED = [
     "id",
     "row",
+    "prompt_id",
+    "image_index",
     "prompt",
     "negative_prompt",
     "seed",
@@ -43,18 +46,33 @@ def _placement(batch: dict[str, np.ndarray], n: int) -> list[str]:
     return ["{" + ", ".join(f'"{stage}": {col[i]}' for stage, col in cols) + "}" for i in range(n)]
 
 
+def provenance(batch: dict[str, np.ndarray], i: int, models: dict) -> dict:
+    """How row i's image was made, as stored in the file itself (outputs/images.py) and read back by anyone."""
+    return {
+        "id": str(batch["id"][i]),
+        "prompt_id": str(batch["prompt_id"][i]),
+        "image_index": int(batch["image_index"][i]),
+        "prompt": str(batch["prompt"][i]),
+        "negative_prompt": str(batch["negative_prompt"][i] or ""),
+        "seed": int(batch["seed"][i]),
+        "params": {f.name: cell(batch[f.name][i]) for f in param_fields()},
+        "models": models,
+    }
+
+
 class ImageWriter:
     """map_batches callable: one image file per ok row, durable before its record is returned."""
 
-    def __init__(self, cfg: CascadeConfig, output: str):
+    def __init__(self, cfg: CascadeConfig, output: str, models: dict | None = None):
         self.out = cfg.output
         self.loc = locate(output, cfg.s3)
+        self.models = models or {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])
         errors = batch.get("error", np.array([""] * n, dtype=object))
         status, error = ["ok"] * n, [None] * n
-        uri, width, height, sha, seconds = [None] * n, [None] * n, [None] * n, [None] * n, [0.0] * n
+        uri, width, height, sha, size, seconds = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n, [0.0] * n
         for i in range(n):
             t0 = time.perf_counter()
             if errors[i]:
@@ -62,15 +80,15 @@ class ImageWriter:
                 continue
             try:
                 pixels = batch["image"][i]
-                data = encode_image(pixels, self.out)
+                data = encode_image(pixels, self.out, provenance(batch, i, self.models))
                 path = self.loc.path(image_relpath(str(batch["id"][i]), self.out))
                 self.loc.write_bytes(path, data)
-                uri[i], sha[i] = self.loc.uri(path), hashlib.sha256(data).hexdigest()
+                uri[i], sha[i], size[i] = self.loc.uri(path), hashlib.sha256(data).hexdigest(), len(data)
                 height[i], width[i] = int(pixels.shape[0]), int(pixels.shape[1])
             except Exception as e:
                 status[i], error[i] = "failed", f"write: {type(e).__name__}: {e}"[:2000]
             seconds[i] = time.perf_counter() - t0
-        written = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        written = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")  # orders records: manifest.py
         columns = {c: pa.array(batch[c], RECORD_SCHEMA.field(c).type, from_pandas=True) for c in COPIED}  # NaN: null
         columns |= dict(
             status=status,
@@ -79,6 +97,7 @@ class ImageWriter:
             width=width,
             height=height,
             sha256=sha,
+            bytes=pa.array(size, pa.int64()),
             nsfw=_flags(batch["nsfw"]),
             watermark_detected=_flags(batch["watermark_detected"]),
             watermarked=batch["watermarked"].astype(bool),

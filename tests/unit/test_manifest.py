@@ -45,3 +45,20 @@ def test_a_part_written_by_an_older_ifbatch_still_reads(tmp_path):
     loc.write_bytes(loc.path("manifest", "part-old-00000.parquet"), buf.getvalue())
     t = read_manifest(loc, ["id", "status", "seconds_text_encoder", "run_id"]).to_pylist()
     assert t == [{"id": "x", "status": "ok", "seconds_text_encoder": None, "run_id": "old"}]
+
+
+def test_the_last_written_record_wins_whatever_the_parts_names(tmp_path):
+    """A repair part and a rerun begun in the same second: the later write wins, not the later name."""
+    loc = locate(str(tmp_path))
+    later = records(["a"], ["ok"]).set_column(
+        RECORD_SCHEMA.get_field_index("written_at"), "written_at", pa.array(["2026-11-29T15:54:54.900000+00:00"])
+    )
+    earlier = records(["a", "b"], ["failed", "ok"]).set_column(
+        RECORD_SCHEMA.get_field_index("written_at"),
+        "written_at",
+        pa.array(["2026-11-29T15:54:54.100000+00:00", "2026-11-29T15:54:54+00:00"]),
+    )
+    write_part(loc, later, "20261129T155454Z-1c457c", "{}", 0)
+    write_part(loc, earlier, "20261129T155454Z-verify", "{}", 0)  # sorts last by name, was written first
+    t = read_manifest(loc, ["id", "status"]).to_pylist()
+    assert sorted((r["id"], r["status"]) for r in t) == [("a", "ok"), ("b", "ok")]

@@ -8,11 +8,12 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ifbatch.configs import load_config
 from ifbatch.configs.schema import STAGES
-from ifbatch.tasks.outputs.images import encode_image, image_relpath
+from ifbatch.tasks.outputs.images import encode_image, image_relpath, read_provenance
 from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA
 from ifbatch.tasks.storage import locate
 from ifbatch.tasks.stream.writer import ImageWriter
@@ -49,6 +50,8 @@ def writer_batch(n_ok: int):
     b = {
         "id": np.array([f"r{i}" for i in range(n)], object),
         "row": np.arange(n),
+        "prompt_id": np.array([f"r{i}" for i in range(n)], object),
+        "image_index": np.zeros(n, np.int32),
         "seed": np.arange(n) + 7,
         "prompt": np.array(["p"] * n, object),
         "negative_prompt": np.array([""] * n, object),
@@ -71,7 +74,7 @@ def writer_batch(n_ok: int):
 
 def test_the_writer_records_ok_and_failed_rows_columnar(tmp_path):
     cfg, batch = writer_batch(2)
-    t = ImageWriter(cfg, str(tmp_path)).__call__(batch)
+    t = ImageWriter(cfg, str(tmp_path), {"stage_1": {"commit": "abc"}}).__call__(batch)
     assert t.schema == RECORD_SCHEMA
     rows = t.to_pylist()
     for r, pixels in zip(rows[:2], batch["image"][:2], strict=True):
@@ -81,7 +84,10 @@ def test_the_writer_records_ok_and_failed_rows_columnar(tmp_path):
             and r["sha256"] == hashlib.sha256(data).hexdigest()
             and (r["width"], r["height"]) == (8, 8)
         )
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels) and r["bytes"] == len(data)
+        meta = read_provenance(data)  # the file says how it was made, found alone
+        assert (meta["id"], meta["prompt"], meta["seed"], meta["prompt_id"]) == (r["id"], "p", r["seed"], r["id"])
+        assert meta["params"]["stage_1_steps"] == 4 and meta["models"] == {"stage_1": {"commit": "abc"}}
         assert (r["nsfw"], r["watermark_detected"]) == (False, True) and r["seconds_stage_3"] == 0.1
     bad = rows[2]
     assert (bad["status"], bad["error"], bad["image_uri"], bad["nsfw"]) == (
@@ -92,3 +98,14 @@ def test_the_writer_records_ok_and_failed_rows_columnar(tmp_path):
     )
     assert bad["seconds_stage_3"] is None  # NaN (not run) is recorded as null
     assert set(json.loads(bad["placement"])) == set(STAGES)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_every_format_carries_its_provenance_whatever_the_prompt(fmt):
+    cfg = load_config("tiny", [f"output.image_format={fmt}"])
+    meta = {"prompt": "un café ☕ à Zürich", "seed": 2**62, "models": {"stage_1": {"commit": "0123abc"}}}
+    data = encode_image(np.zeros((16, 16, 3), np.uint8), cfg.output, meta)
+    assert read_provenance(data) == meta
+    if fmt == "png":
+        assert Image.open(io.BytesIO(data)).text["Description"] == meta["prompt"]
+    assert read_provenance(encode_image(np.zeros((16, 16, 3), np.uint8), cfg.output)) is None

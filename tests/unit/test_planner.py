@@ -85,7 +85,7 @@ def test_ifbatch_plan_prints_the_plan_and_the_estimate(capsys):
     assert main(["plan", str(EXAMPLES), "--preset", "if-xl", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
     total = sum(x.seconds_per_image for x in table_costs(load_config("if-xl")).values())
-    assert "36 rows to generate" in out and f"{8 / total:.3f} images/s" in out
+    assert "36 rows to generate, 36 images" in out and f"{8 / total:.3f} images/s" in out
     assert f"36 images in {36 * total / 8:.0f} s, {36 * total / 3600:.3f} GPU-hours" in out
     assert "stage_3               8     0.5100      4    2.870          54.1%" in out
     assert main(["plan", str(EXAMPLES), "--preset", "if-l", "--gpus", "2"]) == 2

@@ -1,0 +1,110 @@
+"""`ifbatch verify` and `ifbatch compact`: prove an output whole, mend it, and merge its manifest parts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ifbatch.tasks.storage import storage_errors
+
+
+def add_parsers(sub) -> None:
+    v = sub.add_parser(
+        "verify",
+        help="check that every ok image in an output exists and matches its sha256 and size",
+        description="Read the manifest of OUTPUT, read every ok image (in parallel) and check it against the "
+        "sha256 and size recorded for it; list missing, corrupt and orphaned files (image files no record "
+        "names). Exit status 0: whole; 1: something is wrong; 2: the output could not be read.",
+    )
+    v.add_argument("output", help="output folder or s3://bucket/prefix")
+    v.add_argument(
+        "--repair",
+        action="store_true",
+        help="record the missing and corrupt images as failed, so that the next `ifbatch run` into OUTPUT makes "
+        "exactly those again (orphans are listed, not deleted)",
+    )
+    v.add_argument("--workers", type=int, default=16, help="images read at once (default 16)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c = sub.add_parser(
+        "compact",
+        help="merge an output's manifest parts into few large ones (safe to interrupt)",
+        description="Merge every manifest part of OUTPUT into parts of at most --part-rows records, the latest "
+        "record per image only; read_manifest gives the same result before and after, and after a crash "
+        "mid-way. Runs do this for their own parts when they end.",
+    )
+    c.add_argument("output", help="output folder or s3://bucket/prefix")
+    c.add_argument("--part-rows", type=int, default=1_000_000, help="records per merged part (default 1,000,000)")
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    from ifbatch.tasks.outputs.verify import repair, verify
+
+    loc = _locate(args.output)
+    if loc is None:
+        return 2
+    bar, update = _bar(not args.no_progress)
+    try:
+        report, ok = verify(loc, workers=max(1, args.workers), progress=update)
+    except (*storage_errors(), ValueError) as e:
+        print(f"ifbatch: cannot verify {args.output!r}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.stop()
+    for p in report.problems:
+        print(p.line())
+    print(report.summary())
+    if args.repair:
+        parts = repair(loc, report, ok)
+        broken = report.count("missing") + report.count("corrupt")
+        if parts:
+            print(
+                f"recorded {broken} broken images as failed ({', '.join(parts)}); rerun into this output to make them"
+            )
+    return 0 if report.whole else 1
+
+
+def compact_command(args: argparse.Namespace) -> int:
+    from ifbatch.tasks.outputs.compact import compact
+
+    loc = _locate(args.output)
+    if loc is None:
+        return 2
+    try:
+        written, removed = compact(loc, part_rows=max(1, args.part_rows))
+    except (*storage_errors(), ValueError) as e:
+        print(f"ifbatch: cannot compact {args.output!r}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if not removed:
+        print(f"{args.output}: nothing to merge (fewer than 2 manifest parts)")
+    else:
+        print(f"{args.output}: {len(removed)} manifest parts merged into {len(written)}")
+    return 0
+
+
+def _locate(output: str):
+    from ifbatch.tasks.outputs.manifest import MANIFEST_DIR
+    from ifbatch.tasks.storage import locate
+
+    try:
+        loc = locate(output)
+        loc.fs.invalidate_cache()
+        if not loc.fs.exists(loc.path(MANIFEST_DIR)):
+            print(f"ifbatch: {output!r} has no manifest/ folder: not an ifbatch output", file=sys.stderr)
+            return None
+    except (*storage_errors(), ValueError) as e:
+        print(f"ifbatch: cannot read {output!r}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return loc
+
+
+def _bar(show: bool):
+    """A rich progress bar on a terminal (stderr), updated from the reading threads."""
+    if not show or not sys.stderr.isatty():
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+    job = bar.add_task("images", total=None)
+    bar.start()
+    return bar, lambda done, total: bar.update(job, completed=done, total=total)
