@@ -59,23 +59,6 @@ def load_tiny():
     return load_config("tiny")
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_small_table_end_to_end(where, tmp_path, tiny_set, ray_cluster, prefect_api):
-    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL})
-    output = str(tmp_path / "out") if where == "local" else f"s3://{BUCKET}/e2e-{tmp_path.name}"
-    state, summary = run_flow(prompts, output, tiny_set)
-    assert state.is_completed(), state.message
-    assert (summary.done, summary.failed, summary.rejected, summary.skipped) == (len(SMALL), 0, 0, 0)
-    rows = check_outputs(output, set(_ids(prompts)))
-    record = json.loads(read_bytes(summary.run_record))
-    assert record["counts"]["done"] == len(SMALL) and record["versions"]["diffusers"] == "0.42.1"
-    assert record["config"]["stage_1"]["steps"] == 4 and "AWS_SECRET_ACCESS_KEY" not in json.dumps(record)
-
-    again_state, again = run_flow(prompts, output, tiny_set)  # resume: nothing left to do
-    assert again_state.is_completed() and (again.done, again.skipped) == (0, len(SMALL))
-    assert read_manifest(locate(output)).num_rows == len(rows)
-
-
 def _ids(prompts: str) -> list[str]:
     from ifbatch.tasks.inputs.prompts import read_prompts
 

@@ -1,16 +1,20 @@
-"""`ifbatch verify` and `ifbatch compact` on real outputs (a folder and the SeaweedFS server): a deleted image, a
-truncated image and an orphan are found; --repair plus a rerun restores exactly the two broken images."""
+"""A run, then `ifbatch verify` and `ifbatch compact` on its output (a folder and the SeaweedFS server): the run's
+records and files are right; a deleted image, a truncated image and an orphan are found; --repair plus a rerun
+restores exactly the two broken images (the rerun skips the rest); compaction keeps read_manifest."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from ifbatch.tasks.inputs.expand import image_id
 from ifbatch.tasks.outputs.manifest import part_paths, read_manifest
 from ifbatch.tasks.storage import locate
 
 from .conftest import BUCKET
-from .helpers import SMALL, cli, write_table
-from .test_pipeline import run_flow
+from .helpers import SMALL, cli, read_bytes, write_table
+from .test_pipeline import _ids, check_outputs, run_flow
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +29,12 @@ def test_verify_repair_rerun_and_compact(where, tmp_path, tiny_dir, ray_cluster,
     prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:3], "n": [2, 1, 1]})  # 4 images
     out = str(tmp_path / "out") if where == "local" else f"s3://{BUCKET}/verify-{tmp_path.name}"
     state, first = run_flow(prompts, out, tiny_set)
-    assert state.is_completed() and first.done == 4, state.message
+    assert state.is_completed(), state.message
+    assert (first.done, first.failed, first.rejected, first.skipped, first.images) == (4, 0, 0, 0, 4)
+    check_outputs(out, {image_id(r, k) for r, n in zip(_ids(prompts), (2, 1, 1), strict=True) for k in range(n)})
+    record = json.loads(read_bytes(first.run_record))
+    assert record["counts"]["done"] == 4 and record["versions"]["diffusers"] == "0.42.1"
+    assert record["config"]["stage_1"]["steps"] == 4 and "AWS_SECRET_ACCESS_KEY" not in json.dumps(record)
     res = cli("verify", out, timeout=120)
     assert res.returncode == 0 and "whole: 4 images checked" in res.stdout, res.stdout + res.stderr
 

@@ -57,13 +57,19 @@ class Report:
 
 
 def _path(loc: Location, uri: str) -> str:
-    return uri.split("://", 1)[1] if "://" in uri else uri
+    """Where a recorded image is in the output being checked: its path below images/, under this output's root.
+    An output copied or moved elsewhere (another bucket, another folder) is checked where it is now."""
+    marker = f"/{IMAGES_DIR}/"
+    if marker not in uri:
+        return uri.split("://", 1)[1] if "://" in uri else uri
+    return loc.path(IMAGES_DIR, uri.rsplit(marker, 1)[1])
 
 
 def _check(loc: Location, rec: dict) -> Problem | None:
-    uri = rec["image_uri"]
+    path = _path(loc, rec["image_uri"])
+    uri = loc.uri(path)
     try:
-        data = loc.fs.cat_file(_path(loc, uri))
+        data = loc.fs.cat_file(path)
     except FileNotFoundError:
         return Problem("missing", uri, rec["id"])
     size = rec.get("bytes")

@@ -109,3 +109,24 @@ def test_every_format_carries_its_provenance_whatever_the_prompt(fmt):
     if fmt == "png":
         assert Image.open(io.BytesIO(data)).text["Description"] == meta["prompt"]
     assert read_provenance(encode_image(np.zeros((16, 16, 3), np.uint8), cfg.output)) is None
+
+
+def test_verify_checks_an_output_where_it_is_now_after_a_copy(tmp_path):
+    """An output copied elsewhere (records name the old place) is checked in its new place."""
+    import shutil
+
+    from ifbatch.tasks.outputs.manifest import write_part
+    from ifbatch.tasks.outputs.verify import verify
+
+    cfg, batch = writer_batch(3)
+    old = tmp_path / "old"
+    write_part(locate(str(old)), ImageWriter(cfg, str(old))(batch), "run1", "{}", 0)
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    shutil.rmtree(old / "images")  # the records' own paths are gone: only the copy counts
+    report, _ = verify(locate(str(new)))
+    assert report.whole and report.checked == 3, [p.line() for p in report.problems]
+    victim = next((new / "images").rglob("r1.png"))
+    victim.write_bytes(victim.read_bytes()[:-1])
+    report, _ = verify(locate(str(new)))
+    assert [(p.kind, p.id, p.uri) for p in report.problems] == [("corrupt", "r1", str(victim))]
