@@ -55,5 +55,5 @@ def test_first_run_on_a_fresh_machine_completes_quietly(tmp_path):
     assert all(sha256(read_bytes(r["image_uri"])) == r["sha256"] for r in rows)
     assert [r["truncated"] for r in rows if r["prompt"] == LONG] == [True]  # recorded, not warned about
     assert (tmp_path / "home" / ".cache" / "ifbatch" / "tiny-cascade" / "TINY_CASCADE.json").is_file()
-    assert "starting a temporary Prefect API" in terminal and "4 done, 0 failed" in terminal
+    assert "starting a temporary Prefect API" in terminal and "4 images done, 0 failed" in terminal
     assert [n for n in NOISE if n in terminal] == []

@@ -99,7 +99,7 @@ def test_plans_for_both_workers_and_survives_losing_one(cluster, tiny_dir, prefe
         assert 0 < len(done_before) < 48
     res = run_cli(prompts, out, c.address, env, *tiny)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"{len(done_before)} rows already in the manifest are skipped" in res.stdout + res.stderr or (
+    assert f"{len(done_before)} images already in the manifest are skipped" in res.stdout + res.stderr or (
         len(done_before) == 48
     )
     ids = ok_records(out)

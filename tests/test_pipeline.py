@@ -131,7 +131,7 @@ def test_cli_example_table_to_s3(tiny_set, ray_cluster, prefect_api):
         env={"PREFECT_API_URL": prefect_api},
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "36 done, 0 failed, 0 rejected" in res.stdout
+    assert "36 images done, 0 failed, 0 skipped (already done) of 36 images from 36 rows, 0 rows rejected" in res.stdout
     check_outputs(out, set(_ids(str(EXAMPLES))))
 
 
@@ -152,7 +152,7 @@ def test_cli_bad_rows_exit_non_zero(tmp_path, tiny_set, ray_cluster, prefect_api
         env={"PREFECT_API_URL": prefect_api},
     )
     assert res.returncode == 1, res.stderr[-3000:]
-    assert "2 done, 0 failed, 2 rejected" in res.stdout
+    assert "2 images done, 0 failed, 0 skipped (already done) of 2 images from 4 rows, 2 rows rejected" in res.stdout
     check_outputs(str(out), {"c1", "d1"})
     rejected = list((out / "runs").glob("*-rejected.parquet"))
     import pyarrow.parquet as pq
