@@ -10,14 +10,12 @@ duplicated, and the next compaction finishes the job.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import re
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..storage import Location
-from .manifest import MANIFEST_DIR, SCHEMA, _read_part, latest_per_id, part_paths
+from .manifest import SCHEMA, _read_part, latest_per_id, part_paths, write_table
 
 PART = re.compile(r"^part-(?P<run>.+?)-(?:c\d{8}T\d{6}\d{6}Z-)?\d{5}\.parquet$")
 
@@ -54,9 +52,5 @@ def merge(loc: Location, parts: list[str], part_rows: int = 1_000_000) -> list[s
     last_run = run_of(parts[-1])
     written = []
     for seq, start in enumerate(range(0, max(table.num_rows, 1), part_rows)):
-        buf = io.BytesIO()
-        pq.write_table(table.slice(start, part_rows), buf, compression="zstd")
-        path = loc.path(MANIFEST_DIR, f"part-{last_run}-c{stamp}-{seq:05d}.parquet")
-        loc.write_bytes(path, buf.getvalue())
-        written.append(path)
+        written.append(write_table(loc, table.slice(start, part_rows), f"part-{last_run}-c{stamp}-{seq:05d}.parquet"))
     return written

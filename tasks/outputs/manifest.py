@@ -52,9 +52,14 @@ def write_part(loc: Location, records: pa.Table, run_id: str, models: str, seq: 
     n = records.num_rows
     table = records.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
     table = pa.Table.from_arrays([*table.columns, pa.repeat(models, n), pa.repeat(run_id, n)], schema=SCHEMA)
+    return write_table(loc, table, f"part-{run_id}-{seq:05d}.parquet")
+
+
+def write_table(loc: Location, table: pa.Table, name: str) -> str:
+    """One part file under manifest/, written whole (zstd Parquet, atomically); returns its path."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    path = loc.path(MANIFEST_DIR, f"part-{run_id}-{seq:05d}.parquet")
+    path = loc.path(MANIFEST_DIR, name)
     loc.write_bytes(path, buf.getvalue())
     return path
 
