@@ -18,6 +18,7 @@ from .context import RunContext, RunSummary
 from .inputs.expand import image_count, without_done
 from .inputs.prompts import PromptPlan, read_prompts
 from .outputs.compact import compact
+from .outputs.images import IMAGES_DIR
 from .outputs.manifest import MANIFEST_DIR, done_ids
 from .outputs.records import versions, write_rejected, write_run_record
 from .stream.pipeline import PipelineResult, run_pipeline
@@ -41,7 +42,7 @@ def plan_resume(ctx: RunContext) -> tuple[pa.Table, int]:
     """Rows still to generate. --overwrite deletes earlier outputs first; otherwise rows already ok are skipped."""
     loc, rows, log = ctx.loc, ctx.plan.rows, get_run_logger()
     if ctx.params.get("overwrite"):
-        for sub in (MANIFEST_DIR, "images"):
+        for sub in (MANIFEST_DIR, IMAGES_DIR):
             if loc.fs.exists(loc.path(sub)):
                 loc.fs.rm(loc.path(sub), recursive=True)
         log.info("--overwrite: removed earlier manifest and images under %s", ctx.output)

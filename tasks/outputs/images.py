@@ -13,6 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 from ifbatch.configs.schema import OutputConfig
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+IMAGES_DIR = "images"  # under the output root
 KEY = "ifbatch"  # the PNG text chunk with the provenance JSON
 SOFTWARE = "ifbatch"
 EXIF_DESCRIPTION, EXIF_SOFTWARE = 0x010E, 0x0131
@@ -22,7 +23,7 @@ def image_relpath(row_id: str, out: OutputConfig) -> str:
     """images/ab/cd/<id>.png: hashed shards keep every folder small, also with millions of rows."""
     h = hashlib.blake2b(row_id.encode(), digest_size=8).hexdigest()
     shards = [h[2 * i : 2 * i + 2] for i in range(out.shard_depth)]
-    return "/".join(["images", *shards, f"{row_id}.{EXTENSIONS[out.image_format]}"])
+    return "/".join([IMAGES_DIR, *shards, f"{row_id}.{EXTENSIONS[out.image_format]}"])
 
 
 def encode_image(pixels: np.ndarray, out: OutputConfig, meta: dict | None = None) -> bytes:

@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..storage import Location
+from .images import IMAGES_DIR
 from .manifest import RECORD_SCHEMA, read_manifest, write_part
-
-IMAGES_DIR = "images"
 
 
 @dataclass
