@@ -27,6 +27,9 @@ class Gpu(Section):
 class CostTable(Section):
     gpus: dict[str, Gpu]
     costs: dict[str, dict[str, dict[str, StageCost]]]  # GPU kind -> stage -> model source -> cost
+    writers: dict[str, float] = Field(
+        default_factory=dict, description="Images/s one writer encodes and writes, per image format (1024 px)."
+    )
 
     def cost(self, kind: str, stage: str, source: str) -> StageCost:
         if kind not in self.costs:

@@ -156,6 +156,19 @@ class OutputConfig(Section):
         30.0, gt=0, le=3600, description="Write a part at least this often; a killed run loses at most these rows."
     )
     compact: bool = Field(True, description="Merge the run's manifest parts into one when it ends (ifbatch compact).")
+    format: Literal["files", "webdataset"] = Field(
+        "files",
+        description="files: one image file per image under images/ (with images/metadata.parquet for "
+        "load_dataset('imagefolder')); webdataset: tar shards under shards/ (<key>.png, <key>.json, <key>.txt).",
+    )
+    shard_samples: int = Field(256, ge=1, le=100_000, description="webdataset: at most this many images per shard.")
+    shard_bytes: int = Field(
+        1 << 30, ge=1 << 20, le=4 << 30, description="webdataset: a shard is closed before it grows past this size."
+    )
+    writers: int | None = Field(
+        None, ge=1, le=1024, description="Writer actors (encode and upload); null = sized to the plan, 1 without one."
+    )
+    writer_cpus: float = Field(1.0, gt=0, le=16, description="CPUs each writer actor reserves.")
 
 
 class RayConfig(Section):

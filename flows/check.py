@@ -12,16 +12,18 @@ def add_parsers(sub) -> None:
     v = sub.add_parser(
         "verify",
         help="check that every ok image in an output exists and matches its sha256 and size",
-        description="Read the manifest of OUTPUT, read every ok image (in parallel) and check it against the "
-        "sha256 and size recorded for it; list missing, corrupt and orphaned files (image files no record "
-        "names). Exit status 0: whole; 1: something is wrong; 2: the output could not be read.",
+        description="Read the manifest of OUTPUT, read every ok image (a file, or a member of a WebDataset shard; "
+        "in parallel) and check it against the sha256 and size recorded for it; list missing, corrupt and "
+        "orphaned images (files, shards and samples no record names). Exit status 0: whole; 1: something is "
+        "wrong; 2: the output could not be read.",
     )
     v.add_argument("output", help="output folder or s3://bucket/prefix")
     v.add_argument(
         "--repair",
         action="store_true",
         help="record the missing and corrupt images as failed, so that the next `ifbatch run` into OUTPUT makes "
-        "exactly those again (orphans are listed, not deleted)",
+        "exactly those again; a damaged shard is removed and all of its images recorded as failed; orphaned "
+        "shards are removed, orphaned files listed, not deleted",
     )
     v.add_argument("--workers", type=int, default=16, help="images read at once (default 16)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,11 +57,13 @@ def verify_command(args: argparse.Namespace) -> int:
         print(p.line())
     print(report.summary())
     if args.repair:
-        parts = repair(loc, report, ok)
-        broken = report.count("missing") + report.count("corrupt")
-        if parts:
+        fixed = repair(loc, report, ok)
+        for uri in fixed.removed:
+            print(f"removed shard {uri}")
+        if fixed.parts:
             print(
-                f"recorded {broken} broken images as failed ({', '.join(parts)}); rerun into this output to make them"
+                f"recorded {fixed.failed} broken images as failed ({', '.join(fixed.parts)}); "
+                f"rerun into this output to make them"
             )
     return 0 if report.whole else 1
 

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from .context import RunSummary
 from .outputs.manifest import read_manifest
+from .outputs.shards import read_image
 from .storage import Location
 from .stream.progress import Progress
 
@@ -52,7 +53,7 @@ class LiveProgress:
 
 def contact_sheet(loc: Location, run_id: str, n: int = 16, thumb: int = 128, columns: int = 4) -> str | None:
     """A grid of the first `n` ok images (by input row) with their ids; written as runs/<run>-contact-sheet.png."""
-    t = read_manifest(loc, ["id", "row", "status", "image_uri"])
+    t = read_manifest(loc, ["id", "row", "status", "image_uri", "shard", "offset", "bytes"])
     rows = sorted((r for r in t.to_pylist() if r["status"] == "ok"), key=lambda r: r["row"])[:n]
     if not rows:
         return None
@@ -61,8 +62,8 @@ def contact_sheet(loc: Location, run_id: str, n: int = 16, thumb: int = 128, col
     sheet = Image.new("RGB", (cols * thumb, -(-len(rows) // cols) * (thumb + label)), "white")
     draw = ImageDraw.Draw(sheet)
     for k, r in enumerate(rows):
-        with loc.fs.open(r["image_uri"].split("://", 1)[-1], "rb") as f:
-            im = Image.open(f).convert("RGB").resize((thumb, thumb))
+        with Image.open(io.BytesIO(read_image(loc, r))) as f:
+            im = f.convert("RGB").resize((thumb, thumb))
         x, y = (k % cols) * thumb, (k // cols) * (thumb + label)
         sheet.paste(im, (x, y))
         draw.text((x + 2, y + thumb + 1), r["id"][:20], fill="black")

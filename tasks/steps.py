@@ -19,8 +19,10 @@ from .inputs.expand import image_count, without_done
 from .inputs.prompts import PromptPlan, read_prompts
 from .outputs.compact import compact
 from .outputs.images import IMAGES_DIR
+from .outputs.loadable import write_image_metadata
 from .outputs.manifest import MANIFEST_DIR, done_ids
 from .outputs.records import versions, write_rejected, write_run_record
+from .outputs.shards import SHARDS_DIR, remove_orphan_shards
 from .stream.pipeline import PipelineResult, run_pipeline
 from .stream.placing import placed
 from .stream.progress import Progress, listen
@@ -42,11 +44,19 @@ def plan_resume(ctx: RunContext) -> tuple[pa.Table, int]:
     """Rows still to generate. --overwrite deletes earlier outputs first; otherwise rows already ok are skipped."""
     loc, rows, log = ctx.loc, ctx.plan.rows, get_run_logger()
     if ctx.params.get("overwrite"):
-        for sub in (MANIFEST_DIR, IMAGES_DIR):
+        for sub in (MANIFEST_DIR, IMAGES_DIR, SHARDS_DIR):
             if loc.fs.exists(loc.path(sub)):
                 loc.fs.rm(loc.path(sub), recursive=True)
-        log.info("--overwrite: removed earlier manifest and images under %s", ctx.output)
+        log.info("--overwrite: removed earlier manifest, images and shards under %s", ctx.output)
         return rows, 0
+    orphans = remove_orphan_shards(loc)
+    if orphans:
+        log.info(
+            "removed %d shards no manifest record names (written by a run that ended before recording them; "
+            "their images are made again): %s",
+            len(orphans),
+            ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""),
+        )
     done = done_ids(loc)
     if len(done) == 0:
         return rows, 0
@@ -103,6 +113,8 @@ def write_records(ctx: RunContext) -> RunSummary:
         if removed:
             result.parts = written
             get_run_logger().info("merged the run's %d manifest parts into %d", len(removed), len(written))
+    if result.done:
+        write_image_metadata(loc)  # images/metadata.parquet, for load_dataset("imagefolder")
     rejected_file = write_rejected(loc, ctx.run_id, plan.rejected)
     images = result.done + result.failed
     per_image = {k: v / images for k, v in result.stage_seconds.items()} if images else {}

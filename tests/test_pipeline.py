@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from ifbatch.configs.schema import STAGES
@@ -17,6 +18,7 @@ from ifbatch.flows.generate import GenerateParams, generate
 from ifbatch.tasks.inputs.expand import image_id, image_seed
 from ifbatch.tasks.outputs.images import image_relpath
 from ifbatch.tasks.outputs.manifest import part_paths, read_manifest
+from ifbatch.tasks.outputs.shards import read_image, sample_key
 from ifbatch.tasks.storage import locate
 
 from .conftest import BUCKET
@@ -43,9 +45,12 @@ def check_outputs(output: str, expect_ids: set[str]) -> list[dict]:
     assert sorted(r["id"] for r in rows) == sorted(expect_ids)  # exactly one record per row
     for r in rows:
         assert r["status"] == "ok", r
-        data = read_bytes(r["image_uri"])
+        data = read_image(loc, r)
         assert sha256(data) == r["sha256"] and (r["width"], r["height"]) == (256, 256)
-        assert r["image_uri"].endswith(image_relpath(r["id"], load_tiny().output).split("/", 1)[1])
+        if r["shard"] is None:
+            assert r["image_uri"].endswith(image_relpath(r["id"], load_tiny().output).split("/", 1)[1])
+        else:
+            assert r["image_uri"] is None and r["member"] == f"{sample_key(r['id'])}.png"
         models = json.loads(r["models"])
         assert set(models) == {"text_encoder", "stage_1", "stage_2", "stage_3", "safety"}
         assert models["stage_1"]["dtype"] == "float32" and r["stage_1_steps"] == 4 and r["stage_3_noise_level"] == 100
@@ -167,10 +172,12 @@ def test_cli_rejects_bad_overrides_before_starting(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_cli_killed_mid_run_then_rerun_resumes_per_image(where, tmp_path, tiny_set, ray_cluster, prefect_api):
+@pytest.mark.parametrize("where, layout", [("local", "files"), ("s3", "webdataset")])
+def test_cli_killed_mid_run_then_rerun_resumes_per_image(where, layout, tmp_path, tiny_set, ray_cluster, prefect_api):
     """Several images per prompt (data.images_per_prompt and a per-row n column), SIGKILL mid-run, rerun: every
-    image exactly once, each with its own id, seed and prompt_id; the ones made before the kill are kept."""
+    image exactly once, each with its own id, seed and prompt_id; the ones made before the kill are kept. As
+    WebDataset shards: the shards hold every image exactly once (a shard the killed run wrote but did not record
+    is removed by the rerun)."""
     n = [1, 3, None, 2, None, 4]  # null: data.images_per_prompt (2); 14 images in all
     cats = [f"a photo of a cat number {i}" for i in range(6)]
     prompts = write_table(tmp_path / "p.parquet", {"prompt": cats, "n": n})
@@ -186,6 +193,10 @@ def test_cli_killed_mid_run_then_rerun_resumes_per_image(where, tmp_path, tiny_s
         "output.manifest_part_rows=2",
         "--set",
         "data.images_per_prompt=2",
+        "--set",
+        f"output.format={layout}",
+        "--set",
+        "output.shard_samples=2",
         *small_batches,
         "--ray-address",
         ray_cluster,
@@ -224,6 +235,26 @@ def test_cli_killed_mid_run_then_rerun_resumes_per_image(where, tmp_path, tiny_s
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], set()).add(r["sha256"])
     assert sorted(len(v) for v in by_prompt.values()) == [1, 2, 2, 2, 3, 4]  # each image of a prompt differs
+    if layout == "webdataset":
+        assert sorted(shard_samples(out)) == sorted(sample_key(i) for i in expect)
+
+
+def shard_samples(output: str) -> list[str]:
+    """The keys of every sample in the output's shards, read with the webdataset library (an s3:// output through
+    fsspec), each image checked against its .json."""
+    import webdataset as wds
+
+    from ifbatch.tasks.outputs.shards import shard_paths
+
+    loc = locate(output)
+    urls = [loc.uri(p) for p in shard_paths(loc)]
+    wds.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(url, mode).open()
+    keys = []
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        assert sample_key(meta["id"]) == sample["__key__"] and sample["txt"].decode() == meta["prompt"]
+        keys.append(sample["__key__"])
+    return keys
 
 
 def _image_ids(prompts: str, overrides: list[str]) -> dict[str, tuple[str, int]]:

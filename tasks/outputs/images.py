@@ -12,6 +12,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from ifbatch.configs.schema import OutputConfig
 
+from ..storage import Location
+
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 IMAGES_DIR = "images"  # under the output root
 KEY = "ifbatch"  # the PNG text chunk with the provenance JSON
@@ -24,6 +26,15 @@ def image_relpath(row_id: str, out: OutputConfig) -> str:
     h = hashlib.blake2b(row_id.encode(), digest_size=8).hexdigest()
     shards = [h[2 * i : 2 * i + 2] for i in range(out.shard_depth)]
     return "/".join([IMAGES_DIR, *shards, f"{row_id}.{EXTENSIONS[out.image_format]}"])
+
+
+def image_path(loc: Location, uri: str) -> str:
+    """Where a recorded image file is in this output: its path below images/, under this output's root (an output
+    copied or moved elsewhere, another bucket or folder, is read where it is now)."""
+    marker = f"/{IMAGES_DIR}/"
+    if marker not in uri:
+        return uri.split("://", 1)[1] if "://" in uri else uri
+    return loc.path(IMAGES_DIR, uri.rsplit(marker, 1)[1])
 
 
 def encode_image(pixels: np.ndarray, out: OutputConfig, meta: dict | None = None) -> bytes:

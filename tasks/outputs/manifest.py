@@ -19,14 +19,15 @@ from ..inputs.params import param_fields
 from ..storage import Location
 
 MANIFEST_DIR = "manifest"
-# One record per image, as the writer makes it (columnar, no per-run facts) ...
+# One record per image, as the writer makes it (columnar, no per-run facts). An image is a file (image_uri) or a
+# member of a WebDataset shard (shard, member, and the offset of its bytes in the tar) ...
 RECORD_SCHEMA = pa.schema(
     [
         ("id", pa.string()), ("row", pa.int64()), ("prompt_id", pa.string()), ("image_index", pa.int32()),
         ("prompt", pa.string()), ("negative_prompt", pa.string()),
         ("seed", pa.int64()), ("status", pa.string()), ("error", pa.string()),
-        ("image_uri", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
-        ("bytes", pa.int64()),
+        ("image_uri", pa.string()), ("shard", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
+        ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("bytes", pa.int64()),
         ("nsfw", pa.bool_()), ("watermark_detected", pa.bool_()), ("watermarked", pa.bool_()),
         ("truncated", pa.bool_()), ("negative_truncated", pa.bool_()),
         *param_fields(),

@@ -30,6 +30,7 @@ PACKAGES = (
     "s3fs",
     "numpy",
     "pillow",
+    "webdataset",
 )
 SECRET = re.compile(r"(secret|token|password|passwd|credential|api_key|access_key)", re.I)
 

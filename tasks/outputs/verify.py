@@ -1,5 +1,6 @@
-"""Prove an output whole: every `ok` image in the manifest exists with its recorded sha256 and size, and every image
-file belongs to a record. `repair` records the broken images as failed, so that the next run makes exactly those.
+"""Prove an output whole: every `ok` image in the manifest (a file, or a member of a WebDataset shard) exists with
+its recorded sha256 and size, and every image file, shard and sample belongs to a record. `repair` records the broken
+images as failed, so that the next run makes exactly those.
 
 Images are read in parallel (a thread pool: the work is I/O, and hashlib releases the GIL on large buffers).
 """
@@ -17,8 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..storage import Location
-from .images import IMAGES_DIR
+from .images import IMAGES_DIR, image_path
+from .loadable import METADATA, write_image_metadata
 from .manifest import RECORD_SCHEMA, read_manifest, write_part
+from .shards import members, orphan_shards, remove_shard, shard_path
 
 
 @dataclass
@@ -55,22 +58,18 @@ class Report:
         )
 
 
-def _path(loc: Location, uri: str) -> str:
-    """Where a recorded image is in the output being checked: its path below images/, under this output's root.
-    An output copied or moved elsewhere (another bucket, another folder) is checked where it is now."""
-    marker = f"/{IMAGES_DIR}/"
-    if marker not in uri:
-        return uri.split("://", 1)[1] if "://" in uri else uri
-    return loc.path(IMAGES_DIR, uri.rsplit(marker, 1)[1])
-
-
-def _check(loc: Location, rec: dict) -> Problem | None:
-    path = _path(loc, rec["image_uri"])
+def _check_file(loc: Location, rec: dict) -> list[Problem]:
+    path = image_path(loc, rec["image_uri"])
     uri = loc.uri(path)
     try:
         data = loc.fs.cat_file(path)
     except FileNotFoundError:
-        return Problem("missing", uri, rec["id"])
+        return [Problem("missing", uri, rec["id"])]
+    problem = _compare(data, rec, uri)
+    return [problem] if problem else []
+
+
+def _compare(data: bytes, rec: dict, uri: str) -> Problem | None:
     size = rec.get("bytes")
     if size is not None and len(data) != size:
         return Problem("corrupt", uri, rec["id"], f"{len(data)} bytes, the manifest says {size}")
@@ -80,29 +79,57 @@ def _check(loc: Location, rec: dict) -> Problem | None:
     return None
 
 
+def _check_shard(loc: Location, path: str, recs: list[dict]) -> list[Problem]:
+    """Read a shard once; check each recorded member, list the samples in it that no record names."""
+    uri = loc.uri(path)
+    try:
+        data = loc.fs.cat_file(path)
+    except FileNotFoundError:
+        return [Problem("missing", f"{uri}#{r['member']}", r["id"], "the shard is missing") for r in recs]
+    found = {name: (offset, size) for name, offset, size in members(data)}
+    problems = []
+    for r in recs:
+        where = f"{uri}#{r['member']}"
+        if r["member"] not in found:
+            problems.append(Problem("missing", where, r["id"], "not in the shard (truncated?)"))
+            continue
+        offset, size = found[r["member"]]
+        problem = _compare(data[offset : offset + size], r, where)
+        if problem is not None:
+            problems.append(problem)
+    keys = {r["member"].split(".", 1)[0] for r in recs}
+    for name in sorted(found):
+        if name.split(".", 1)[0] not in keys:
+            problems.append(Problem("orphan", f"{uri}#{name}", None, "a sample no record names"))
+    return problems
+
+
 def verify(
     loc: Location, workers: int = 16, progress: Callable[[int, int], None] | None = None
 ) -> tuple[Report, pa.Table]:
-    """Check every ok image and list the image files no record names. Returns the report and the manifest's ok
-    records (for repair)."""
+    """Check every ok image (a file, or a member of a shard: each shard is read once) and list the image files
+    and shards no record names. Returns the report and the manifest's ok records (for repair)."""
     t0 = time.monotonic()
     report = Report(loc.uri(loc.root))
     manifest = read_manifest(loc)
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
-    records = ok.select(["id", "image_uri", "sha256", "bytes"]).to_pylist()
-    named = {_path(loc, u) for u in manifest.column("image_uri").to_pylist() if u}
-    base = loc.path(IMAGES_DIR)
-    loc.fs.invalidate_cache(base)
-    files = loc.fs.find(base) if loc.fs.exists(base) else []
-    for path in sorted(set(files) - named):
-        if ".tmp-" not in path:  # a local write in flight (or killed in flight) is not an image yet
-            report.problems.append(Problem("orphan", loc.uri(path)))
+    records = ok.select(["id", "image_uri", "shard", "member", "sha256", "bytes"]).to_pylist()
+    files = [r for r in records if not r["shard"]]
+    by_shard: dict[str, list[dict]] = {}
+    for r in records:
+        if r["shard"]:
+            by_shard.setdefault(shard_path(loc, r["shard"]), []).append(r)
+    for path in _orphan_files(loc, {image_path(loc, u) for u in manifest.column("image_uri").to_pylist() if u}):
+        report.problems.append(Problem("orphan", loc.uri(path)))
+    for path in orphan_shards(loc, set(by_shard)):
+        report.problems.append(Problem("orphan", loc.uri(path), None, "a shard no record names"))
+    jobs = [(1, lambda r=r: _check_file(loc, r)) for r in files]
+    jobs += [(len(recs), lambda p=p, recs=recs: _check_shard(loc, p, recs)) for p, recs in by_shard.items()]
     done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for problem in pool.map(lambda r: _check(loc, r), records):
-            done += 1
-            if problem is not None:
-                report.problems.append(problem)
+        for (n, _), problems in zip(jobs, pool.map(lambda job: job[1](), jobs), strict=True):
+            done += n
+            report.problems += problems
             if progress is not None:
                 progress(done, len(records))
     report.checked = len(records)
@@ -111,13 +138,44 @@ def verify(
     return report, ok
 
 
-def repair(loc: Location, report: Report, ok: pa.Table) -> list[str]:
+def _orphan_files(loc: Location, named: set[str]) -> list[str]:
+    base = loc.path(IMAGES_DIR)
+    loc.fs.invalidate_cache(base)
+    files = loc.fs.find(base) if loc.fs.exists(base) else []
+    index = loc.path(IMAGES_DIR, METADATA)
+    # a local write in flight (or killed in flight) is not an image yet; the metadata table is the output's own
+    return sorted(p for p in set(files) - named if ".tmp-" not in p and p != index)
+
+
+@dataclass
+class Repair:
+    parts: list[str]  # manifest parts recording the broken images as failed
+    failed: int  # images recorded as failed
+    removed: list[str]  # shards removed: damaged (their images are made again) or orphaned; none already gone
+
+
+def repair(loc: Location, report: Report, ok: pa.Table) -> Repair:
     """Record each missing or corrupt image as failed (a manifest part of its own, after every other part), so that
-    the next run into this output regenerates exactly those. Orphans are listed, not deleted: a rerun overwrites
-    any it makes again. Returns the parts written (one per models value: each record keeps its own)."""
+    the next run into this output regenerates exactly those. A damaged shard is the unit of repair: every image in
+    it is recorded as failed and the shard removed, so that readers of shards/ never meet the damage or, after the
+    rerun, a second copy of a sample; orphaned shards are removed too. Orphaned files are listed, not deleted: a
+    rerun overwrites any it makes again. Rewrites images/metadata.parquet."""
     broken = {p.id: p for p in report.problems if p.id is not None}
-    if not broken:
-        return []
+    shard_of = dict(zip(ok.column("id").to_pylist(), ok.column("shard").to_pylist(), strict=True))
+    damaged = {shard_path(loc, shard_of[i]) for i in broken if shard_of.get(i)}
+    for i, shard in shard_of.items():  # every image of a damaged shard goes with it
+        if shard and i not in broken and shard_path(loc, shard) in damaged:
+            broken[i] = Problem("missing", loc.uri(shard_path(loc, shard)), i, "in a damaged shard, removed")
+    orphans = [p.uri for p in report.problems if p.kind == "orphan" and p.id is None and p.uri.endswith(".tar")]
+    parts = _record_failed(loc, ok, broken) if broken else []
+    # after the failed records are durable: a crash in between leaves a shard that verify lists
+    removed = [u for u in sorted({loc.uri(p) for p in damaged} | set(orphans)) if remove_shard(loc, shard_path(loc, u))]
+    if broken:
+        write_image_metadata(loc)
+    return Repair(parts, len(broken), removed)
+
+
+def _record_failed(loc: Location, ok: pa.Table, broken: dict[str, Problem]) -> list[str]:
     rows = ok.filter(pc.is_in(ok.column("id"), value_set=pa.array(list(broken), pa.string())))
     reason = [f"verify: {broken[i].kind}: {broken[i].detail or broken[i].uri}" for i in rows.column("id").to_pylist()]
     now = dt.datetime.now(dt.UTC)
@@ -128,11 +186,8 @@ def repair(loc: Location, report: Report, ok: pa.Table) -> list[str]:
     rows = rows.set_column(rows.schema.get_field_index("written_at"), "written_at", pa.array([stamp] * n))
     run_id = f"{now:%Y%m%dT%H%M%SZ}-verify"
     parts = []
-    for seq, models in enumerate(sorted(set(rows.column("models").to_pylist()), key=str)):  # as each image had it
-        same = (
-            rows.filter(pc.equal(rows.column("models"), models))
-            if models is not None
-            else rows.filter(pc.is_null(rows.column("models")))
-        )
-        parts.append(write_part(loc, same.select(RECORD_SCHEMA.names), run_id, models or "{}", seq))
+    models = rows.column("models")
+    for seq, value in enumerate(sorted(set(models.to_pylist()), key=str)):  # as each image had it
+        same = pc.is_null(models) if value is None else pc.equal(models, value)
+        parts.append(write_part(loc, rows.filter(same).select(RECORD_SCHEMA.names), run_id, value or "{}", seq))
     return parts

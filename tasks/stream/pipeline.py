@@ -24,9 +24,10 @@ from ..outputs.manifest import write_part
 from ..storage import Location
 from .progress import Progress, report
 from .stages import STAGE_ACTORS
-from .writer import ImageWriter
+from .writer import ImageWriter, ShardWriter
 
 BLOCK_BYTES = 64 << 10  # see build_dataset
+SHARD_WRITER_CPUS = 0.25
 ACTOR_START_S = 600  # how long a stage's actors may take to start and load their models
 
 
@@ -75,7 +76,13 @@ class PipelineResult:
 
 
 def build_dataset(
-    rows: pa.Table, cfg: CascadeConfig, output: str, groups: dict | None = None, actors=None, models: dict | None = None
+    rows: pa.Table,
+    cfg: CascadeConfig,
+    output: str,
+    groups: dict | None = None,
+    actors=None,
+    models: dict | None = None,
+    run_id: str = "run",
 ):
     """The lazy Ray Data pipeline. groups: {stage: placement group} from a plan (cluster.reserve), each stage's
     actors then land in its group's bundles; actors: the stage actor classes (default STAGE_ACTORS)."""
@@ -110,13 +117,33 @@ def build_dataset(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
             ds = _map_stage(ds, actors[stage], cfg, sc, where, in_flight(images, sc.batch_size, sc.replicas))
-    return ds.map_batches(
+    return _write(ds, cfg, output, run_id, models or {})
+
+
+def _write(ds, cfg: CascadeConfig, output: str, run_id: str, models: dict):
+    """The writer pool (output.writers actors, sized to the plan): encode each image and write it as a file, or
+    hand it on to the shard writers, which take output.shard_samples images a call and write each batch as a
+    shard (tar assembly and one upload: a quarter of the encoders' count is plenty)."""
+    import ray
+
+    writers = cfg.output.writers or 1
+    ds = ds.map_batches(
         ImageWriter,
-        fn_constructor_kwargs=dict(cfg=cfg, output=output, models=models or {}),
+        fn_constructor_kwargs=dict(cfg=cfg, output=output, models=models),
         batch_size=cfg.stage_3.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0.25,
+        compute=ray.data.ActorPoolStrategy(size=writers, max_concurrent_calls_per_actor=2),  # upload || encode
+        num_cpus=cfg.output.writer_cpus,
+    )
+    if cfg.output.format == "files":
+        return ds
+    return ds.map_batches(
+        ShardWriter,
+        fn_constructor_kwargs=dict(cfg=cfg, output=output, run_id=run_id),
+        batch_size=cfg.output.shard_samples,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=max(1, -(-writers // 4))),
+        num_cpus=SHARD_WRITER_CPUS,
     )
 
 
@@ -179,7 +206,7 @@ def run_pipeline(
         last_flush = time.monotonic()
 
     try:
-        ds = build_dataset(rows, cfg, output, groups, actors, models)
+        ds = build_dataset(rows, cfg, output, groups, actors, models, run_id)
         for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             pending.append(records)
             result.add(records)

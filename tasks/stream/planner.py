@@ -21,7 +21,7 @@ set is kept. `plan.mode: manual` turns the planner off (the config's placement a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ifbatch.configs.costs import CostTable, StageCost
 from ifbatch.configs.schema import STAGES, TINY_LAYOUT, CascadeConfig
@@ -32,6 +32,7 @@ MARGIN = 0.01  # over half of what is left
 MEMORY_HEADROOM = 0.9  # of a GPU's memory a plan may count on (CUDA context, fragmentation)
 CPU_SHARE = 0.75  # of a GPU node's CPUs the stage actors may reserve; the rest is for the writer and Ray Data
 SLIVER = 0.25  # a stage needing less than this many GPUs' time in all gets a single actor
+WRITER_HEADROOM = 4.0  # the writer pool is sized to sustain this many times the GPUs' planned rate
 PLANNED = ("replicas", "num_gpus", "num_cpus", "batch_size")  # what a plan sets per stage
 BY_HAND = ("replicas", "num_gpus")  # set by the user, these place the stage by hand
 
@@ -60,20 +61,31 @@ class Plan:
     shared_gpus: int  # GPUs on which the planned stages take turns
     stages: dict[str, StagePlan]
     costs_from: str  # "the cost table (H200)" or the run whose measurements were used
+    writers: int = 1  # writer actors (encode and upload)
+    writer_rate: float = 0.0  # images/s one writer sustains (the cost table's, for the image format); 0: unknown
+    writers_short: str = ""  # why the pool is smaller than the headroom asks for, when it is
 
     @property
     def seconds_per_image(self) -> float:
         """GPU-seconds per image, summed over the stages."""
         return sum(s.seconds_per_image for s in self.stages.values())
 
-    def _rates(self) -> dict[str, float]:
-        """Images/s each part of the plan can make: the shared GPUs together, each hand-placed stage alone."""
+    def _rates(self, writers: bool = True) -> dict[str, float]:
+        """Images/s each part of the plan can make: the shared GPUs together, each hand-placed stage alone, and
+        the writer pool."""
         shared = sum(s.seconds_per_image for s in self.stages.values() if not s.by_hand)
         rates = {"shared": self.shared_gpus / shared} if self.shared_gpus else {}
         for name, s in self.stages.items():
             if s.by_hand:
                 rates[name] = s.replicas / s.seconds_per_image
+        if writers and self.writer_rate > 0:
+            rates["writers"] = self.writers * self.writer_rate
         return rates
+
+    @property
+    def stage_rate(self) -> float:
+        """Images/s the GPUs can make (the writers aside): what the writer pool is sized against."""
+        return min(self._rates(writers=False).values())
 
     @property
     def images_per_second(self) -> float:
@@ -83,6 +95,8 @@ class Plan:
     def bottleneck(self) -> str:
         rates = self._rates()
         limit = min(rates, key=rates.get)
+        if limit == "writers":
+            return f"the writers ({self.writers}, {self.writers_short or 'as set'})"
         if limit != "shared":
             return f"{limit}, placed by hand ({self.stages[limit].replicas} replicas)"
         costliest = max((k for k, s in self.stages.items() if not s.by_hand), key=lambda k: self.stages[k].share)
@@ -104,6 +118,7 @@ class Plan:
             stage: getattr(cfg, stage).model_copy(update={k: getattr(s, k) for k in PLANNED})
             for stage, s in self.stages.items()
         }
+        update["output"] = cfg.output.model_copy(update={"writers": self.writers})
         return cfg.model_copy(update=update)
 
     def record(self) -> dict:
@@ -118,6 +133,8 @@ class Plan:
             "costs_from": self.costs_from,
             "images_per_second": self.images_per_second,
             "bottleneck": self.bottleneck,
+            "writers": self.writers,
+            "writer_images_per_second": self.writer_rate,
             "stages": {k: asdict(s) for k, s in self.stages.items()},
         }
 
@@ -135,6 +152,12 @@ class Plan:
             out.append(
                 f"{stage:<14}{s.replicas:>9}{s.num_gpus:>11.4f}{s.batch_size:>7}{s.seconds_per_image:>9.3f}"
                 f"{100 * s.share:>14.1f}%{'  (by hand)' if s.by_hand else ''}"
+            )
+        if self.writer_rate > 0:
+            pool = self.writers * self.writer_rate
+            out.append(
+                f"writers: {self.writers} (~{self.writer_rate:g} images/s each): {pool:.2f} images/s, "
+                f"{pool / self.stage_rate:.1f}x the GPUs' rate{'; ' + self.writers_short if self.writers_short else ''}"
             )
         return [
             *out,
@@ -264,7 +287,7 @@ def plan(
             share=seconds[s] / total,
             by_hand=s in hand,
         )
-    return Plan(
+    p = Plan(
         gpus=gpus,
         kind=kind,
         memory_gb=memory,
@@ -273,3 +296,25 @@ def plan(
         stages=stages,
         costs_from=measured_by or f"the cost table ({kind})",
     )
+    return _with_writers(p, cfg, costs, "output.writers" in explicit, cpus_per_gpu)
+
+
+def _with_writers(p: Plan, cfg: CascadeConfig, costs: CostTable, by_hand: bool, cpus_per_gpu: float | None) -> Plan:
+    """The plan with its writer pool: enough writers for WRITER_HEADROOM x the GPUs' rate, as many as the GPU
+    nodes' CPUs left to them hold (1 - CPU_SHARE of them); output.writers when the user set it."""
+    rate = costs.writers.get(cfg.output.image_format, 0.0)
+    if by_hand:
+        return replace(p, writers=cfg.output.writers or 1, writer_rate=rate)
+    if rate <= 0:
+        return replace(p, writers=cfg.output.writers or 1)
+    needed = max(1, math.ceil(WRITER_HEADROOM * p.stage_rate / rate))
+    short = ""
+    if cpus_per_gpu is not None:
+        room = max(1, math.floor((1 - CPU_SHARE) * cpus_per_gpu * p.gpus / cfg.output.writer_cpus))
+        if room < needed:
+            short = (
+                f"{needed} wanted for {WRITER_HEADROOM:g}x, the GPU nodes' CPUs hold {room}; "
+                f"add CPUs or lower output.writer_cpus"
+            )
+            needed = room
+    return replace(p, writers=needed, writer_rate=rate, writers_short=short)

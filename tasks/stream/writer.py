@@ -1,11 +1,14 @@
-"""The last operator of the stream: writes each ok row's image, returns the rows' manifest records as an Arrow
-table (no pixels, no per-run facts: the driver adds those once per manifest part)."""
+"""The last operators of the stream: encode each ok row's image and write it (a file, or a member of a WebDataset
+shard), then return the rows' manifest records as an Arrow table (no pixels, no per-run facts: the driver adds
+those once per manifest part)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -13,8 +16,9 @@ import pyarrow as pa
 from ifbatch.configs.schema import STAGES, CascadeConfig
 
 from ..inputs.params import param_fields
-from ..outputs.images import encode_image, image_relpath
+from ..outputs.images import EXTENSIONS, encode_image, image_relpath
 from ..outputs.manifest import RECORD_SCHEMA
+from ..outputs.shards import Sample, build_shard, sample_key, shard_name, write_shard
 from ..storage import locate
 from .stages import cell
 
@@ -61,18 +65,22 @@ def provenance(batch: dict[str, np.ndarray], i: int, models: dict) -> dict:
 
 
 class ImageWriter:
-    """map_batches callable: one image file per ok row, durable before its record is returned."""
+    """map_batches callable: encodes each ok row's image with its provenance. output.format files: writes it as a
+    file, durable before its record is returned. webdataset: hands the encoded bytes on (`payload`, `meta`) to
+    ShardWriter, which records them once their shard is written."""
 
     def __init__(self, cfg: CascadeConfig, output: str, models: dict | None = None):
         self.out = cfg.output
         self.loc = locate(output, cfg.s3)
         self.models = models or {}
+        self.files = cfg.output.format == "files"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])
         errors = batch.get("error", np.array([""] * n, dtype=object))
         status, error = ["ok"] * n, [None] * n
         uri, width, height, sha, size, seconds = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n, [0.0] * n
+        payload, meta = [None] * n, [None] * n
         for i in range(n):
             t0 = time.perf_counter()
             if errors[i]:
@@ -80,20 +88,27 @@ class ImageWriter:
                 continue
             try:
                 pixels = batch["image"][i]
-                data = encode_image(pixels, self.out, provenance(batch, i, self.models))
-                path = self.loc.path(image_relpath(str(batch["id"][i]), self.out))
-                self.loc.write_bytes(path, data)
-                uri[i], sha[i], size[i] = self.loc.uri(path), hashlib.sha256(data).hexdigest(), len(data)
+                how = provenance(batch, i, self.models)
+                data = encode_image(pixels, self.out, how)
+                if self.files:
+                    path = self.loc.path(image_relpath(str(batch["id"][i]), self.out))
+                    self.loc.write_bytes(path, data)
+                    uri[i] = self.loc.uri(path)
+                else:
+                    payload[i], meta[i] = data, json.dumps(how, sort_keys=True, ensure_ascii=False)
+                sha[i], size[i] = hashlib.sha256(data).hexdigest(), len(data)
                 height[i], width[i] = int(pixels.shape[0]), int(pixels.shape[1])
             except Exception as e:
                 status[i], error[i] = "failed", f"write: {type(e).__name__}: {e}"[:2000]
             seconds[i] = time.perf_counter() - t0
-        written = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")  # orders records: manifest.py
         columns = {c: pa.array(batch[c], RECORD_SCHEMA.field(c).type, from_pandas=True) for c in COPIED}  # NaN: null
         columns |= dict(
             status=status,
             error=error,
             image_uri=uri,
+            shard=pa.nulls(n, pa.string()),
+            member=pa.nulls(n, pa.string()),
+            offset=pa.nulls(n, pa.int64()),
             width=width,
             height=height,
             sha256=sha,
@@ -103,6 +118,92 @@ class ImageWriter:
             watermarked=batch["watermarked"].astype(bool),
             seconds_write=seconds,
             placement=_placement(batch, n),
-            written_at=[written] * n,
+            written_at=[_now()] * n,
         )
-        return pa.table({c: columns[c] for c in RECORD_SCHEMA.names}, schema=RECORD_SCHEMA)
+        table = pa.table({c: columns[c] for c in RECORD_SCHEMA.names}, schema=RECORD_SCHEMA)
+        if not self.files:
+            table = table.append_column("payload", pa.array(payload, pa.binary()))
+            table = table.append_column("meta", pa.array(meta, pa.string()))
+        return table
+
+
+def _now() -> str:
+    """When a record was written, to the microsecond: what orders an id's records (outputs/manifest.py)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+class ShardWriter:
+    """map_batches callable for output.format webdataset (a batch is output.shard_samples records from
+    ImageWriter): writes the batch's images as one shard (several when output.shard_bytes cuts it), then returns
+    every record with its shard, member and offset, the encoded bytes dropped. A shard that cannot be written
+    leaves its images failed (the next run makes them again)."""
+
+    HEADERS = 3 * 1536  # tar headers of a sample's three members, at most
+
+    def __init__(self, cfg: CascadeConfig, output: str, run_id: str):
+        self.out = cfg.output
+        self.loc = locate(output, cfg.s3)
+        self.run_id = run_id
+        self.tag = uuid.uuid4().hex[:6]  # this actor's shards; a restarted actor gets another
+        self.seq = 0
+        self.ext = EXTENSIONS[cfg.output.image_format]
+
+    def groups(self, ok: list[int], sizes: list[int]) -> list[list[int]]:
+        """The ok rows cut into shards of at most shard_bytes (one sample at least)."""
+        out: list[list[int]] = []
+        used = 0
+        for i in ok:
+            size = sizes[i] + self.HEADERS
+            if not out or (used + size > self.out.shard_bytes and out[-1]):
+                out.append([])
+                used = 0
+            out[-1].append(i)
+            used += size
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        status, error = batch.column("status").to_pylist(), batch.column("error").to_pylist()
+        payload, meta = batch.column("payload").to_pylist(), batch.column("meta").to_pylist()
+        ids, prompts = batch.column("id").to_pylist(), batch.column("prompt").to_pylist()
+        seconds = batch.column("seconds_write").to_pylist()
+        shard, member, offset = [None] * n, [None] * n, [None] * n
+        ok = [i for i in range(n) if status[i] == "ok"]
+        sizes = [len(p or b"") + len(m or "") for p, m in zip(payload, meta, strict=True)]
+        for g, rows in enumerate(self.groups(ok, sizes)):
+            t0 = time.perf_counter()
+            name = shard_name(self.run_id, self.tag, self.seq)
+            self.seq += 1
+            try:
+                samples = [Sample(sample_key(ids[i]), self.ext, payload[i], meta[i], prompts[i]) for i in rows]
+                data, members = build_shard(samples)
+                stats = dict(
+                    shard=name,
+                    run_id=self.run_id,
+                    samples=len(rows),
+                    ok=len(rows),
+                    failed=(n - len(ok)) if g == 0 else 0,  # the batch's failed rows, recorded beside its first shard
+                    bytes=len(data),
+                    seconds=round(time.perf_counter() - t0, 6),
+                    written_at=_now(),
+                )
+                where = self.loc.uri(write_shard(self.loc, name, data, stats))
+                for i, m in zip(rows, members, strict=True):
+                    shard[i], member[i], offset[i] = where, m.name, m.offset
+            except Exception as e:
+                for i in rows:
+                    status[i], error[i] = "failed", f"write: shard {name}: {type(e).__name__}: {e}"[:2000]
+            share = (time.perf_counter() - t0) / len(rows)
+            for i in rows:
+                seconds[i] += share
+        done = dict(
+            status=pa.array(status, pa.string()),
+            error=pa.array(error, pa.string()),
+            shard=pa.array(shard, pa.string()),
+            member=pa.array(member, pa.string()),
+            offset=pa.array(offset, pa.int64()),
+            seconds_write=pa.array(seconds, pa.float64()),
+            written_at=pa.array([_now()] * n, pa.string()),  # recorded after its shard: the record's time
+        )
+        cols = [done[c] if c in done else batch.column(c) for c in RECORD_SCHEMA.names]
+        return pa.Table.from_arrays(cols, schema=RECORD_SCHEMA)

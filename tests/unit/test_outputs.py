@@ -17,6 +17,7 @@ from ifbatch.tasks.outputs.images import encode_image, image_relpath, read_prove
 from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA
 from ifbatch.tasks.storage import locate
 from ifbatch.tasks.stream.writer import ImageWriter
+from tests.helpers import writer_rows
 
 
 def test_image_paths_are_hashed_folders_of_the_configured_depth():
@@ -44,32 +45,8 @@ def test_local_writes_are_whole_and_leave_no_temporary_files(tmp_path):
 
 
 def writer_batch(n_ok: int):
-    rng = np.random.default_rng(1)
-    n = n_ok + 1
-    cfg = load_config("tiny")
-    b = {
-        "id": np.array([f"r{i}" for i in range(n)], object),
-        "row": np.arange(n),
-        "prompt_id": np.array([f"r{i}" for i in range(n)], object),
-        "image_index": np.zeros(n, np.int32),
-        "seed": np.arange(n) + 7,
-        "prompt": np.array(["p"] * n, object),
-        "negative_prompt": np.array([""] * n, object),
-        "error": np.array([""] * n_ok + ["stage_2: RuntimeError: boom"], object),
-        "image": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
-        "truncated": np.zeros(n, bool),
-        "negative_truncated": np.zeros(n, bool),
-        "nsfw": np.array([0] * n_ok + [-1], np.int8),
-        "watermark_detected": np.array([1] * n_ok + [-1], np.int8),
-        "watermarked": np.ones(n, bool),
-    }
-    for f in RECORD_SCHEMA:
-        if f.name.startswith("stage_"):
-            b[f.name] = np.full(n, None if f.name.endswith("timesteps") else 4, object)
-    for s in STAGES:
-        b[f"seconds_{s}"] = np.array([0.1] * n_ok + [np.nan])
-        b[f"placement_{s}"] = np.full(n, json.dumps({"node": "n1", "gpus": ["0"]}), object)
-    return cfg, b
+    pixels = np.random.default_rng(1).integers(0, 256, (n_ok + 1, 8, 8, 3), dtype=np.uint8)
+    return load_config("tiny"), writer_rows(pixels, failed=1)
 
 
 def test_the_writer_records_ok_and_failed_rows_columnar(tmp_path):

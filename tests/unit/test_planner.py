@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from ifbatch.configs import ConfigError, load_config
@@ -130,3 +132,30 @@ def test_ifbatch_plan_keeps_what_set_gave(capsys):
     assert "stage_3 by hand on whole GPUs; the other stages share 4 GPUs" in out
     assert "stage_3               4     1.0000      4    2.870          54.1%  (by hand)" in out
     assert f"{4 / 2.87:.3f} images/s" in out
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+@pytest.mark.parametrize("gpus", [1, 8, 64])
+def test_the_writer_pool_keeps_up_with_four_times_the_planned_rate(fmt, gpus):
+    cfg = load_config("if-xl", [f"output.image_format={fmt}"])
+    p = plan(cfg, COSTS, gpus, "H200", cpus_per_gpu=16)
+    per_writer = COSTS.writers[fmt]
+    assert p.writers == max(1, math.ceil(4 * p.stage_rate / per_writer))
+    assert (
+        p.writers * per_writer >= 4 * p.stage_rate
+        and (p.writers - 1) * per_writer < 4 * p.stage_rate
+        or (p.writers == 1)
+    )
+    assert p.images_per_second == pytest.approx(p.stage_rate)  # the writers are not the bottleneck
+    assert p.apply(cfg).output.writers == p.writers and p.record()["writers"] == p.writers
+    assert any(line.startswith(f"writers: {p.writers} ") for line in p.lines(100))
+
+
+def test_a_writer_pool_the_cpus_cannot_hold_is_said_and_limits_the_estimate():
+    cfg = load_config("if-xl", ["output.writer_cpus=2"])
+    p = plan(cfg, COSTS, 64, "H200", cpus_per_gpu=2)  # 25% of 128 CPUs = 32, at 2 a writer: 16
+    wanted = math.ceil(4 * p.stage_rate / COSTS.writers["png"])
+    assert wanted > 16 and p.writers == 16 and "the GPU nodes' CPUs hold 16" in p.writers_short
+    assert p.images_per_second == pytest.approx(min(p.stage_rate, 16 * COSTS.writers["png"]))
+    kept = plan(load_config("if-xl", ["output.writers=3"]), COSTS, 8, "H200", explicit=frozenset({"output.writers"}))
+    assert kept.writers == 3 and kept.apply(cfg).output.writers == 3

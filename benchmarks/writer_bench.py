@@ -1,0 +1,209 @@
+"""How fast one writer encodes and writes 1024 px images: images/s per writer CPU for png / jpeg / webp, to a local
+folder and to S3 (a SeaweedFS server this script starts), as files and as WebDataset shards.
+
+A writer actor runs exactly this code (tasks/stream/writer.py): ImageWriter per batch of stage III's size, then,
+for shards, ShardWriter per shard. Here both run in this one process, one image at a time, so the rate is what one
+writer CPU sustains. The planner sizes the writer pool from these figures (configs/costs_data/costs.yaml,
+`writers`): enough writers for WRITER_HEADROOM x the rate it plans the GPUs for. The last table runs the real Ray
+Data writer pool at 1 and 2 writers (this machine's cores) on the same images, to show the pool scaling with its
+writers.
+
+    python benchmarks/writer_bench.py                     # every format, target and layout; 24 images each
+    python benchmarks/writer_bench.py --images 4 --formats png --targets folder --no-pool   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ifbatch.configs import load_config  # noqa: E402
+from ifbatch.configs.costs import load_costs  # noqa: E402
+from ifbatch.tasks.stream.planner import WRITER_HEADROOM, plan  # noqa: E402
+from ifbatch.tasks.stream.writer import ImageWriter, ShardWriter  # noqa: E402
+from tests.helpers import writer_rows  # noqa: E402
+
+BUCKET = "bench"
+
+
+def images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """n distinct images that compress like photographs: smooth shapes and gradients with a little grain (noise
+    alone compresses far worse than a generated image, flat colour far better)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        img = np.zeros((size, size, 3), np.float32)
+        for _ in range(6):
+            cx, cy, r = rng.uniform(0, 1, 3)
+            colour = rng.uniform(0, 255, 3)
+            blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (0.02 + 0.1 * r))
+            img += blob[..., None] * colour
+        img += rng.normal(0, 4, img.shape)
+        out[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return out
+
+
+def run_writer(cfg, output: str, pixels: np.ndarray, batch: int) -> tuple[float, int]:
+    """Write every image as a writer actor would; (seconds, bytes written)."""
+    writer = ImageWriter(cfg, output)
+    shards = ShardWriter(cfg, output, "bench") if cfg.output.format == "webdataset" else None
+    t0 = time.perf_counter()
+    tables = [writer(writer_rows(pixels[i : i + batch])) for i in range(0, len(pixels), batch)]
+    if shards is not None:
+        import pyarrow as pa
+
+        whole = pa.concat_tables(tables)
+        tables = [
+            shards(whole.slice(i, cfg.output.shard_samples)) for i in range(0, whole.num_rows, cfg.output.shard_samples)
+        ]
+    seconds = time.perf_counter() - t0
+    size = sum(t.column("bytes").to_numpy(zero_copy_only=False).sum() for t in tables)
+    bad = [e for t in tables for e in t.column("error").to_pylist() if e]
+    if bad:
+        raise SystemExit(f"the writer failed: {bad[0]}")
+    return seconds, int(size)
+
+
+def pool_rate(cfg, output: str, pixels: np.ndarray, writers: int) -> float:
+    """Images/s through the real Ray Data writer pool of `writers` actors (tasks/stream/pipeline.py), from the first
+    batch out to the last: the pool's rate once its actors are up (their start is a run's start-up, not its rate)."""
+    import ray
+
+    from ifbatch.tasks.stream.pipeline import _write
+
+    rows = writer_rows(pixels)
+    ds = ray.data.from_items([{k: v[i] for k, v in rows.items()} for i in range(len(pixels))])
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"writers": writers})})
+    marks = []
+    for b in _write(ds, cfg, output, "pool", {}).iter_batches(batch_size=None, batch_format="pyarrow"):
+        marks.append((time.perf_counter(), b.num_rows))
+    (t_first, first), t_last = marks[0], marks[-1][0]
+    return (sum(n for _, n in marks) - first) / (t_last - t_first)
+
+
+@contextlib.contextmanager
+def s3_target(tmp: Path):
+    from tests.services import SeaweedS3
+
+    (tmp / "weed").mkdir()
+    server = SeaweedS3(tmp / "weed").start()
+    os.environ.update(
+        AWS_ENDPOINT_URL=server.endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench-secret",
+        AWS_REGION="us-east-1",
+    )
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=server.endpoint).mkdir(BUCKET)
+    try:
+        yield f"s3://{BUCKET}"
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=24, help="images per measurement")
+    ap.add_argument("--pool-images", type=int, default=64, help="images through the Ray writer pool")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--formats", nargs="+", default=["png", "jpeg", "webp"])
+    ap.add_argument("--targets", nargs="+", default=["folder", "s3"])
+    ap.add_argument("--layouts", nargs="+", default=["files", "webdataset"])
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 64], help="plans to size the pool for")
+    ap.add_argument("--no-pool", action="store_true", help="skip the Ray writer-pool table")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+
+    pixels = images(args.images, args.size)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        tmp = Path(tmp)
+        roots = {"folder": str(tmp / "out")}
+        if "s3" in args.targets:
+            roots["s3"] = stack.enter_context(s3_target(tmp))
+        for fmt in args.formats:
+            for target in args.targets:
+                for layout in args.layouts:
+                    cfg = load_config("if-xl", [f"output.image_format={fmt}", f"output.format={layout}"])
+                    out = f"{roots[target]}/{fmt}-{layout}"
+                    seconds, size = run_writer(cfg, out, pixels, cfg.stage_3.batch_size)
+                    results.append(
+                        dict(
+                            format=fmt,
+                            target=target,
+                            layout=layout,
+                            images=len(pixels),
+                            seconds=seconds,
+                            images_per_second=len(pixels) / seconds,
+                            mb_per_image=size / len(pixels) / 1e6,
+                        )
+                    )
+                    r = results[-1]
+                    print(f"  {fmt} {target} {layout}: {r['images_per_second']:.2f} images/s", file=sys.stderr)
+        pool = []
+        if not args.no_pool:
+            import ray
+
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            cfg = load_config("if-xl")
+            for writers in (1, 2):
+                pool.append(
+                    dict(writers=writers, images_per_second=pool_rate(cfg, roots["folder"] + "/pool", pixels, writers))
+                )
+            ray.shutdown()
+
+    print(
+        f"\nWriter rates, {args.size} px, one writer CPU ({platform.node()}: {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()}), {args.images} images each\n"
+    )
+    print("| format | target | layout | MB/image | images/s per writer CPU |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        rate = r["images_per_second"]
+        print(f"| {r['format']} | {r['target']} | {r['layout']} | {r['mb_per_image']:.2f} | {rate:.2f} |")
+    costs = load_costs()
+    kind = next(iter(costs.costs))
+    xl = load_config("if-xl")
+
+    print(
+        f"\nWriters the plan needs for {WRITER_HEADROOM:g}x its rate ({kind} cost table, the slowest target and "
+        "layout of each format)\n"
+    )
+    print("| format | slowest images/s per writer | " + " | ".join(f"{g} GPUs" for g in args.gpus) + " |")
+    print("|---|---|" + "---|" * len(args.gpus))
+    for fmt in args.formats:
+        slowest = min(r["images_per_second"] for r in results if r["format"] == fmt)
+        cells = []
+        for g in args.gpus:
+            rate = plan(xl, costs, g, kind).stage_rate
+            cells.append(f"{math.ceil(WRITER_HEADROOM * rate / slowest)} ({rate:.2f} images/s)")
+        print(f"| {fmt} | {slowest:.2f} | " + " | ".join(cells) + " |")
+    if pool:
+        print("\nThe Ray Data writer pool (png, folder, files): images/s with its writers\n")
+        print("| writers | images/s | vs 1 writer |")
+        print("|---|---|---|")
+        for p in pool:
+            rate = p["images_per_second"]
+            print(f"| {p['writers']} | {rate:.2f} | {rate / pool[0]['images_per_second']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(rates=results, pool=pool, machine=platform.node()), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
