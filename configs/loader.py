@@ -82,6 +82,13 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
         return f"unknown key {key!r} (value {value!r}); expected one of {_known_keys(model, err['loc'][:-1])}"
     if err["type"] == "missing":
         return f"missing key {key!r}"
+    if err["type"] == "model_type":  # a section given a value: --set stage_1=5
+        keys = _known_keys(model, err["loc"])
+        example = "steps" if "steps" in keys else keys[0]
+        return (
+            f"{key} = {value!r}: {key} is a section, not a value; set one of its keys, e.g. {key}.{example}=..., "
+            f"from {keys}"
+        )
     return f"{key} = {value!r}: {err['msg']}"
 
 

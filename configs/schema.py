@@ -145,6 +145,13 @@ class DataConfig(Section):
     images_column: str = Field(
         "n", min_length=1, description="Optional per-row column of images per prompt (overrides images_per_prompt)."
     )
+    max_prompt_chars: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Longer prompts are rejected (T5 reads the first 77 tokens; the rest would only bloat every "
+        "manifest record and image).",
+    )
 
 
 class OutputConfig(Section):
@@ -201,6 +208,13 @@ class S3Config(Section):
         "Credentials come from the environment only.",
     )
     region: str | None = Field(None, description="Region name; null = the environment's.")
+    retry_deadline_s: float = Field(
+        120.0,
+        ge=0,
+        le=3600,
+        description="How long a write retries transient store errors (5xx, throttling, dropped connections), with "
+        "backoff, before it fails.",
+    )
 
 
 class CascadeConfig(Section):
@@ -230,6 +244,8 @@ class CascadeConfig(Section):
         tiny_dir = TinyCascade(**data["tiny"]).dir.rstrip("/")
         data = dict(data)
         for section, sub in TINY_LAYOUT.items():
+            if not isinstance(data.get(section) or {}, dict):
+                continue  # a section set to a value: validation says so
             part = dict(data.get(section) or {})
             part.setdefault("source", f"{tiny_dir}/{sub}")
             data[section] = part

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 
 from ifbatch.tasks.storage import storage_errors
@@ -39,6 +40,7 @@ def add_parsers(sub) -> None:
 
 
 def verify_command(args: argparse.Namespace) -> int:
+    from ifbatch.tasks.outputs.lease import Lease, LeaseHeld
     from ifbatch.tasks.outputs.verify import repair, verify
 
     loc = _locate(args.output)
@@ -56,8 +58,13 @@ def verify_command(args: argparse.Namespace) -> int:
     for p in report.problems:
         print(p.line())
     print(report.summary())
-    if args.repair:
-        fixed = repair(loc, report, ok)
+    if args.repair and not report.whole:
+        try:  # mends the manifest: not while a run writes into it
+            with Lease(loc, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-repair").held():
+                fixed = repair(loc, report, ok)
+        except LeaseHeld as e:
+            print(f"ifbatch: cannot repair: {e}", file=sys.stderr)
+            return 2
         for uri in fixed.removed:
             print(f"removed shard {uri}")
         if fixed.parts:
@@ -70,12 +77,17 @@ def verify_command(args: argparse.Namespace) -> int:
 
 def compact_command(args: argparse.Namespace) -> int:
     from ifbatch.tasks.outputs.compact import compact
+    from ifbatch.tasks.outputs.lease import Lease, LeaseHeld
 
     loc = _locate(args.output)
     if loc is None:
         return 2
     try:
-        written, removed = compact(loc, part_rows=max(1, args.part_rows))
+        with Lease(loc, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-compact").held():
+            written, removed = compact(loc, part_rows=max(1, args.part_rows))
+    except LeaseHeld as e:
+        print(f"ifbatch: cannot compact: {e}", file=sys.stderr)
+        return 2
     except (*storage_errors(), ValueError) as e:
         print(f"ifbatch: cannot compact {args.output!r}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -21,8 +21,10 @@ EXAMPLES = textwrap.dedent("""
       ifbatch verify s3://bucket/images                                # is every image there, as recorded?
       ifbatch presets                                                  # list presets and what they set
 
-    exit status: 0 all images done; 1 some images failed or rows were rejected (see the manifest and runs/);
-                 2 the run could not start (bad arguments, config, prompt table or model).
+    exit status: 0 all images done; 1 some images failed or rows were rejected, or the run stopped after
+                 generation started (the store stayed down, a node left: what was done is recorded, rerun to
+                 resume); 2 the run could not start (bad arguments, config, prompt table, output, model, or
+                 another run writing into OUTPUT).
     environment: PREFECT_API_URL (a Prefect server; unset = a temporary local one), AWS_ACCESS_KEY_ID,
                  AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION (S3), HF_TOKEN (gated IF weights),
                  IFBATCH_VERBOSE=1 (as --verbose).
@@ -68,6 +70,11 @@ def parser() -> argparse.ArgumentParser:
         "--ray-address", help="join this Ray cluster ('auto' or ray://host:10001) instead of starting a local one"
     )
     run.add_argument("--overwrite", action="store_true", help="delete earlier images and manifest; start over")
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another run is writing into OUTPUT, wait for it to end (default: refuse at once, naming it)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     run.add_argument(
         "--verbose",
@@ -159,9 +166,18 @@ def _run(args: argparse.Namespace) -> int:
             prompt_column=args.prompt_column,
             ray_address=args.ray_address,
             overwrite=args.overwrite,
+            wait=args.wait,
         )
-        params.config()  # refuse bad overrides before anything starts
+        cfg = params.config()  # refuse bad overrides before anything starts
     except (ConfigError, ValueError) as e:
+        print(f"ifbatch: {e}", file=sys.stderr)
+        return 2
+    from ifbatch.tasks.inputs.prompts import PromptTableError
+    from ifbatch.tasks.preflight import OutputError, preflight
+
+    try:
+        preflight(params.prompts, params.output, cfg)  # the table's columns, the output writable: before Prefect
+    except (PromptTableError, OutputError) as e:
         print(f"ifbatch: {e}", file=sys.stderr)
         return 2
     from .terminal import filtered_stderr, prefect_api
@@ -175,7 +191,7 @@ def _generate(params, progress_bar: bool) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ifbatch.flows.generate import generate
-    from ifbatch.tasks.context import RunSummary
+    from ifbatch.tasks.context import RunSummary, StoppedRun
     from ifbatch.tasks.stream import progress
 
     bar = None
@@ -200,6 +216,9 @@ def _generate(params, progress_bar: bool) -> int:
             bar.stop()
             stop()
     summary = state.result(raise_on_failure=False)
+    if isinstance(summary, StoppedRun):  # generation started, then stopped: what was done is recorded
+        print(f"ifbatch: {summary.line}", file=sys.stderr)
+        return 1
     if not isinstance(summary, RunSummary):  # the run could not start: bad table, config, model or storage
         print(f"ifbatch: run failed: {state.message or summary}", file=sys.stderr)
         return 2

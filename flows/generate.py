@@ -12,15 +12,41 @@ from pydantic import BaseModel, ConfigDict, Field
 from ifbatch.configs import ConfigError, load_config, preset_names
 from ifbatch.configs.schema import CascadeConfig
 from ifbatch.models.loading import ModelLoadError
-from ifbatch.tasks.context import RunContext, RunSummary
+from ifbatch.tasks.context import RunContext, RunStopped, RunSummary, StoppedRun
 from ifbatch.tasks.inputs.prompts import PromptTableError
-from ifbatch.tasks.steps import generate_rows, plan_resume, publish_artifacts, read_prompt_table, write_records
+from ifbatch.tasks.outputs.lease import Lease, LeaseHeld
+from ifbatch.tasks.steps import (
+    generate_rows,
+    plan_resume,
+    preflight_check,
+    publish_artifacts,
+    read_prompt_table,
+    write_records,
+    write_stopped_record,
+)
 from ifbatch.tasks.storage import storage_errors
 from ifbatch.tasks.stream.cluster import ClusterChanged
 from ifbatch.tasks.stream.planner import PlanError
 
 # Failures an operator can fix from the message alone: logged as one line, the run's state says it too.
-OPERATOR_ERRORS = (ConfigError, PromptTableError, ModelLoadError, PlanError, ClusterChanged, *storage_errors())
+OPERATOR_ERRORS = (
+    ConfigError,
+    PromptTableError,
+    ModelLoadError,
+    PlanError,
+    ClusterChanged,
+    LeaseHeld,
+    *storage_errors(),
+)
+
+
+class Stopped(Exception):
+    """Carries a stopped run's report out of _generate."""
+
+    def __init__(self, run: StoppedRun):
+        super().__init__(run.line)
+        self.run = run
+
 
 Preset = Literal[tuple(preset_names())]  # type: ignore[valid-type]  # the dashboard renders a dropdown
 
@@ -41,6 +67,7 @@ class GenerateParams(BaseModel):
         None, description="Ray cluster to join ('auto', 'ray://host:10001'); empty = a local cluster."
     )
     overwrite: bool = Field(False, description="Delete earlier images and manifest in the output and start over.")
+    wait: bool = Field(False, description="When another run is writing into the output, wait for it to end.")
 
     def config(self) -> CascadeConfig:
         extra = []
@@ -65,6 +92,9 @@ def generate(params: GenerateParams):
     log = get_run_logger()
     try:
         summary = _generate(params, log)
+    except Stopped as s:  # generation had started: what was done is recorded, a rerun resumes
+        log.error("run stopped: %s", s.run.line)
+        return Failed(message=s.run.line, data=s.run)
     except OPERATOR_ERRORS as e:
         reason = f"{type(e).__name__}: {e}"
         log.error("run failed: %s", reason)
@@ -80,9 +110,14 @@ def generate(params: GenerateParams):
 def _generate(params: GenerateParams, log) -> RunSummary:
     ctx = RunContext(params.model_dump(), params.config())
     log.info("run %s: preset %s, %s -> %s", ctx.run_id, ctx.cfg.preset, params.prompts, params.output)
-    ctx.plan = read_prompt_table(ctx)
-    rows, ctx.skipped = plan_resume(ctx)
-    ctx.result, ctx.models, ctx.startup_seconds, ctx.stage_plan = generate_rows(rows, ctx)
-    summary = write_records(ctx)
+    preflight_check(ctx)
+    with Lease(ctx.loc, ctx.run_id).held(wait=params.wait, log=log.info):  # one run at a time into an output
+        ctx.plan = read_prompt_table(ctx)
+        rows, ctx.skipped = plan_resume(ctx)
+        try:
+            ctx.result, ctx.models, ctx.startup_seconds, ctx.stage_plan = generate_rows(rows, ctx)
+        except RunStopped as e:
+            raise Stopped(write_stopped_record(ctx, e)) from e
+        summary = write_records(ctx)
     publish_artifacts(summary, ctx)
     return summary

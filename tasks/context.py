@@ -78,3 +78,32 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return self.failed == 0 and self.rejected == 0
+
+
+class RunStopped(RuntimeError):
+    """Generation started and then stopped (the store stayed down, a node left): what was done is recorded and a
+    rerun resumes. `cause` is the error as the operator should read it."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
+@dataclass
+class StoppedRun:
+    """What a run that stopped after generation started reports (the CLI exits 1, not 2: work was done)."""
+
+    run_id: str
+    output: str
+    done: int
+    failed: int
+    images: int
+    reason: str
+    run_record: str  # where the run record went (the output, or the spill folder)
+
+    @property
+    def line(self) -> str:
+        return (
+            f"stopped after generation started: {self.done} of {self.images} images done and recorded, "
+            f"{self.failed} failed; run record {self.run_record}. {self.reason}. Rerun the same command to resume"
+        )

@@ -9,27 +9,47 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from ifbatch.configs import ConfigError
 from ifbatch.configs.loader import override_keys
 from ifbatch.models.cascade import resolve_cascade
 from ifbatch.models.tiny import tiny_ready
 
 from .artifacts import LiveProgress, artifact_key, contact_sheet, counts_table, summary_markdown
-from .context import RunContext, RunSummary
+from .context import RunContext, RunStopped, RunSummary, StoppedRun
 from .inputs.expand import image_count, without_done
-from .inputs.prompts import PromptPlan, read_prompts
+from .inputs.prompts import PromptPlan, PromptTableError, read_prompts
 from .outputs.compact import compact
 from .outputs.images import IMAGES_DIR
 from .outputs.loadable import write_image_metadata
 from .outputs.manifest import MANIFEST_DIR, done_ids
 from .outputs.records import versions, write_rejected, write_run_record
 from .outputs.shards import SHARDS_DIR, remove_orphan_shards
+from .outputs.spill import StoreDown, unspill
+from .preflight import OutputError, preflight
 from .stream.pipeline import PipelineResult, run_pipeline
 from .stream.placing import placed
+from .stream.planner import PlanError
 from .stream.progress import Progress, listen
 from .stream.ray_session import ray_session
 
 
-@task(name="read-prompts", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def _transient(task, task_run, state) -> bool:
+    """Retry a step only for what may pass (a store that hiccuped), not for what only the user can fix: a retry
+    would fail the same way, and Prefect logs a traceback before each."""
+    return not isinstance(state.data, USER_ERRORS)
+
+
+USER_ERRORS = (PromptTableError, ConfigError, PlanError, OutputError)
+RETRY = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+
+
+@task(name="preflight", retries=1, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def preflight_check(ctx: RunContext) -> None:
+    """Before Ray starts: the table's columns can be read and the output can be written (tasks/preflight.py)."""
+    preflight(ctx.params["prompts"], ctx.output, ctx.cfg)
+
+
+@task(name="read-prompts", **RETRY)
 def read_prompt_table(ctx: RunContext) -> PromptPlan:
     prompts = ctx.params["prompts"]
     plan = read_prompts(prompts, ctx.cfg)
@@ -39,7 +59,7 @@ def read_prompt_table(ctx: RunContext) -> PromptPlan:
     return plan
 
 
-@task(name="plan-resume", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="plan-resume", **RETRY)
 def plan_resume(ctx: RunContext) -> tuple[pa.Table, int]:
     """Rows still to generate. --overwrite deletes earlier outputs first; otherwise rows already ok are skipped."""
     loc, rows, log = ctx.loc, ctx.plan.rows, get_run_logger()
@@ -49,6 +69,9 @@ def plan_resume(ctx: RunContext) -> tuple[pa.Table, int]:
                 loc.fs.rm(loc.path(sub), recursive=True)
         log.info("--overwrite: removed earlier manifest, images and shards under %s", ctx.output)
         return rows, 0
+    uploaded = unspill(loc)
+    if uploaded:
+        log.info("wrote %d records an earlier run kept locally while the store was down: %s", len(uploaded), uploaded)
     orphans = remove_orphan_shards(loc)
     if orphans:
         log.info(
@@ -95,17 +118,18 @@ def generate_rows(
             startup = time.monotonic() - t0
             try:
                 result = run_pipeline(
-                    rows, placement.cfg, ctx.loc, ctx.output, ctx.run_id, models, groups=placement.groups
+                    rows, placement.cfg, ctx.loc, ctx.output, ctx.run_id, models, placement.groups, result=ctx.result
                 )
-            except Exception as e:
-                raise placement.failed(e) from e
+            except Exception as e:  # generation had started: the flow records what was done (RunStopped)
+                ctx.models, ctx.stage_plan, ctx.startup_seconds = models, placement.record, startup
+                raise RunStopped(placement.failed(e)) from e
     finally:
         for stop in stops:
             stop()
     return result, models, startup, placement.record
 
 
-@task(name="write-run-record", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="write-run-record", **RETRY)
 def write_records(ctx: RunContext) -> RunSummary:
     loc, result, plan = ctx.loc, ctx.result, ctx.plan
     if ctx.cfg.output.compact and len(result.parts) > 1:  # few large parts: what every resume and verify reads
@@ -163,7 +187,36 @@ def write_records(ctx: RunContext) -> RunSummary:
     )
 
 
-@task(name="publish-artifacts", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="write-stopped-record", cache_policy=NO_CACHE)
+def write_stopped_record(ctx: RunContext, stopped: RunStopped) -> StoppedRun:
+    """The run record of a run that stopped mid-way: what was done, and why it stopped; spilled when the store is
+    still down (the next run writes it)."""
+    result, images = ctx.result, image_count(ctx.plan.rows) if ctx.plan else 0
+    reason = f"{type(stopped.cause).__name__}: {stopped.cause}"
+    record = dict(
+        run_id=ctx.run_id,
+        status="stopped",
+        reason=reason,
+        started=ctx.started,
+        finished=dt.datetime.now(dt.UTC).isoformat(),
+        params=ctx.params,
+        config=ctx.cfg.model_dump(mode="json"),
+        models=ctx.models,
+        versions=versions(),
+        counts=dict(images=images, done=result.done, failed=result.failed, skipped=ctx.skipped),
+        seconds=ctx.seconds,
+        plan=ctx.stage_plan,
+        manifest_parts=result.parts,
+        errors=result.errors,
+    )
+    try:
+        where = write_run_record(ctx.loc, ctx.run_id, record)
+    except StoreDown as e:
+        where = str(e.spilled)
+    return StoppedRun(ctx.run_id, ctx.output, result.done, result.failed, images, reason, where)
+
+
+@task(name="publish-artifacts", **RETRY)
 def publish_artifacts(summary: RunSummary, ctx: RunContext) -> str | None:
     """The counts table, the markdown summary, and the contact sheet it links to."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import posixpath
+import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,43 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     return (OSError, BotoCoreError)
 
 
+# S3 error codes that may pass: the store is busy or briefly failing (s3fs already retries dropped connections a
+# few times; these are retried on top, for up to the deadline).
+TRANSIENT_CODES = {
+    "500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
+    "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+}  # fmt: skip
+
+
+def store_code(e: BaseException | None) -> str | None:
+    """The store's own error code (S3's `AccessDenied`, `NoSuchBucket` ...) behind an exception, if it has one."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def transient(e: BaseException) -> bool:
+    """Whether a store error may pass if retried: a 5xx or throttling code, or a connection that failed."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    code = store_code(e)
+    if code is not None:
+        return code in TRANSIENT_CODES
+    chain, seen = e, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, BotoConnectionError | HTTPClientError | ConnectionError | TimeoutError):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
 @dataclass(frozen=True)
 class Location:
     """A filesystem plus a root path on it; `uri()` gives back full URIs for the manifest."""
@@ -27,6 +66,7 @@ class Location:
     fs: Any
     root: str
     protocol: str
+    retry_s: float = 0.0  # how long a write to a remote store retries transient errors
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -37,7 +77,7 @@ class Location:
     def write_bytes(self, path: str, data: bytes) -> None:
         """Durable once it returns: an S3 PUT is atomic; a local file is written aside, synced, then renamed."""
         if self.protocol != "file":
-            self.fs.pipe_file(path, data)
+            self.retrying(lambda: self.fs.pipe_file(path, data))
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -46,6 +86,20 @@ class Location:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def retrying(self, fn, first_wait_s: float = 0.5, max_wait_s: float = 15.0):
+        """fn(), retried with exponential backoff and jitter while it fails with a transient store error, for up to
+        retry_s seconds; then the last error is raised."""
+        deadline = time.monotonic() + self.retry_s
+        wait = first_wait_s
+        while True:
+            try:
+                return fn()
+            except storage_errors() as e:
+                if not transient(e) or time.monotonic() + wait > deadline:
+                    raise
+            time.sleep(wait * random.uniform(0.5, 1.0))
+            wait = min(2 * wait, max_wait_s)
 
 
 def storage_options(uri: str, s3: S3Config | None) -> dict[str, Any]:
@@ -63,4 +117,4 @@ def locate(uri: str, s3: S3Config | None = None) -> Location:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol == "file":
         root = os.path.abspath(root)
-    return Location(fs, root.rstrip("/"), protocol)
+    return Location(fs, root.rstrip("/"), protocol, s3.retry_deadline_s if s3 is not None else 0.0)

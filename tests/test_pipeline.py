@@ -96,6 +96,14 @@ def test_bad_table_fails_before_any_model_loads(tmp_path, ray_cluster, prefect_a
     state, err = run_flow(prompts, str(tmp_path / "out"), [f"tiny.dir={never}"])
     assert state.is_failed() and "no column 'prompt'" in state.message
     assert not never.exists()  # the tiny cascade was not even built
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:  # a table only the user can fix is not retried
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    assert [(r.name.split("-")[0], r.run_count, r.state.type.value) for r in runs] == [("preflight", 1, "FAILED")]
 
 
 def test_manual_placement_follows_the_config_and_auto_plans_the_gpu(tmp_path, tiny_set, ray_cluster, prefect_api):
@@ -141,9 +149,11 @@ def test_cli_example_table_to_s3(tiny_set, ray_cluster, prefect_api):
 
 
 def test_cli_bad_rows_exit_non_zero(tmp_path, tiny_set, ray_cluster, prefect_api):
-    prompts = write_table(
-        tmp_path / "p.parquet", {"prompt": ["a cat", None, "a dog", "a dog"], "id": ["c1", "c2", "d1", "d1"]}
-    )
+    """The row corpus (tests/unit/test_bad_input.py): every bad row rejected with its reason in the rejected-rows
+    file, the good row made, exit status 1."""
+    from .unit.test_bad_input import ROWS, row_corpus
+
+    prompts, words = row_corpus(tmp_path / "rows.parquet")
     out = tmp_path / "out"
     res = cli(
         "run",
@@ -157,13 +167,18 @@ def test_cli_bad_rows_exit_non_zero(tmp_path, tiny_set, ray_cluster, prefect_api
         env={"PREFECT_API_URL": prefect_api},
     )
     assert res.returncode == 1, res.stderr[-3000:]
-    assert "2 images done, 0 failed, 0 skipped (already done) of 2 images from 4 rows, 2 rows rejected" in res.stdout
-    check_outputs(str(out), {"c1", "d1"})
+    n = len(ROWS) + 1
+    assert f"1 images done, 0 failed, 0 skipped (already done) of 1 images from {n} rows, {n - 1} rows rejected" in (
+        res.stdout
+    )
+    check_outputs(str(out), {"r0"})
     rejected = list((out / "runs").glob("*-rejected.parquet"))
     import pyarrow.parquet as pq
 
-    reasons = pq.read_table(rejected[0]).to_pylist()
-    assert [r["row"] for r in reasons] == [1, 3] and "duplicate id 'd1'" in reasons[1]["reason"]
+    reasons = {r["row"]: r["reason"] for r in pq.read_table(rejected[0]).to_pylist()}
+    assert sorted(reasons) == list(range(1, n))
+    for k, expect in enumerate(words, start=1):
+        assert all(w in reasons[k] for w in expect), (expect, reasons[k])
 
 
 def test_cli_rejects_bad_overrides_before_starting(tmp_path):
@@ -255,6 +270,126 @@ def shard_samples(output: str) -> list[str]:
         assert sample_key(meta["id"]) == sample["__key__"] and sample["txt"].decode() == meta["prompt"]
         keys.append(sample["__key__"])
     return keys
+
+
+def test_two_runs_into_one_output_the_second_refuses_or_waits(tmp_path, tiny_set, ray_cluster, prefect_api):
+    """The output lease: a second run started while the first writes is refused at once, naming the first; with
+    --wait it waits for the first to end and then finds every image done. Every image exactly once."""
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:4]})
+    out = tmp_path / "out"
+    args = ["run", prompts, str(out), "--set", tiny_set[0], "--ray-address", ray_cluster, "--no-progress"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    first = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ifbatch")), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    lease = out / ".ifbatch-lease.json"
+    deadline = time.monotonic() + 300
+    while not lease.exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first run ended before it took its lease"
+        time.sleep(0.2)
+    holder = json.loads(lease.read_text())["run_id"]
+    refused = cli(*args, env={"PREFECT_API_URL": prefect_api})
+    assert refused.returncode == 2 and f"is in use by run {holder} on" in refused.stderr, refused.stderr[-2000:]
+    waited = cli(*args, "--wait", env={"PREFECT_API_URL": prefect_api})
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    assert waited.returncode == 0 and "0 images done, 0 failed, 4 skipped (already done)" in waited.stdout, (
+        waited.stdout + waited.stderr[-2000:]
+    )
+    check_outputs(str(out), set(_ids(prompts)))
+    loc = locate(str(out))
+    raw_ok = [i for p in part_paths(loc) for i in _part_ids(loc, p)]
+    assert sorted(raw_ok) == sorted(_ids(prompts)) and not lease.exists()
+
+
+def test_a_store_failing_every_put_mid_run_stops_it_and_the_rerun_resumes(
+    tmp_path, tiny_set, s3_server, ray_cluster, prefect_api
+):
+    """S3 answers every PUT with 500 for a while, mid-run (a fault-injecting proxy in front of SeaweedFS): the run
+    retries for s3.retry_deadline_s, keeps the records it could not write in the spill folder, ends with exit 1
+    and a message naming that folder; the rerun writes the spilled records first and makes the rest: every image
+    exactly once, every sha256 matching."""
+    from .services import FaultyS3Proxy
+
+    proxy = FaultyS3Proxy(s3_server.endpoint)
+    cats = [f"a photo of a cat number {i}" for i in range(8)]
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": cats})
+    out = f"s3://{BUCKET}/faulty-{tmp_path.name}"
+    args = [
+        "run", prompts, out, "--set", tiny_set[0], "--set", f"s3.endpoint_url={proxy.endpoint}",
+        "--set", "s3.retry_deadline_s=3", "--set", "output.manifest_part_rows=2",
+        *[f"--set={s}.batch_size=2" for s in ("text_encoder", "stage_1", "stage_2", "stage_3")],
+        "--ray-address", ray_cluster, "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "IFBATCH_SPILL_DIR": str(tmp_path / "spill")}
+    try:
+        run = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ifbatch")), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        loc = locate(out)
+        deadline = time.monotonic() + 300
+        while not part_paths(loc):
+            assert run.poll() is None and time.monotonic() < deadline, "the run ended before the store failed"
+            time.sleep(0.2)
+        proxy.failing.set()  # from here every PUT fails
+        stdout, stderr = run.communicate(timeout=600)
+        assert run.returncode == 1, stderr[-3000:]
+        assert "stopped after generation started" in stderr and str(tmp_path / "spill") in stderr, stderr[-3000:]
+        assert "InternalError" in stderr and "Rerun the same command to resume" in stderr
+        assert proxy.refused > 0
+        proxy.failing.clear()
+        spilled = [p for p in (tmp_path / "spill").rglob("*.parquet")]
+        res = cli(*args, env={"PREFECT_API_URL": prefect_api, "IFBATCH_SPILL_DIR": str(tmp_path / "spill")})
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "of 8 images from 8 rows" in res.stdout
+        check_outputs(out, set(_ids(prompts)))
+        assert not [p for p in (tmp_path / "spill").rglob("*.parquet")]  # written by the rerun, then removed
+        raw_ok = [i for p in part_paths(loc) for i in _part_ids(loc, p)]
+        assert sorted(raw_ok) == sorted(_ids(prompts))  # no image made twice
+        assert spilled  # the records it could not write were kept locally
+    finally:
+        proxy.stop()
+
+
+def test_s3_frozen_mid_run_the_run_waits_and_every_image_is_once(
+    tmp_path, tiny_set, s3_server, ray_cluster, prefect_api
+):
+    """The S3 server's processes stopped (SIGSTOP) for 25 s mid-run, then resumed: writes wait and retry within
+    s3.retry_deadline_s, the run completes, every image exactly once with its sha256."""
+    cats = [f"a photo of a cat number {i}" for i in range(6)]
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": cats})
+    out = f"s3://{BUCKET}/frozen-{tmp_path.name}"
+    args = [
+        "run", prompts, out, "--set", tiny_set[0], "--set", "output.manifest_part_rows=2",
+        *[f"--set={s}.batch_size=2" for s in ("text_encoder", "stage_1", "stage_2", "stage_3")],
+        "--ray-address", ray_cluster, "--no-progress",
+    ]  # fmt: skip
+    run = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ifbatch")), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+    )
+    loc = locate(out)
+    deadline = time.monotonic() + 300
+    while not part_paths(loc):
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before the store froze"
+        time.sleep(0.2)
+    os.killpg(s3_server.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(25)
+    finally:
+        os.killpg(s3_server.proc.pid, signal.SIGCONT)
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+    check_outputs(out, set(_ids(prompts)))
+    raw_ok = [i for p in part_paths(loc) for i in _part_ids(loc, p)]
+    assert sorted(raw_ok) == sorted(_ids(prompts))
 
 
 def _image_ids(prompts: str, overrides: list[str]) -> dict[str, tuple[str, int]]:

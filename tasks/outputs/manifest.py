@@ -17,6 +17,7 @@ from ifbatch.configs.schema import STAGES
 
 from ..inputs.params import param_fields
 from ..storage import Location
+from .spill import write_or_spill
 
 MANIFEST_DIR = "manifest"
 # One record per image, as the writer makes it (columnar, no per-run facts). An image is a file (image_uri) or a
@@ -48,19 +49,22 @@ def part_paths(loc: Location) -> list[str]:
     return sorted(p for p in loc.fs.ls(base, detail=False) if p.endswith(".parquet"))
 
 
-def write_part(loc: Location, records: pa.Table, run_id: str, models: str, seq: int) -> str:
-    """Write one part atomically; the caller guarantees every image named in `records` is already durable."""
+def write_part(loc: Location, records: pa.Table, run_id: str, models: str, seq: int, spill: bool = False) -> str:
+    """Write one part atomically; the caller guarantees every image named in `records` is already durable.
+    spill: when the store stays down, keep the part in the spill folder and raise StoreDown (outputs/spill.py)."""
     n = records.num_rows
     table = records.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
     table = pa.Table.from_arrays([*table.columns, pa.repeat(models, n), pa.repeat(run_id, n)], schema=SCHEMA)
-    return write_table(loc, table, f"part-{run_id}-{seq:05d}.parquet")
+    return write_table(loc, table, f"part-{run_id}-{seq:05d}.parquet", spill)
 
 
-def write_table(loc: Location, table: pa.Table, name: str) -> str:
+def write_table(loc: Location, table: pa.Table, name: str, spill: bool = False) -> str:
     """One part file under manifest/, written whole (zstd Parquet, atomically); returns its path."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     path = loc.path(MANIFEST_DIR, name)
+    if spill:
+        return write_or_spill(loc, path, buf.getvalue())
     loc.write_bytes(path, buf.getvalue())
     return path
 

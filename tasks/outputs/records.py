@@ -17,6 +17,7 @@ from ifbatch.configs.schema import STAGES, CascadeConfig
 
 from ..inputs.prompts import Rejected
 from ..storage import Location
+from .spill import write_or_spill
 
 PACKAGES = (
     "ifbatch",
@@ -70,8 +71,9 @@ def write_rejected(loc: Location, run_id: str, rejected: list[Rejected]) -> str 
 
 
 def write_run_record(loc: Location, run_id: str, record: dict[str, Any]) -> str:
+    """Write runs/<run_id>.json; when the store stays down, spill it and raise StoreDown (outputs/spill.py)."""
     path = loc.path("runs", f"{run_id}.json")
-    loc.write_bytes(path, json.dumps(redact(record), indent=1, sort_keys=True, default=str).encode())
+    write_or_spill(loc, path, json.dumps(redact(record), indent=1, sort_keys=True, default=str).encode())
     return loc.uri(path)
 
 

@@ -186,9 +186,11 @@ def run_pipeline(
     models: dict,
     groups: dict | None = None,
     actors=None,
+    result: PipelineResult | None = None,
 ) -> PipelineResult:
-    """Generate every row of `rows` (already validated, resume-filtered) and write manifest parts."""
-    result = PipelineResult()
+    """Generate every row of `rows` (already validated, resume-filtered) and write manifest parts. `result` is
+    filled as the rows come (so that a caller knows what was done when the stream fails)."""
+    result = PipelineResult() if result is None else result
     if rows.num_rows == 0:
         return result
     t0 = time.monotonic()
@@ -201,8 +203,8 @@ def run_pipeline(
         nonlocal last_flush
         if pending:
             table = pa.concat_tables(pending)
-            result.parts.append(write_part(loc, table, run_id, models_json, len(result.parts)))
-            pending.clear()
+            pending.clear()  # written, or spilled (StoreDown): either way not again
+            result.parts.append(write_part(loc, table, run_id, models_json, len(result.parts), spill=True))
         last_flush = time.monotonic()
 
     try:

@@ -1,0 +1,231 @@
+"""The bad-input corpus, table-driven: every case says what is wrong, where (file, part, row, column or key) and
+what was expected; nothing already in the output is touched.
+
+Refusals (table, config, CLI, output) go through `ifbatch run` in process and must exit 2 before anything starts:
+the run's generation step is replaced by a guard that fails the test if a refused case got that far. Row problems
+reject that row only, with its reason; the exit status of a run with rejected rows (1) is checked end to end by
+tests/test_pipeline.py::test_cli_bad_rows_exit_non_zero, on the same row corpus. Stores that cannot be reached or
+refuse: tests/test_storage_errors.py (they need a server).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ifbatch.configs import load_config
+from ifbatch.flows import cli
+from ifbatch.tasks.inputs.prompts import read_prompts
+
+from ..helpers import EXAMPLES
+
+
+def table(path: Path, columns: dict, schema: pa.Schema | None = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns, schema=schema), path)
+    return str(path)
+
+
+def parts(folder: Path, *tables: dict) -> str:
+    for i, cols in enumerate(tables):
+        table(folder / f"part-{i}.parquet", cols)
+    return str(folder)
+
+
+def truncated(path: Path) -> str:
+    table(path, {"prompt": ["a cat"] * 100})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
+def text_file(path: Path) -> str:
+    path.write_text("prompt\na cat\n")
+    return str(path)
+
+
+def empty_folder(path: Path) -> str:
+    path.mkdir()
+    return str(path)
+
+
+# (case, how to make the prompts (tmp -> path), extra CLI args, words the message must hold)
+REFUSED = [
+    ("missing file", lambda t: str(t / "nope.parquet"), [], ["nope.parquet", "does not exist"]),
+    ("empty folder", lambda t: empty_folder(t / "empty"), [], ["no Parquet files in", "empty"]),
+    ("truncated parquet", lambda t: truncated(t / "cut.parquet"), [], ["cut.parquet", "cannot read"]),
+    ("csv, not parquet", lambda t: text_file(t / "p.parquet"), [], ["p.parquet", "as Parquet"]),
+    ("0-row table", lambda t: table(t / "z.parquet", {"prompt": pa.array([], pa.string())}), [], ["0 rows"]),
+    ("no prompt column", lambda t: table(t / "p.parquet", {"caption": ["a"]}), [], ["no column 'prompt'", "caption"]),
+    ("prompt is int", lambda t: table(t / "p.parquet", {"prompt": [1]}), [], ["'prompt'", "int64", "expected string"]),
+    (
+        "seed is text",
+        lambda t: table(t / "p.parquet", {"prompt": ["a"], "seed": ["1"]}),
+        [],
+        ["'seed'", "expected integer"],
+    ),
+    ("n is float", lambda t: table(t / "p.parquet", {"prompt": ["a"], "n": [1.5]}), [], ["'n'", "images per prompt"]),
+    (
+        "id is float",
+        lambda t: table(t / "p.parquet", {"prompt": ["a"], "id": [1.5]}),
+        [],
+        ["'id'", "string or integer"],
+    ),
+    (
+        "steps is text",
+        lambda t: table(t / "p.parquet", {"prompt": ["a"], "stage_1_steps": ["9"]}),
+        [],
+        ["'stage_1_steps'", "expected a number"],
+    ),
+    (
+        "overrides off",
+        lambda t: table(t / "p.parquet", {"prompt": ["a"], "stage_1_steps": [9]}),
+        ["--set", "data.row_overrides=false"],
+        ["stage_1_steps", "data.row_overrides is false"],
+    ),
+    (
+        "--prompt-column absent",
+        lambda t: table(t / "p.parquet", {"prompt": ["a"]}),
+        ["--prompt-column", "caption"],
+        ["no column 'caption'"],
+    ),
+    (
+        "part with int prompt",
+        lambda t: parts(t / "d", {"prompt": ["a"]}, {"prompt": [7]}),
+        [],
+        ["part-1.parquet", "'prompt'", "int64"],
+    ),
+    (
+        "part without prompt",
+        lambda t: parts(t / "d", {"prompt": ["a"]}, {"text": ["b"]}),
+        [],
+        ["part-1.parquet", "no column 'prompt'"],
+    ),
+    (
+        "part with a seed the first lacks",
+        lambda t: parts(t / "d", {"prompt": ["a"]}, {"prompt": ["b"], "seed": [5]}),
+        [],
+        ["part-1.parquet", "['seed']", "first part lacks"],
+    ),
+    (
+        "part with other seed type",
+        lambda t: parts(t / "d", {"prompt": ["a"], "seed": [1]}, {"prompt": ["b"], "seed": [2.0]}),
+        [],
+        ["part-1.parquet", "'seed'"],
+    ),
+    ("section set to a number", None, ["--set", "stage_1=5"], ["stage_1 = 5", "is a section", "stage_1.steps"]),
+    ("section set to a list", None, ["--set", "stage_1=[1, 2]"], ["stage_1 = [1, 2]", "is a section"]),
+    ("unknown key", None, ["--set", "stage_1.stepz=5"], ["unknown key 'stage_1.stepz'", "steps"]),
+    ("unknown section", None, ["--set", "stage_9.steps=5"], ["unknown key 'stage_9'"]),
+    ("wrong type", None, ["--set", "stage_1.steps=many"], ["stage_1.steps = 'many'", "integer"]),
+    ("out of range", None, ["--set", "stage_1.steps=-3"], ["stage_1.steps = -3", "greater than or equal"]),
+    ("not key=value", None, ["--set", "stage_1.steps"], ["stage_1.steps", "key=value"]),
+    ("bad format", None, ["--set", "output.format=zip"], ["output.format = 'zip'", "files", "webdataset"]),
+    ("zero shard samples", None, ["--set", "output.shard_samples=0"], ["output.shard_samples = 0"]),
+    ("NaN in config", None, ["--set", "stage_1.guidance_scale=.nan"], ["stage_1.guidance_scale", "nan"]),
+    ("output is a file", None, ["@file-output"], ["is a file", "expected a folder"]),
+]
+
+
+@pytest.fixture
+def guarded(monkeypatch):
+    def never(*a, **kw):
+        raise AssertionError("a refused run got past preflight into generation")
+
+    monkeypatch.setattr(cli, "_generate", never)
+
+
+@pytest.mark.parametrize("case, make, args, words", REFUSED, ids=[c[0] for c in REFUSED])
+def test_refused_before_anything_starts(case, make, args, words, tmp_path, capsys, guarded):
+    prompts = make(tmp_path) if make else str(EXAMPLES)
+    out = tmp_path / "out"
+    (out / "manifest").mkdir(parents=True)
+    earlier = out / "manifest" / "part-earlier-00000.parquet"
+    earlier.write_bytes(b"an earlier run's part")  # must survive every refusal untouched
+    if "@file-output" in args:
+        args, out = [], tmp_path / "out.txt"
+        out.write_text("not a folder")
+    code = cli.main(["run", prompts, str(out), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for w in words:
+        assert w in err, f"{case}: {w!r} not in {err!r}"
+    kept = sorted(p.name for p in (tmp_path / "out").rglob("*"))
+    assert earlier.read_bytes() == b"an earlier run's part" and kept == ["manifest", "part-earlier-00000.parquet"]
+
+
+def test_accepted_string_encodings(tmp_path):
+    """Dictionary-encoded (pandas `category`) and view strings are strings."""
+    cfg = load_config("tiny")
+    dictionary = pa.array(["a cat", "a dog", "a cat"]).dictionary_encode()
+    for typ, col in (("dictionary", dictionary), ("string_view", pa.array(["a", "b"], pa.string_view()))):
+        plan = read_prompts(table(tmp_path / f"{typ}.parquet", {"prompt": col}), cfg)
+        assert plan.rows.num_rows == len(col) and not plan.rejected, typ
+        assert plan.rows.column("prompt").to_pylist() == col.to_pylist()
+
+
+# (case, column values for one row beside a good row 0, words the reason must hold)
+ROWS = [
+    ("null prompt", {"prompt": None}, ["row 1", "prompt is null"]),
+    ("blank prompt", {"prompt": "   "}, ["row 1", "prompt is empty"]),
+    ("1 MB prompt", {"prompt": "x" * (1 << 20)}, ["row 1", "1,048,576 characters", "data.max_prompt_chars"]),
+    ("NUL in prompt", {"prompt": "a\x00cat"}, ["row 1", "prompt", "'\\x00'", "position 1"]),
+    ("escape in prompt", {"prompt": "a\x1bcat"}, ["row 1", "'\\x1b'"]),
+    ("bell in negative", {"negative_prompt": "ugly\x07"}, ["row 1", "negative_prompt", "'\\x07'"]),
+    ("id .", {"id": "."}, ["row 1", "id '.'", "not a safe file name"]),
+    ("id ..", {"id": ".."}, ["row 1", "id '..'"]),
+    ("id -rf", {"id": "-rf"}, ["row 1", "id '-rf'"]),
+    ("id CON", {"id": "CON"}, ["row 1", "id 'CON'", "reserved device name"]),
+    ("id nul.txt", {"id": "nul.txt"}, ["row 1", "reserved"]),
+    ("129-char id", {"id": "a" * 129}, ["row 1", "1-128 characters"]),
+    ("id with slash", {"id": "a/b"}, ["row 1", "'a/b'"]),
+    ("duplicate id", {"id": "r0"}, ["row 1", "duplicate id 'r0'", "row 0"]),
+    ("case-colliding id", {"id": "R0"}, ["row 1", "'R0'", "differs only in case", "'r0'"]),
+    ("seed 2**63", {"seed": 2**63}, ["row 1", "seed 9223372036854775808", "outside"]),
+    ("seed max uint64", {"seed": 2**64 - 1}, ["row 1", "outside"]),
+    ("n = 0", {"n": 0}, ["row 1", "n = 0", "outside [1, 10000]"]),
+    ("n = 10001", {"n": 10_001}, ["row 1", "n = 10001"]),
+    ("NaN steps", {"stage_1_steps": math.nan}, ["row 1", "stage_1_steps = nan", "not a finite number"]),
+    ("inf steps", {"stage_2_steps": math.inf}, ["row 1", "stage_2_steps = inf", "not a finite number"]),
+    ("NaN guidance", {"stage_1_guidance_scale": math.nan}, ["row 1", "stage_1_guidance_scale = nan", "finite"]),
+    ("-inf guidance", {"stage_2_guidance_scale": -math.inf}, ["row 1", "-inf"]),
+    ("2.5 steps", {"stage_1_steps": 2.5}, ["row 1", "stage_1_steps = 2.5", "not a whole number"]),
+    ("0 steps", {"stage_3_steps": 0.0}, ["row 1", "stage_3_steps = 0.0", "outside"]),
+]
+TYPES = {
+    "prompt": pa.string(),
+    "negative_prompt": pa.string(),
+    "id": pa.string(),
+    "seed": pa.uint64(),
+    "n": pa.int64(),
+    **{f"stage_{s}_steps": pa.float64() for s in (1, 2, 3)},
+    **{f"stage_{s}_guidance_scale": pa.float64() for s in (1, 2, 3)},
+}
+GOOD = {"prompt": "a photo of a cat", "id": "r0", "seed": 1, "n": 1}
+
+
+def row_corpus(path: Path) -> tuple[str, list[list[str]]]:
+    """One table holding every row case after a good row (row 0), each case's bad row with a fresh id where the
+    case is not about the id; returns the table and the words each case's reason must hold (with its row)."""
+    rows, words = [dict(GOOD)], []
+    for k, (_, bad, expect) in enumerate(ROWS, start=1):
+        row = {**GOOD, "prompt": f"{GOOD['prompt']} {k}", "id": f"x{k}", **bad}
+        rows.append(row)
+        words.append([w.replace("row 1", f"row {k}") for w in expect])
+    cols = {c: [r.get(c) for r in rows] for c in TYPES}
+    return table(path, cols, pa.schema([(c, TYPES[c]) for c in cols])), words
+
+
+def test_each_bad_row_is_rejected_with_its_reason_and_the_rest_go_on(tmp_path):
+    prompts, words = row_corpus(tmp_path / "rows.parquet")
+    plan = read_prompts(prompts, load_config("tiny"))
+    assert plan.rows.column("id").to_pylist() == ["r0"]  # the good row, and only it
+    reasons = {r.row: r.reason for r in plan.rejected}
+    assert sorted(reasons) == list(range(1, len(ROWS) + 1))
+    for k, ((case, _, _), expect) in enumerate(zip(ROWS, words, strict=True), start=1):
+        for w in expect:
+            assert w in reasons[k], f"{case}: {w!r} not in {reasons[k]!r}"
