@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import replace
 
 from ifbatch.configs.schema import CascadeConfig
 
@@ -13,6 +14,7 @@ from .inputs.prompts import PromptTableError, open_table
 from .storage import locate, storage_errors, store_code
 
 PROBE = ".ifbatch-probe"
+PROBE_RETRY_S = 10.0  # a store that does not answer the probe within this is reported at once, not after minutes
 
 
 class OutputError(OSError):
@@ -31,7 +33,7 @@ def preflight(prompts: str, output: str, cfg: CascadeConfig) -> None:
 def check_output(output: str, cfg: CascadeConfig) -> None:
     """Write, read back and delete a probe object under the output (created if missing)."""
     try:
-        loc = locate(output, cfg.s3)
+        loc = replace(locate(output, cfg.s3), retry_s=min(cfg.s3.retry_deadline_s, PROBE_RETRY_S))
         if loc.protocol == "file" and os.path.exists(loc.root) and not os.path.isdir(loc.root):
             raise OutputError(f"output {output!r} is a file; expected a folder (or a path that does not exist yet)")
         path = loc.path(f"{PROBE}-{secrets.token_hex(4)}")
