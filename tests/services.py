@@ -41,6 +41,7 @@ class SeaweedS3:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.extra = extra or []  # e.g. -s3.config=identities.json
+        self.ports = [free_port() for _ in range(3)]  # master, volume, filer: kept across a restart
 
     @property
     def endpoint(self) -> str:
@@ -48,7 +49,7 @@ class SeaweedS3:
 
     def start(self, timeout: float = 60.0) -> SeaweedS3:
         weed = shutil.which("weed") or str(Path(os.sys.executable).with_name("weed"))
-        ports = [free_port() for _ in range(3)]
+        ports = self.ports
         cmd = [
             weed,
             "server",
@@ -68,7 +69,7 @@ class SeaweedS3:
             "-master.telemetry=false",
             *self.extra,
         ]
-        self.log = open(self.dir / "weed.log", "wb")
+        self.log = open(self.dir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until_answering(self.proc, self.endpoint, timeout, self.dir / "weed.log")
         return self
@@ -76,6 +77,12 @@ class SeaweedS3:
     def stop(self) -> None:
         stop_group(self.proc, grace=3.0)  # slow to stop on SIGTERM: killed after a short grace
         self.log.close()
+
+    def restart(self, down_s: float = 5.0) -> None:
+        """Stop the server, stay down `down_s` seconds, start it again on the same ports and data."""
+        self.stop()
+        time.sleep(down_s)
+        self.start()
 
 
 class PrefectServer:

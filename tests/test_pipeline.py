@@ -355,19 +355,7 @@ def test_a_store_failing_every_put_mid_run_stops_it_and_the_rerun_resumes(
         proxy.stop()
 
 
-def test_s3_frozen_mid_run_the_run_waits_and_every_image_is_once(
-    tmp_path, tiny_set, s3_server, ray_cluster, prefect_api
-):
-    """The S3 server's processes stopped (SIGSTOP) for 25 s mid-run, then resumed: writes wait and retry within
-    s3.retry_deadline_s, the run completes, every image exactly once with its sha256."""
-    cats = [f"a photo of a cat number {i}" for i in range(6)]
-    prompts = write_table(tmp_path / "p.parquet", {"prompt": cats})
-    out = f"s3://{BUCKET}/frozen-{tmp_path.name}"
-    args = [
-        "run", prompts, out, "--set", tiny_set[0], "--set", "output.manifest_part_rows=2",
-        *[f"--set={s}.batch_size=2" for s in ("text_encoder", "stage_1", "stage_2", "stage_3")],
-        "--ray-address", ray_cluster, "--no-progress",
-    ]  # fmt: skip
+def _start_and_wait_for_a_part(args: list[str], out: str, prefect_api: str) -> subprocess.Popen:
     run = subprocess.Popen(
         [str(Path(sys.executable).with_name("ifbatch")), *args],
         stdout=subprocess.PIPE,
@@ -378,18 +366,55 @@ def test_s3_frozen_mid_run_the_run_waits_and_every_image_is_once(
     loc = locate(out)
     deadline = time.monotonic() + 300
     while not part_paths(loc):
-        assert run.poll() is None and time.monotonic() < deadline, "the run ended before the store froze"
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before the fault"
         time.sleep(0.2)
-    os.killpg(s3_server.proc.pid, signal.SIGSTOP)
-    try:
-        time.sleep(25)
-    finally:
-        os.killpg(s3_server.proc.pid, signal.SIGCONT)
+    return run
+
+
+def _stage_actor_pids() -> list[int]:
+    """The diffusion stage actors' processes (Ray names them after the stage class)."""
+    out = subprocess.run(["pgrep", "-f", r"MapBatches\(Stage[123]Stage\)"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+FAULTS = ["s3 frozen 25 s", "s3 restarted", "stage actor killed"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_fault_mid_run_leaves_every_image_exactly_once(
+    fault, tmp_path, tiny_set, s3_server, ray_cluster, prefect_api
+):
+    """Mid-run (after the first manifest part): the S3 server's processes stopped (SIGSTOP) for 25 s; or the
+    server stopped and started again on the same data; or a stage actor SIGKILLed. Writes wait and retry within
+    s3.retry_deadline_s, Ray Data restarts the actor and retries its batch: the run completes, every image exactly
+    once with its sha256."""
+    cats = [f"a photo of a cat number {i}" for i in range(6)]
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": cats})
+    out = f"s3://{BUCKET}/fault-{tmp_path.name}"
+    args = [
+        "run", prompts, out, "--set", tiny_set[0], "--set", "output.manifest_part_rows=2",
+        *[f"--set={s}.batch_size=2" for s in ("text_encoder", "stage_1", "stage_2", "stage_3")],
+        "--ray-address", ray_cluster, "--no-progress",
+    ]  # fmt: skip
+    run = _start_and_wait_for_a_part(args, out, prefect_api)
+    if fault == "s3 frozen 25 s":
+        os.killpg(s3_server.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(25)
+        finally:
+            os.killpg(s3_server.proc.pid, signal.SIGCONT)
+    elif fault == "s3 restarted":
+        s3_server.restart(down_s=5)
+    else:
+        pids = _stage_actor_pids()
+        assert pids, "no stage actor process found"
+        os.kill(pids[-1], signal.SIGKILL)
     stdout, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr[-3000:]
     check_outputs(out, set(_ids(prompts)))
+    loc = locate(out)
     raw_ok = [i for p in part_paths(loc) for i in _part_ids(loc, p)]
-    assert sorted(raw_ok) == sorted(_ids(prompts))
+    assert sorted(raw_ok) == sorted(_ids(prompts))  # no image recorded twice
 
 
 def _image_ids(prompts: str, overrides: list[str]) -> dict[str, tuple[str, int]]:

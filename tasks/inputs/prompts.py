@@ -6,28 +6,19 @@ a reason; the other rows go on.
 
 from __future__ import annotations
 
-import hashlib
-import math
-import re
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from ifbatch.configs.schema import MAX_IMAGES_PER_PROMPT, CascadeConfig
-from ifbatch.models.seeding import SEED_MAX, derive_seed
+from ifbatch.configs.schema import CascadeConfig
 
 from ..storage import locate
 from .expand import image_lists
 from .params import OVERRIDES, param_fields, resolve_params
+from .validate import Rejected, Validator, default_id  # noqa: F401 (default_id: what a row without an id gets)
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?$", re.I)  # device names on Windows
-CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 controls and DEL, but tab, LF, CR
 ROW_FIELDS = [
     pa.field("row", pa.int64()),
     pa.field("id", pa.string()),
@@ -45,25 +36,11 @@ class PromptTableError(ValueError):
 
 
 @dataclass
-class Rejected:
-    row: int
-    id: str | None
-    prompt: str | None
-    reason: str
-
-
-@dataclass
 class PromptPlan:
     source: str
     rows: pa.Table  # WORK_SCHEMA: the valid rows
     rejected: list[Rejected] = field(default_factory=list)
     total: int = 0
-
-
-def default_id(prompt: str, negative: str, occurrence: int) -> str:
-    """Stable across runs for the same table: prompt, negative prompt and how often the pair came before."""
-    key = f"{prompt}\x00{negative}\x00{occurrence}".encode()
-    return "p" + hashlib.blake2b(key, digest_size=10).hexdigest()
 
 
 def _dataset(uri: str, cfg: CascadeConfig) -> pads.Dataset:
@@ -185,21 +162,6 @@ def _check_columns(uri: str, schema: pa.Schema, cfg: CascadeConfig, quoted: bool
     return cols
 
 
-def _override_problem(cfg: CascadeConfig, column: str, value: Any) -> str | None:
-    stage, name = OVERRIDES[column]
-    section = getattr(cfg, stage)
-    info = type(section).model_fields[name]
-    lo = next((m.ge for m in info.metadata if hasattr(m, "ge")), None)
-    hi = next((m.le for m in info.metadata if hasattr(m, "le")), None)
-    if not math.isfinite(value):
-        return f"{column} = {value!r} is not a finite number; expected a number in [{lo}, {hi}] or null (the default)"
-    if name == "steps" and value != int(value):
-        return f"{column} = {value!r} is not a whole number"
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        return f"{column} = {value!r} is outside [{lo}, {hi}]"
-    return None
-
-
 def open_table(uri: str, cfg: CascadeConfig) -> tuple[pads.Dataset, dict[str, str]]:
     """The table as a dataset, its columns checked (every part's, for a folder), no row read yet; and
     {our name: the table's column}."""
@@ -216,107 +178,22 @@ def open_table(uri: str, cfg: CascadeConfig) -> tuple[pads.Dataset, dict[str, st
 
 
 def read_prompts(uri: str, cfg: CascadeConfig) -> PromptPlan:
-    """Stream the table in batches of data.read_batch_rows; validate; assign ids and seeds."""
+    """Stream the table in batches of data.read_batch_rows; validate each (validate.py, vectorized); assign ids
+    and seeds; the work order of the accepted rows."""
     ds, cols = open_table(uri, cfg)
-    out: dict[str, list] = {f.name: [] for f in ROW_FIELDS} | {c: [] for c in OVERRIDES} | {"n": []}
-    rejected: list[Rejected] = []
-    seen: dict[str, int] = {}
-    seen_folded: dict[str, tuple[int, str]] = {}
-    occurrences: Counter = Counter()
-    row = 0
+    check = Validator(cfg)
     try:
-        batches = ds.to_batches(columns=list(cols.values()), batch_size=cfg.data.read_batch_rows)
+        # one batch at a time (pyarrow's read-ahead would hold a million rows in memory before they are needed)
+        batches = ds.to_batches(
+            columns=list(cols.values()), batch_size=cfg.data.read_batch_rows, batch_readahead=1, fragment_readahead=1
+        )
         for batch in batches:
-            data = {ours: batch.column(theirs).to_pylist() for ours, theirs in cols.items()}
-            for i in range(batch.num_rows):
-                rec = {k: v[i] for k, v in data.items()}
-                _take(rec, row, cfg, out, rejected, seen, occurrences, seen_folded)
-                row += 1
-    except PromptTableError:
-        raise
+            check.add({ours: batch.column(theirs) for ours, theirs in cols.items()})
     except (OSError, pa.ArrowException) as e:
         raise PromptTableError(f"cannot read prompt table {uri!r}: {type(e).__name__}: {e}") from None
-    n = len(out["id"])
-    given = {c: pa.array(out[c], pa.float64()) for c in OVERRIDES if c in cols}
-    columns = {f.name: pa.array(out[f.name], f.type) for f in ROW_FIELDS} | resolve_params(given, n, cfg)
-    columns["images"] = image_lists(np.array(out["n"], dtype=np.int64))
-    return PromptPlan(uri, pa.table(columns, schema=WORK_SCHEMA), rejected, row)
-
-
-def _take(
-    rec: dict,
-    row: int,
-    cfg: CascadeConfig,
-    out: dict,
-    rejected: list,
-    seen: dict,
-    occurrences: Counter,
-    seen_folded: dict,
-):
-    prompt, raw_id = rec.get("prompt"), rec.get("id")
-    negative = rec.get("negative_prompt") or ""
-    rid = None if raw_id is None else str(raw_id)
-
-    def reject(reason: str) -> None:
-        rejected.append(Rejected(row, rid, prompt, reason))
-
-    if prompt is None or not prompt.strip():
-        return reject(f"row {row}: prompt is {'null' if prompt is None else 'empty'}; a non-empty string is expected")
-    if len(prompt) > cfg.data.max_prompt_chars:
-        return reject(
-            f"row {row}: prompt is {len(prompt):,} characters; at most data.max_prompt_chars = "
-            f"{cfg.data.max_prompt_chars:,} are accepted"
-        )
-    for text, what in ((prompt, "prompt"), (negative, "negative_prompt")):
-        bad = CONTROL.search(text)
-        if bad:
-            return reject(
-                f"row {row}: {what} holds the control character {bad.group()!r} at position {bad.start()}; "
-                f"expected text (tabs and line breaks are fine)"
-            )
-    if rid is None:
-        rid = default_id(prompt, negative, occurrences[(prompt, negative)])
-        occurrences[(prompt, negative)] += 1
-    elif not SAFE_ID.match(rid):
-        return reject(
-            f"row {row}: id {rid!r} is not a safe file name; expected 1-128 characters of letters, digits, "
-            f"'.', '_' or '-', starting with a letter or digit"
-        )
-    elif RESERVED.match(rid):
-        return reject(f"row {row}: id {rid!r} is a reserved device name on Windows; expected another id")
-    if rid in seen:
-        return reject(f"row {row}: duplicate id {rid!r} (first used by row {seen[rid]})")
-    folded = rid.casefold()
-    if folded in seen_folded:
-        return reject(
-            f"row {row}: id {rid!r} differs only in case from row {seen_folded[folded][0]}'s "
-            f"{seen_folded[folded][1]!r}; their files would collide on a case-insensitive filesystem"
-        )
-    seed = rec.get("seed")
-    if seed is None:
-        seed = derive_seed(cfg.seed, rid)
-    elif not 0 <= seed <= SEED_MAX:
-        return reject(f"row {row}: seed {seed!r} is outside [0, 2**63 - 1]")
-    images = rec.get("n")
-    if images is None:
-        images = cfg.data.images_per_prompt
-    elif not 1 <= images <= MAX_IMAGES_PER_PROMPT:
-        return reject(
-            f"row {row}: {cfg.data.images_column} = {images!r} images per prompt is outside "
-            f"[1, {MAX_IMAGES_PER_PROMPT}]"
-        )
-    overrides = {}
-    for column in OVERRIDES:
-        value = rec.get(column)
-        if value is not None:
-            problem = _override_problem(cfg, column, value)
-            if problem:
-                return reject(f"row {row}: {problem}")
-            value = int(value) if column.endswith("steps") else float(value)
-        overrides[column] = value
-    seen[rid] = row
-    seen_folded[folded] = (row, rid)
-    for k, v in dict(
-        row=row, id=rid, prompt=prompt, negative_prompt=negative, seed=seed, n=images, **overrides
-    ).items():
-        out[k].append(v)
+    rows, rejected = check.finish()
+    n = rows.num_rows
+    given = {c: rows.column(c).combine_chunks() for c in OVERRIDES if c in cols}
+    columns = {f.name: rows.column(f.name).cast(f.type) for f in ROW_FIELDS} | resolve_params(given, n, cfg)
+    columns["images"] = image_lists(rows.column("n").to_numpy())
+    return PromptPlan(uri, pa.table(columns, schema=WORK_SCHEMA), rejected, check.rows)

@@ -229,3 +229,33 @@ def test_each_bad_row_is_rejected_with_its_reason_and_the_rest_go_on(tmp_path):
     for k, ((case, _, _), expect) in enumerate(zip(ROWS, words, strict=True), start=1):
         for w in expect:
             assert w in reasons[k], f"{case}: {w!r} not in {reasons[k]!r}"
+
+
+def test_validation_is_the_same_whatever_the_batches(tmp_path):
+    """Ids, seeds, duplicates across batches and every reason come out the same read 3 rows at a time as whole;
+    rows without an id get the same stable ids as always (default_id of the prompt, its negative and how often
+    the pair came before)."""
+    from ifbatch.tasks.inputs.prompts import default_id
+
+    prompts, _ = row_corpus(tmp_path / "rows.parquet")
+    more = table(
+        tmp_path / "dups.parquet",
+        {
+            "prompt": ["a", "a", "b", "a", "c", "c", "a"],
+            "id": [None, None, "x", None, "X", "x", None],
+            "seed": [None, 5, None, None, None, None, 2**70 % 2**63],
+        },
+    )
+    for path in (prompts, more):
+        whole = read_prompts(path, load_config("tiny"))
+        small = read_prompts(path, load_config("tiny", ["data.read_batch_rows=3"]))
+        assert whole.rows.equals(small.rows) and whole.rejected == small.rejected and whole.total == small.total
+    plan = read_prompts(more, load_config("tiny", ["data.read_batch_rows=2"]))
+    got = plan.rows.select(["row", "id"]).to_pylist()
+    ids = [default_id("a", "", k) for k in range(4)]
+    assert got == [{"row": 0, "id": ids[0]}, {"row": 1, "id": ids[1]}, {"row": 2, "id": "x"}, {"row": 3, "id": ids[2]},
+                   {"row": 6, "id": ids[3]}]  # fmt: skip
+    assert [(r.row, r.reason.split(": ", 1)[1]) for r in plan.rejected] == [
+        (4, "id 'X' differs only in case from row 2's 'x'; their files would collide on a case-insensitive filesystem"),
+        (5, "duplicate id 'x' (first used by row 2)"),
+    ]
