@@ -33,6 +33,7 @@ MEMORY_HEADROOM = 0.9  # of a GPU's memory a plan may count on (CUDA context, fr
 CPU_SHARE = 0.75  # of a GPU node's CPUs the stage actors may reserve; the rest is for the writer and Ray Data
 SLIVER = 0.25  # a stage needing less than this many GPUs' time in all gets a single actor
 WRITER_HEADROOM = 4.0  # the writer pool is sized to sustain this many times the GPUs' planned rate
+WRITER_PX = 1024  # the image side the cost table's writer rates were measured at
 PLANNED = ("replicas", "num_gpus", "num_cpus", "batch_size")  # what a plan sets per stage
 BY_HAND = ("replicas", "num_gpus")  # set by the user, these place the stage by hand
 
@@ -191,6 +192,12 @@ def model_key(cfg: CascadeConfig, stage: str) -> str:
     return source
 
 
+def output_px(cfg: CascadeConfig) -> int:
+    """The side of the cascade's images: 1024 (IF-II's 256 px through the x4 upscaler); the generated tiny
+    cascade's are 256. The writers' cost scales with their pixels."""
+    return 256 if model_key(cfg, "stage_3").startswith("tiny/") else WRITER_PX
+
+
 def forcing_fractions(n: int) -> list[float]:
     """n fractions, largest first, summing to at most 1, each just over half of what the larger ones leave."""
     out, left = [], 1.0
@@ -302,7 +309,7 @@ def plan(
 def _with_writers(p: Plan, cfg: CascadeConfig, costs: CostTable, by_hand: bool, cpus_per_gpu: float | None) -> Plan:
     """The plan with its writer pool: enough writers for WRITER_HEADROOM x the GPUs' rate, as many as the GPU
     nodes' CPUs left to them hold (1 - CPU_SHARE of them); output.writers when the user set it."""
-    rate = costs.writers.get(cfg.output.image_format, 0.0)
+    rate = costs.writers.get(cfg.output.image_format, 0.0) * (WRITER_PX / output_px(cfg)) ** 2
     if by_hand:
         return replace(p, writers=cfg.output.writers or 1, writer_rate=rate)
     if rate <= 0:

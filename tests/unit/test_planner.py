@@ -159,3 +159,11 @@ def test_a_writer_pool_the_cpus_cannot_hold_is_said_and_limits_the_estimate():
     assert p.images_per_second == pytest.approx(min(p.stage_rate, 16 * COSTS.writers["png"]))
     kept = plan(load_config("if-xl", ["output.writers=3"]), COSTS, 8, "H200", explicit=frozenset({"output.writers"}))
     assert kept.writers == 3 and kept.apply(cfg).output.writers == 3
+
+
+def test_the_tiny_cascades_small_images_need_fewer_writers():
+    """Writer rates are per 1024 px image; the tiny cascade's 256 px images cost a sixteenth."""
+    tiny = load_config("tiny")
+    p = plan(tiny, COSTS, 1, "H200", cpus_per_gpu=2)
+    assert p.writer_rate == pytest.approx(16 * COSTS.writers["png"])
+    assert p.writers == max(1, math.ceil(4 * p.stage_rate / p.writer_rate)) == 1 and not p.writers_short
