@@ -177,6 +177,8 @@ def test_scheduled_deployment_runs_by_itself(server, served, nightly):
             time.sleep(3)
         else:
             raise AssertionError(f"no scheduled run completed; states: {[r.state_name for r in runs]}")
+        with client() as c:  # shown: stop its schedule, whose late runs would keep the server's SQLite busy
+            c.pause_deployment(c.read_deployment_by_name("ifbatch-generate/nightly-dataset").id)
     assert read_manifest(locate(nightly[1])).num_rows == 2
 
 
