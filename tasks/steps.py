@@ -129,6 +129,19 @@ def generate_rows(
     return result, models, startup, placement.record
 
 
+def _run_facts(ctx: RunContext) -> dict:
+    """What every run record says about its run: id, times, parameters, config, models, package versions."""
+    return dict(
+        run_id=ctx.run_id,
+        started=ctx.started,
+        finished=dt.datetime.now(dt.UTC).isoformat(),
+        params=ctx.params,
+        config=ctx.cfg.model_dump(mode="json"),
+        models=ctx.models,
+        versions=versions(),
+    )
+
+
 @task(name="write-run-record", **RETRY)
 def write_records(ctx: RunContext) -> RunSummary:
     loc, result, plan = ctx.loc, ctx.result, ctx.plan
@@ -152,13 +165,7 @@ def write_records(ctx: RunContext) -> RunSummary:
     )
     seconds = ctx.seconds
     record = dict(
-        run_id=ctx.run_id,
-        started=ctx.started,
-        finished=dt.datetime.now(dt.UTC).isoformat(),
-        params=ctx.params,
-        config=ctx.cfg.model_dump(mode="json"),
-        models=ctx.models,
-        versions=versions(),
+        **_run_facts(ctx),
         counts=counts,
         seconds=seconds,
         startup_seconds=ctx.startup_seconds,
@@ -194,15 +201,9 @@ def write_stopped_record(ctx: RunContext, stopped: RunStopped) -> StoppedRun:
     result, images = ctx.result, image_count(ctx.plan.rows) if ctx.plan else 0
     reason = f"{type(stopped.cause).__name__}: {stopped.cause}"
     record = dict(
-        run_id=ctx.run_id,
+        **_run_facts(ctx),
         status="stopped",
         reason=reason,
-        started=ctx.started,
-        finished=dt.datetime.now(dt.UTC).isoformat(),
-        params=ctx.params,
-        config=ctx.cfg.model_dump(mode="json"),
-        models=ctx.models,
-        versions=versions(),
         counts=dict(images=images, done=result.done, failed=result.failed, skipped=ctx.skipped),
         seconds=ctx.seconds,
         plan=ctx.stage_plan,
