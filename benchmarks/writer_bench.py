@@ -100,16 +100,7 @@ def s3_target(tmp: Path):
     from tests.services import SeaweedS3
 
     (tmp / "weed").mkdir()
-    server = SeaweedS3(tmp / "weed").start()
-    os.environ.update(
-        AWS_ENDPOINT_URL=server.endpoint,
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench-secret",
-        AWS_REGION="us-east-1",
-    )
-    import s3fs
-
-    s3fs.S3FileSystem(endpoint_url=server.endpoint).mkdir(BUCKET)
+    server = SeaweedS3(tmp / "weed").start().use(BUCKET, "bench", "bench-secret")
     try:
         yield f"s3://{BUCKET}"
     finally:

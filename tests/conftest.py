@@ -39,16 +39,7 @@ def tiny_cfg(tiny_dir):
 def s3_server(tmp_path_factory):
     """A real S3 server for the session; its endpoint and (dummy) credentials go into the environment before Ray
     starts, so that the driver, the Ray workers and CLI subprocesses all reach it the same way."""
-    import s3fs
-
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
-    os.environ.update(
-        AWS_ENDPOINT_URL=server.endpoint,
-        AWS_ACCESS_KEY_ID="ifbatch-test",
-        AWS_SECRET_ACCESS_KEY="ifbatch-test-secret",
-        AWS_REGION="us-east-1",
-    )
-    s3fs.S3FileSystem(endpoint_url=server.endpoint).mkdir(BUCKET)
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start().use(BUCKET, "ifbatch-test", "ifbatch-test-secret")
     yield server
     server.stop()
 

@@ -74,6 +74,17 @@ class SeaweedS3:
         wait_until_answering(self.proc, self.endpoint, timeout, self.dir / "weed.log")
         return self
 
+    def use(self, bucket: str, key: str, secret: str) -> SeaweedS3:
+        """Point this process's environment at the server (endpoint and dummy credentials: the driver, Ray workers
+        and CLI subprocesses started after this reach it the same way) and create `bucket`."""
+        import s3fs
+
+        os.environ.update(
+            AWS_ENDPOINT_URL=self.endpoint, AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret, AWS_REGION="us-east-1"
+        )
+        s3fs.S3FileSystem(endpoint_url=self.endpoint).mkdir(bucket)
+        return self
+
     def stop(self) -> None:
         stop_group(self.proc, grace=3.0)  # slow to stop on SIGTERM: killed after a short grace
         self.log.close()

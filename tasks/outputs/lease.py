@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from ..storage import Location
+from ..storage import Location, store_code
 
 LEASE = ".ifbatch-lease.json"
 TTL_S = 60.0
@@ -100,7 +100,7 @@ class Lease:
             try:
                 out = self.loc.fs.pipe_file(self.path, data, **cond)
             except OSError as e:
-                if "PreconditionFailed" in str(e) or "pre-conditions" in str(e) or isinstance(e, FileExistsError):
+                if store_code(e) == "PreconditionFailed" or isinstance(e, FileExistsError):
                     return False
                 raise
             self.token = (out or {}).get("ETag") or self.loc.fs.info(self.path).get("ETag")
