@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -185,6 +185,14 @@ class RayConfig(Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (null: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local cluster (null: detect).")
     object_store_gb: float | None = Field(None, gt=0, description="Object store size of a local cluster.")
+    gpu_slot: str | None = Field(
+        None,
+        description="Prefect global concurrency limit every run on this cluster holds while it runs, so that runs "
+        "sharing the GPUs queue; null = ifbatch-gpus-<host of the cluster's address, or this machine>.",
+    )
+    runs_at_once: int = Field(
+        1, ge=1, description="The limit's size when a run first creates it (an operator may change it in Prefect)."
+    )
 
 
 class PlanConfig(Section):
@@ -201,11 +209,20 @@ class PlanConfig(Section):
     )
 
 
+class S3Credentials(Section):
+    """Keys from a Prefect block (flows/blocks.py). Secret-typed: a repr, a log line or an error shows ******."""
+
+    key: SecretStr
+    secret: SecretStr
+    token: SecretStr | None = None
+    source: str = Field(description="Where they came from, e.g. the block's name (never the keys).")
+
+
 class S3Config(Section):
     endpoint_url: str | None = Field(
         None,
         description="S3-compatible endpoint; null = AWS or AWS_ENDPOINT_URL. "
-        "Credentials come from the environment only.",
+        "Credentials come from the environment, or from the Prefect block named by the run's aws_credentials.",
     )
     region: str | None = Field(None, description="Region name; null = the environment's.")
     retry_deadline_s: float = Field(
@@ -215,6 +232,9 @@ class S3Config(Section):
         description="How long a write retries transient store errors (5xx, throttling, dropped connections), with "
         "backoff, before it fails.",
     )
+    # Never written anywhere: excluded from every dump (run record, `ifbatch config`), only pickled to the Ray
+    # workers that write the images.
+    credentials: S3Credentials | None = Field(None, exclude=True, repr=False)
 
 
 class CascadeConfig(Section):

@@ -11,6 +11,8 @@ import time
 
 from .check import add_parsers as add_check_parsers
 from .check import compact_command, verify_command
+from .operate import add_parsers as add_operate_parsers
+from .operate import alerts_command, deployments_command, serve_command
 
 EXAMPLES = textwrap.dedent("""
     examples:
@@ -101,38 +103,7 @@ def parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--prompt-column", help="name of the prompt column when it is not 'prompt'")
     add_check_parsers(sub)
-    srv = sub.add_parser(
-        "serve",
-        help="serve the Prefect deployments (generate, nightly-dataset) from this process",
-        description="Serve the `generate` (on demand) and `nightly-dataset` (scheduled) deployments "
-        "to the Prefect API in PREFECT_API_URL; runs start from the dashboard or the "
-        "schedule and execute in subprocesses of this one.",
-    )
-    srv.add_argument(
-        "--nightly-prompts",
-        default=None,
-        help="prompts table or prefix of the scheduled job (default: the example table)",
-    )
-    srv.add_argument("--nightly-output", default="out/nightly", help="output of the scheduled job")
-    srv.add_argument("--nightly-preset", default="tiny", choices=preset_names())
-    srv.add_argument("--nightly-cron", default="0 2 * * *", help="cron schedule (default: 02:00 UTC daily)")
-    srv.add_argument(
-        "--every",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="run the scheduled job every SECONDS instead of the cron schedule",
-    )
-    srv.add_argument("--ray-address", default=None, help="Ray cluster the runs join (default: a local one each)")
-    srv.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides for both deployments' default parameters",
-    )
-    srv.add_argument("--limit", type=int, default=1, help="flow runs at a time (default 1: they share the GPUs)")
+    add_operate_parsers(sub)
     return p
 
 
@@ -233,23 +204,6 @@ def _generate(params, progress_bar: bool) -> int:
     return 0 if state.is_completed() else 1
 
 
-def _serve(args: argparse.Namespace) -> int:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from ifbatch.flows.deploy import EXAMPLES, serve_deployments
-
-    serve_deployments(
-        limit=args.limit,
-        nightly_prompts=args.nightly_prompts or EXAMPLES,
-        nightly_output=args.nightly_output,
-        nightly_preset=args.nightly_preset,
-        nightly_cron=args.nightly_cron,
-        every_seconds=args.every,
-        ray_address=args.ray_address,
-        overrides=args.overrides,
-    )
-    return 0
-
-
 def _plan(args: argparse.Namespace) -> int:
     from ifbatch.configs import ConfigError, load_config
     from ifbatch.configs.costs import load_costs
@@ -300,7 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "presets":
         return _presets()
-    commands = {"serve": _serve, "run": _run, "plan": _plan, "verify": verify_command, "compact": compact_command}
+    commands = {
+        "serve": serve_command,
+        "deployments": deployments_command,
+        "alerts": alerts_command,
+        "run": _run,
+        "plan": _plan,
+        "verify": verify_command,
+        "compact": compact_command,
+    }
     return commands[args.command](args)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +29,9 @@ from ifbatch.tasks.storage import storage_errors
 from ifbatch.tasks.stream.cluster import ClusterChanged
 from ifbatch.tasks.stream.planner import PlanError
 
+from .blocks import with_block_credentials
+from .gpu_slot import gpu_slot
+
 # Failures an operator can fix from the message alone: logged as one line, the run's state says it too.
 OPERATOR_ERRORS = (
     ConfigError,
@@ -38,6 +42,11 @@ OPERATOR_ERRORS = (
     LeaseHeld,
     *storage_errors(),
 )
+
+
+class Cancelled(Exception):
+    def __str__(self) -> str:
+        return "the run was cancelled in Prefect"
 
 
 class Stopped(Exception):
@@ -68,6 +77,11 @@ class GenerateParams(BaseModel):
     )
     overwrite: bool = Field(False, description="Delete earlier images and manifest in the output and start over.")
     wait: bool = Field(False, description="When another run is writing into the output, wait for it to end.")
+    aws_credentials: str | None = Field(
+        None,
+        description="S3 keys and endpoint from a Prefect block: the name of a prefect-aws AwsCredentials block, or "
+        "s3-bucket/<name>; empty = the environment's.",
+    )
 
     def config(self) -> CascadeConfig:
         extra = []
@@ -75,7 +89,8 @@ class GenerateParams(BaseModel):
             extra.append(f"data.prompt_column={self.prompt_column}")
         if self.ray_address:
             extra.append(f"ray.address={self.ray_address}")
-        return load_config(self.preset, [*self.overrides, *extra])
+        cfg = load_config(self.preset, [*self.overrides, *extra])
+        return with_block_credentials(cfg, self.aws_credentials) if self.aws_credentials else cfg
 
 
 def _run_name() -> str:
@@ -111,13 +126,19 @@ def _generate(params: GenerateParams, log) -> RunSummary:
     ctx = RunContext(params.model_dump(), params.config())
     log.info("run %s: preset %s, %s -> %s", ctx.run_id, ctx.cfg.preset, params.prompts, params.output)
     preflight_check(ctx)
-    with Lease(ctx.loc, ctx.run_id).held(wait=params.wait, log=log.info):  # one run at a time into an output
+    with (
+        gpu_slot(ctx.cfg.ray, log, flow_run.id) as ctx.gpu_slot,  # one run at a time on the cluster's GPUs
+        Lease(ctx.loc, ctx.run_id).held(wait=params.wait, log=log.info),  # one run at a time into an output
+    ):
         ctx.plan = read_prompt_table(ctx)
         rows, ctx.skipped = plan_resume(ctx)
         try:
             ctx.result, ctx.models, ctx.startup_seconds, ctx.stage_plan = generate_rows(rows, ctx)
         except RunStopped as e:
             raise Stopped(write_stopped_record(ctx, e)) from e
+        except TerminationSignal:  # Cancel in Prefect: Ray is down; record what was done, then end Cancelled
+            log.warning("cancelled: %s", write_stopped_record.fn(ctx, RunStopped(Cancelled()), "cancelled").line)
+            raise
         summary = write_records(ctx)
     publish_artifacts(summary, ctx)
     return summary

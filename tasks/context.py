@@ -34,6 +34,7 @@ class RunContext:
     models: dict[str, dict] = field(default_factory=dict)  # what each model is: source, commit, dtype
     startup_seconds: float = 0.0
     stage_plan: dict = field(default_factory=dict)  # the placement plan the run used, or why there was none
+    gpu_slot: dict | None = None  # the Prefect concurrency slot the run held: name, seconds waited, when taken
 
     @property
     def output(self) -> str:

@@ -137,6 +137,7 @@ def _run_facts(ctx: RunContext) -> dict:
         finished=dt.datetime.now(dt.UTC).isoformat(),
         params=ctx.params,
         config=ctx.cfg.model_dump(mode="json"),
+        gpu_slot=ctx.gpu_slot,
         models=ctx.models,
         versions=versions(),
     )
@@ -195,14 +196,14 @@ def write_records(ctx: RunContext) -> RunSummary:
 
 
 @task(name="write-stopped-record", cache_policy=NO_CACHE)
-def write_stopped_record(ctx: RunContext, stopped: RunStopped) -> StoppedRun:
-    """The run record of a run that stopped mid-way: what was done, and why it stopped; spilled when the store is
-    still down (the next run writes it)."""
+def write_stopped_record(ctx: RunContext, stopped: RunStopped, status: str = "stopped") -> StoppedRun:
+    """The run record of a run that stopped mid-way (or was cancelled): what was done, and why it stopped; spilled
+    when the store is still down (the next run writes it)."""
     result, images = ctx.result, image_count(ctx.plan.rows) if ctx.plan else 0
     reason = f"{type(stopped.cause).__name__}: {stopped.cause}"
     record = dict(
         **_run_facts(ctx),
-        status="stopped",
+        status=status,
         reason=reason,
         counts=dict(images=images, done=result.done, failed=result.failed, skipped=ctx.skipped),
         seconds=ctx.seconds,

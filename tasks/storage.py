@@ -1,4 +1,5 @@
-"""One code path for ./out, file:// and s3:// URIs (fsspec; s3fs for S3). Credentials come from the environment."""
+"""One code path for ./out, file:// and s3:// URIs (fsspec; s3fs for S3). Credentials come from the environment, or
+from the config's `s3.credentials` (a Prefect block's keys: flows/blocks.py), which then win."""
 
 from __future__ import annotations
 
@@ -106,7 +107,13 @@ def storage_options(uri: str, s3: S3Config | None) -> dict[str, Any]:
     if not uri.startswith("s3://") or s3 is None:
         return {}
     client = {k: v for k, v in {"endpoint_url": s3.endpoint_url, "region_name": s3.region}.items() if v}
-    return {"client_kwargs": client} if client else {}
+    options: dict[str, Any] = {"client_kwargs": client} if client else {}
+    if s3.credentials is not None:
+        c = s3.credentials
+        options.update(key=c.key.get_secret_value(), secret=c.secret.get_secret_value())
+        if c.token is not None:
+            options["token"] = c.token.get_secret_value()
+    return options
 
 
 def locate(uri: str, s3: S3Config | None = None) -> Location:

@@ -49,3 +49,23 @@ def test_the_image_is_built_on_the_pinned_ray_and_python():
     dockerfile = (ROOT / "deploy" / "kuberay" / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{pinned('ray')}-py311-gpu" in dockerfile
     assert f"torch=={pinned('torch')}" in dockerfile
+
+
+def test_prefect_yaml_is_written_from_the_definitions_serve_uses():
+    """One definition of the deployments: prefect.yaml is `ifbatch deployments` output, so it cannot drift from
+    what `ifbatch serve` serves (edit flows/deploy.py, then `ifbatch deployments --write prefect.yaml`)."""
+    from ifbatch.flows.deploy import ENTRYPOINT, deployments, prefect_yaml
+
+    committed = (ROOT / "prefect.yaml").read_text()
+    assert committed == prefect_yaml(), "prefect.yaml is stale: run `ifbatch deployments --write prefect.yaml`"
+    doc = yaml.safe_load(committed)
+    served = {d.name: d for d in deployments()}
+    assert [d["name"] for d in doc["deployments"]] == list(served)
+    for d in doc["deployments"]:
+        s = served[d["name"]]
+        assert d["tags"] == list(s.tags) and d["entrypoint"] == ENTRYPOINT
+        assert set(d["parameters"]["params"]) == set(s.parameters["params"])
+        assert bool(d.get("schedules")) == bool(s.schedules)
+    assert doc["deployments"][0]["description"] == served["generate"].description
+    path, func = ENTRYPOINT.split(":")
+    assert (ROOT / path).exists() and f"def {func}(" in (ROOT / path).read_text()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 from ifbatch.configs.schema import RayConfig
@@ -42,8 +44,24 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         kwargs.update(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)
         if rc.object_store_gb:
             kwargs["object_store_memory"] = int(rc.object_store_gb * 2**30)
-    ray.init(**kwargs)
+    with _sigterm_kept():
+        ray.init(**kwargs)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """Keep the SIGTERM handler the process had before `ray.init`, which installs its own (`sys.exit`). In a flow
+    run that handler is Prefect's: a Cancel from the dashboard reaches the run as SIGTERM, which Prefect turns into
+    a cancellation (state Cancelled) only while its own handler is in place. The run's `finally` blocks stop the
+    stream, record what was done and shut Ray down either way."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)

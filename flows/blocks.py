@@ -1,0 +1,56 @@
+"""S3 credentials kept in Prefect: a prefect-aws `AwsCredentials` block (or an `S3Bucket` block's credentials),
+named in a run's parameters. The keys go into the run's config as secret-typed values that no dump includes (the
+run record, `ifbatch config`), and reach the Ray workers that write images only by pickling."""
+
+from __future__ import annotations
+
+from ifbatch.configs import ConfigError
+from ifbatch.configs.schema import CascadeConfig, S3Credentials
+
+KINDS = ("aws-credentials", "s3-bucket")
+
+
+def _load(spec: str):
+    from prefect_aws import AwsCredentials, S3Bucket
+
+    kind, _, name = spec.rpartition("/")
+    kind = kind or "aws-credentials"
+    if kind not in KINDS or not name:
+        raise ConfigError(
+            f"aws_credentials = {spec!r}: expected the name of an AwsCredentials block ('my-keys'), or "
+            f"'aws-credentials/<name>' or 's3-bucket/<name>'"
+        )
+    try:
+        block = (AwsCredentials if kind == "aws-credentials" else S3Bucket).load(name)
+    except ValueError as e:  # Prefect: "Unable to find block document named ..."
+        raise ConfigError(
+            f"aws_credentials = {spec!r}: no {kind} block named {name!r} in Prefect at this API "
+            f"(create it in the dashboard under Blocks, or with prefect_aws.{_cls(kind)}(...).save({name!r}))"
+        ) from e
+    return block if kind == "aws-credentials" else block.credentials
+
+
+def _cls(kind: str) -> str:
+    return "AwsCredentials" if kind == "aws-credentials" else "S3Bucket"
+
+
+def with_block_credentials(cfg: CascadeConfig, spec: str) -> CascadeConfig:
+    """cfg with the block's keys, and its endpoint and region where the config leaves them to the environment."""
+    creds = _load(spec)
+    key = getattr(creds, "aws_access_key_id", None) or getattr(creds, "minio_root_user", None)
+    secret = getattr(creds, "aws_secret_access_key", None) or getattr(creds, "minio_root_password", None)
+    if not key or secret is None or not secret.get_secret_value():
+        raise ConfigError(
+            f"aws_credentials = {spec!r}: the block has no access key id and secret access key; ifbatch needs both "
+            f"(or leave aws_credentials empty to use the environment's)"
+        )
+    token = getattr(creds, "aws_session_token", None)
+    params = getattr(creds, "aws_client_parameters", None)
+    s3 = cfg.s3.model_copy(
+        update=dict(
+            credentials=S3Credentials(key=key, secret=secret.get_secret_value(), token=token, source=spec),
+            endpoint_url=cfg.s3.endpoint_url or getattr(params, "endpoint_url", None),
+            region=cfg.s3.region or getattr(creds, "region_name", None),
+        )
+    )
+    return cfg.model_copy(update={"s3": s3})
