@@ -23,7 +23,7 @@ YAML_HEADER = """\
 # Written by `ifbatch deployments --write prefect.yaml` from flows/deploy.py, which `ifbatch serve` serves too:
 # edit that, not this (a test checks they agree).
 #   prefect work-pool create ifbatch --type process
-#   prefect --no-prompt deploy --all          # from this directory, with PREFECT_API_URL set
+#   prefect deploy --all --no-prompt          # from this directory, with PREFECT_API_URL set
 #   IFBATCH_CHECKOUT=$PWD prefect worker start --pool ifbatch   # on each machine that runs flows
 """
 

@@ -14,11 +14,24 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ifbatch.configs import load_config
 from ifbatch.tasks.outputs.manifest import read_manifest
 from ifbatch.tasks.storage import locate
 
 from .helpers import SMALL, write_table
-from .services import PrefectServer, stop_group
+from .prefect_helpers import (
+    api,
+    cancel,
+    client,
+    manifest_ids,
+    ray_actors_alive,
+    retry,
+    run_records,
+    start,
+    wait_final,
+    wait_for_records,
+)
+from .services import FaultyS3Proxy, PrefectServer, SeaweedS3, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +54,14 @@ def nightly(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(server, nightly, ray_cluster, tiny_dir, tmp_path_factory):
     """`ifbatch serve` in the background, as an operator runs it."""
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "wb")
-    env = {**os.environ, **server.env(), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    folder = tmp_path_factory.mktemp("serve")
+    log = open(folder / "serve.log", "wb")
+    env = {
+        **os.environ,
+        **server.env(),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "IFBATCH_SPILL_DIR": str(folder / "spill"),
+    }
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("ifbatch")),
@@ -74,28 +93,10 @@ def served(server, nightly, ray_cluster, tiny_dir, tmp_path_factory):
             time.sleep(1)
         else:
             raise TimeoutError("deployments did not appear")
+    proc.log_path = Path(log.name)
     yield proc
     stop_group(proc)
     log.close()
-
-
-def api(server):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    return temporary_settings(updates={PREFECT_API_URL: server.api})
-
-
-def client():
-    from prefect.client.orchestration import get_client
-
-    return get_client(sync_client=True)
-
-
-def start(params: dict, timeout: float = 600):
-    """What the Run button does: create a flow run of the deployment with these parameters, then wait for it."""
-    from prefect.deployments import run_deployment
-
-    return run_deployment("ifbatch-generate/generate", parameters={"params": params}, timeout=timeout)
 
 
 def artifacts_of(run_id):
@@ -103,6 +104,26 @@ def artifacts_of(run_id):
 
     with client() as c:
         return c.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+
+
+def test_scheduled_deployment_runs_by_itself(server, served, nightly):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    deadline = time.monotonic() + 300
+    with api(server):
+        while time.monotonic() < deadline:
+            with client() as c:
+                runs = c.read_flow_runs(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["nightly-dataset"]))
+                )
+            if any(r.state and r.state.is_completed() for r in runs):
+                break
+            time.sleep(3)
+        else:
+            raise AssertionError(f"no scheduled run completed; states: {[r.state_name for r in runs]}")
+        with client() as c:  # shown: stop its schedule, whose late runs would keep the server's SQLite busy
+            c.pause_deployment(c.read_deployment_by_name("ifbatch-generate/nightly-dataset").id)
+    assert read_manifest(locate(nightly[1])).num_rows == 2
 
 
 def test_dashboard_run_completes_with_artifacts(server, served, tmp_path, tiny_dir, ray_cluster):
@@ -143,7 +164,63 @@ def test_bad_parameters_are_refused_before_a_run_starts(server, served):
     assert "if-xxl" in str(e.value) or "preset" in str(e.value)
 
 
-def test_failed_run_says_why_first(server, served, tmp_path):
+class Webhook:
+    """A small HTTP server standing in for a chat or paging webhook: keeps every body POSTed to it."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hook = self
+        self.bodies: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                hook.bodies.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_port}/hook"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for body in self.bodies:
+                if text in body:
+                    return body
+            time.sleep(1)
+        raise TimeoutError(f"no notification with {text!r} in {timeout}s; got {self.bodies}")
+
+
+@pytest.fixture(scope="module")
+def alerts(server, served):
+    """A notification block pointed at the test's webhook, and `ifbatch alerts --notify` as an operator runs it."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    hook = Webhook()
+    with api(server):
+        CustomWebhookNotificationBlock(name="oncall", url=hook.url, json_data={"text": "{{subject}}\n{{body}}"}).save(
+            "oncall", overwrite=True
+        )
+    env = {**os.environ, **server.env()}
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("ifbatch")), "alerts", "--notify", "custom-webhook/oncall"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    yield hook
+    hook.http.shutdown()
+
+
+def test_failed_run_says_why_first_and_alerts(server, served, alerts, tmp_path):
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     prompts = write_table(tmp_path / "p.parquet", {"caption": ["a cat"]})
@@ -160,26 +237,9 @@ def test_failed_run_says_why_first(server, served, tmp_path):
                 break
             time.sleep(1)
     assert errors and "no column 'prompt'" in errors[0] and prompts in errors[0]
-
-
-def test_scheduled_deployment_runs_by_itself(server, served, nightly):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-
-    deadline = time.monotonic() + 300
-    with api(server):
-        while time.monotonic() < deadline:
-            with client() as c:
-                runs = c.read_flow_runs(
-                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["nightly-dataset"]))
-                )
-            if any(r.state and r.state.is_completed() for r in runs):
-                break
-            time.sleep(3)
-        else:
-            raise AssertionError(f"no scheduled run completed; states: {[r.state_name for r in runs]}")
-        with client() as c:  # shown: stop its schedule, whose late runs would keep the server's SQLite busy
-            c.pause_deployment(c.read_deployment_by_name("ifbatch-generate/nightly-dataset").id)
-    assert read_manifest(locate(nightly[1])).num_rows == 2
+    # the automation `ifbatch alerts` installed sends the run's name, state and reason to the webhook
+    body = json.loads(alerts.wait_for(run.name))["text"]
+    assert run.name in body and "Failed" in body and "no column 'prompt'" in body
 
 
 def test_ui_is_served(server):
@@ -253,3 +313,153 @@ def wait_for_run_with_output(server, out: str, timeout: float = 400, final: bool
                 return runs[0]
             time.sleep(2)
     raise TimeoutError(f"no {'finished ' if final else ''}run wrote to {out}")
+
+
+def tiny_params(prompts: str, out: str, tiny_dir, ray_cluster, *overrides: str) -> dict:
+    """A run of the tiny cascade on the tests' cluster, in batches of 2 with a manifest part per batch: slow and
+    fine-grained enough that a test can act while it runs."""
+    batches = [f"{s}.batch_size=2" for s in ("text_encoder", "stage_1", "stage_2", "stage_3")]
+    sets = [f"tiny.dir={tiny_dir}", "output.manifest_part_rows=2", *batches, *overrides]
+    return {"prompts": prompts, "output": out, "preset": "tiny", "overrides": sets, "ray_address": ray_cluster}
+
+
+def test_cancel_stops_the_run_and_its_actors_and_a_rerun_resumes(server, served, tmp_path, tiny_dir, ray_cluster):
+    """Cancel on a run that joined a Ray cluster: the run ends Cancelled, its actors go and its GPU is free, the
+    cluster stays; what was done is in the manifest and the run record says cancelled; a rerun makes the rest."""
+    import ray
+
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a photo of a dog number {i}" for i in range(12)]})
+    out = str(tmp_path / "out")
+    params = tiny_params(prompts, out, tiny_dir, ray_cluster)
+    before = ray_actors_alive()
+    with api(server):
+        run = start(params, timeout=0)
+        wait_for_records(out, run)
+        assert ray_actors_alive() - before, "the run's stage actors are not on the cluster"
+        cancel(run.id)
+        final = wait_final(run.id, timeout=120)
+    assert final.state.is_cancelled(), final.state
+    deadline = time.monotonic() + 60  # the cluster reclaims a cancelled job's actors and placement groups
+    while (ray_actors_alive() - before or ray.available_resources().get("GPU", 0) < 1) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not ray_actors_alive() - before, "the cancelled run's actors are still alive"
+    assert ray.available_resources().get("GPU", 0) == ray.cluster_resources()["GPU"] == 1
+    done = manifest_ids(out)
+    assert 0 < len(done) < 12 and len(set(done)) == len(done)
+    (stopped,) = run_records(out)
+    assert stopped["status"] == "cancelled" and stopped["counts"]["done"] == len(done)
+    assert not locate(out).fs.exists(locate(out).path(".ifbatch-lease.json"))  # the output is free again
+
+    with api(server):
+        again = start(params)
+    assert again.state.is_completed(), again.state.message
+    ids = manifest_ids(out)
+    assert len(ids) == 12 == len(set(ids))
+    last = run_records(out)[-1]
+    assert last["counts"]["skipped"] == len(done) and last["counts"]["done"] == 12 - len(done)
+
+
+def test_two_runs_triggered_at_once_take_turns_on_the_gpus(server, served, tmp_path, tiny_dir, ray_cluster):
+    """Both runs complete; the second takes the cluster's GPU slot only once the first has written its records."""
+    from ifbatch.flows.gpu_slot import slot_name
+
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:2]})
+    outs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with api(server):
+        runs = [start(tiny_params(prompts, out, tiny_dir, ray_cluster), timeout=0) for out in outs]
+        finals = [wait_final(r.id) for r in runs]
+        with client() as c:
+            limit = c.read_global_concurrency_limit_by_name(
+                slot_name(load_config("tiny", [f"ray.address={ray_cluster}"]).ray)
+            )
+    assert all(f.state.is_completed() for f in finals), [f.state for f in finals]
+    first, second = sorted((run_records(o)[-1] for o in outs), key=lambda r: r["gpu_slot"]["acquired_at"])
+    assert first["gpu_slot"]["name"] == second["gpu_slot"]["name"] == limit.name and limit.limit == 1
+    assert second["gpu_slot"]["acquired_at"] >= first["finished"]
+    assert second["gpu_slot"]["waited_seconds"] > 0
+
+
+STRICT_KEY, STRICT_SECRET = "vault-key", "vault-secret-d41d8cd98f00b204"
+
+
+def test_s3_keys_from_a_prefect_block_reach_the_writers_and_nowhere_else(
+    server, served, tmp_path, tiny_dir, ray_cluster
+):
+    """An AwsCredentials block holds the keys and endpoint of an S3 server that takes no others; the run names the
+    block. Its images land there, and the secret is in no parameter, log, artifact, run record or manifest, nor in
+    the serving process's or the Ray cluster's logs."""
+    import ray
+    import s3fs
+    from prefect_aws import AwsClientParameters, AwsCredentials
+
+    folder = tmp_path / "vault"
+    folder.mkdir()
+    admin = {"name": "admin", "credentials": [{"accessKey": STRICT_KEY, "secretKey": STRICT_SECRET}]}
+    identities = {"identities": [{**admin, "actions": ["Admin"]}]}
+    (folder / "s3.json").write_text(json.dumps(identities))
+    vault = SeaweedS3(folder, [f"-s3.config={folder / 's3.json'}"]).start()
+    try:
+        fs = s3fs.S3FileSystem(endpoint_url=vault.endpoint, key=STRICT_KEY, secret=STRICT_SECRET)
+        fs.mkdir("vault")
+        prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:2]})
+        out = "s3://vault/images"
+        with api(server):
+            AwsCredentials(
+                aws_access_key_id=STRICT_KEY,
+                aws_secret_access_key=STRICT_SECRET,
+                aws_client_parameters=AwsClientParameters(endpoint_url=vault.endpoint),
+            ).save("vault-keys", overwrite=True)
+            params = {**tiny_params(prompts, out, tiny_dir, ray_cluster), "aws_credentials": "vault-keys"}
+            run = start(params)
+            assert run.state.is_completed(), run.state.message
+            texts = {"parameters": json.dumps(run.parameters), "state": str(run.state.message)}
+            from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+            time.sleep(3)  # the run's last logs reach the API just after its final state
+            with client() as c:
+                logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            texts["logs"] = "\n".join(entry.message for entry in logs)
+            texts["artifacts"] = "\n".join(json.dumps(a.data) + str(a.description) for a in artifacts_of(run.id))
+        objects = fs.find("vault/images")
+        assert any(o.endswith(".png") for o in objects), objects  # the writers reached the store with the keys
+        assert any("/manifest/" in o for o in objects) and any("/runs/" in o for o in objects)
+        for o in objects:
+            texts[o] = fs.cat_file(o).decode("latin-1")
+        texts["serve log"] = served.log_path.read_text(errors="replace")
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+        for f in (session / "logs").rglob("*"):
+            if f.is_file():
+                texts[str(f)] = f.read_text(errors="replace")
+    finally:
+        vault.stop()
+    assert len(texts["logs"]) > 0 and len(texts["artifacts"]) > 0
+    leaks = [where for where, text in texts.items() if STRICT_SECRET in text]
+    assert not leaks, f"the secret appears in {leaks}"
+
+
+def test_retry_on_a_failed_run_resumes_into_the_same_output(server, served, tmp_path, tiny_dir, ray_cluster, s3_server):
+    """A run whose S3 store starts refusing writes mid-run ends Failed; once the store is back, the dashboard's
+    Retry reruns it into the same output and makes only the images it had not recorded: every image once."""
+    from .conftest import BUCKET
+
+    proxy = FaultyS3Proxy(s3_server.endpoint)
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a photo of a cat number {i}" for i in range(8)]})
+    out = f"s3://{BUCKET}/retry-{tmp_path.name}"
+    sets = [f"s3.endpoint_url={proxy.endpoint}", "s3.retry_deadline_s=3"]
+    try:
+        with api(server):
+            run = start(tiny_params(prompts, out, tiny_dir, ray_cluster, *sets), timeout=0)
+            wait_for_records(out, run)
+            proxy.failing.set()  # from here every PUT fails
+            failed = wait_final(run.id)
+            assert failed.state.is_failed(), failed.state
+            proxy.failing.clear()
+            retry(run.id)
+            retried = wait_final(run.id, runs=2)
+    finally:
+        proxy.stop()
+    assert retried.state.is_completed(), retried.state.message
+    ids = manifest_ids(out)
+    assert len(ids) == 8 == len(set(ids))
+    last = run_records(out)[-1]
+    assert last["counts"]["skipped"] > 0 and last["counts"]["done"] == 8 - last["counts"]["skipped"]
