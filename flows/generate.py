@@ -127,7 +127,7 @@ def _generate(params: GenerateParams, log) -> RunSummary:
     log.info("run %s: preset %s, %s -> %s", ctx.run_id, ctx.cfg.preset, params.prompts, params.output)
     preflight_check(ctx)
     with (
-        gpu_slot(ctx.cfg.ray, log, flow_run.id) as ctx.gpu_slot,  # one run at a time on the cluster's GPUs
+        gpu_slot(ctx.cfg.ray, log, flow_run.id, flow_run.deployment_id) as ctx.gpu_slot,  # runs on the GPUs queue
         Lease(ctx.loc, ctx.run_id).held(wait=params.wait, log=log.info),  # one run at a time into an output
     ):
         ctx.plan = read_prompt_table(ctx)

@@ -1,7 +1,14 @@
-"""Runs that share GPUs queue: every run holds a slot of one Prefect global concurrency limit per cluster
+"""Runs that share GPUs queue: every deployment run holds a slot of one Prefect global concurrency limit per cluster
 (`ifbatch-gpus-<host>`) from before Ray starts until its records are written. The limit is created at size
 `ray.runs_at_once` (1) the first time a run or `ifbatch serve` needs it; an operator may resize it on the dashboard's
-Concurrency page. A run that waits says so in its log; the slot's lease lapses by itself if the run's process dies."""
+Concurrency page. A run that waits says so in its log.
+
+A run whose process dies (SIGKILL, a lost machine) cannot give its slot back: the slot's lease, renewed every
+3/4 of LEASE_S while the run lives, lapses and the Prefect server's repossessor service frees it, LEASE_S plus up
+to 15 s later. Only a Prefect server runs that service, not the temporary API `ifbatch run` starts for itself when
+PREFECT_API_URL is unset (it shares one database on the machine: a killed run's slot would be held there for good).
+So the slot is taken by deployment runs only, which always have a server; `ifbatch run` from a terminal does not
+queue."""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from urllib.parse import urlparse
 from ifbatch.configs.schema import RayConfig
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+LEASE_S = 120.0
 
 
 def slot_name(rc: RayConfig) -> str:
@@ -52,18 +60,26 @@ def ensure_limit(name: str, size: int) -> bool:
 
 
 @contextlib.contextmanager
-def gpu_slot(rc: RayConfig, log, flow_run_id: str | None = None) -> Iterator[dict]:
-    """Hold one slot of the cluster's limit for the body; yields what the run record keeps about it."""
+def gpu_slot(
+    rc: RayConfig, log, flow_run_id: str | None = None, deployment_id: str | None = None
+) -> Iterator[dict | None]:
+    """For a deployment run, hold one slot of the cluster's limit for the body; yields what the run record keeps
+    about it (None for a run that is not a deployment's)."""
     from prefect.client.schemas.objects import ConcurrencyLeaseHolder
     from prefect.concurrency.sync import concurrency
 
+    if deployment_id is None:
+        yield None
+        return
     name = slot_name(rc)
     if ensure_limit(name, rc.runs_at_once):
         log.info("created the Prefect global concurrency limit %s (%d run at a time)", name, rc.runs_at_once)
     holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run_id) if flow_run_id else None
     log.info("taking a slot of %s (runs on the same GPUs queue here)", name)
     t0 = time.monotonic()
-    with concurrency(name, occupy=1, strict=True, holder=holder, raise_on_lease_renewal_failure=False):
+    with concurrency(
+        name, occupy=1, strict=True, holder=holder, lease_duration=LEASE_S, raise_on_lease_renewal_failure=False
+    ):
         waited = time.monotonic() - t0
         if waited >= 1.0:
             log.info("got a slot of %s after waiting %.0f s", name, waited)

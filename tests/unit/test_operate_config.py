@@ -45,3 +45,22 @@ def test_block_keys_reach_s3fs_and_no_dump_or_repr():
     opts = storage_options("s3://bucket/out", back.s3)
     assert (opts["key"], opts["secret"]) == ("AKIDEXAMPLE", "very-secret-value")
     assert "key" not in storage_options("./out", back.s3)
+
+
+@pytest.mark.parametrize("spec", ["minio/keys", "s3-bucket/", "gcs-credentials/keys"])
+def test_a_credentials_block_of_the_wrong_kind_is_named(spec):
+    from ifbatch.configs import ConfigError
+    from ifbatch.flows.blocks import with_block_credentials
+
+    with pytest.raises(ConfigError) as e:
+        with_block_credentials(load_config("tiny"), spec)
+    assert repr(spec) in str(e.value) and "AwsCredentials" in str(e.value)
+
+
+def test_an_alert_block_needs_its_type():
+    from ifbatch.configs import ConfigError
+    from ifbatch.flows.alerts import notification_block_id
+
+    with pytest.raises(ConfigError) as e:
+        notification_block_id("oncall")
+    assert "'oncall'" in str(e.value) and "slack-webhook/ops" in str(e.value)
