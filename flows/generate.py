@@ -6,7 +6,7 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.exceptions import TerminationSignal
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +45,8 @@ OPERATOR_ERRORS = (
 
 
 class Cancelled(Exception):
+    """The reason a cancelled run's record gives (Prefect's Cancel reaches the run as a TerminationSignal)."""
+
     def __str__(self) -> str:
         return "the run was cancelled in Prefect"
 
@@ -127,7 +129,7 @@ def _generate(params: GenerateParams, log) -> RunSummary:
     log.info("run %s: preset %s, %s -> %s", ctx.run_id, ctx.cfg.preset, params.prompts, params.output)
     preflight_check(ctx)
     with (
-        gpu_slot(ctx.cfg.ray, log, flow_run.id, flow_run.deployment_id) as ctx.gpu_slot,  # runs on the GPUs queue
+        gpu_slot(ctx.cfg.ray, log, flow_run.id, deployment.id) as ctx.gpu_slot,  # runs on the GPUs queue
         Lease(ctx.loc, ctx.run_id).held(wait=params.wait, log=log.info),  # one run at a time into an output
     ):
         ctx.plan = read_prompt_table(ctx)
