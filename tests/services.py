@@ -74,6 +74,15 @@ class SeaweedS3:
         wait_until_answering(self.proc, self.endpoint, timeout, self.dir / "weed.log")
         return self
 
+    @classmethod
+    def accepting_only(cls, data_dir: Path, key: str, secret: str, extra: list[str] | None = None) -> SeaweedS3:
+        """A server that takes these keys and no others (one admin identity); not started."""
+        import json
+
+        admin = {"name": "admin", "credentials": [{"accessKey": key, "secretKey": secret}], "actions": ["Admin"]}
+        (data_dir / "s3.json").write_text(json.dumps({"identities": [admin]}))
+        return cls(data_dir, [f"-s3.config={data_dir / 's3.json'}", *(extra or [])])
+
     def use(self, bucket: str, key: str, secret: str) -> SeaweedS3:
         """Point this process's environment at the server (endpoint and dummy credentials: the driver, Ray workers
         and CLI subprocesses started after this reach it the same way) and create `bucket`."""

@@ -4,8 +4,6 @@ own error code and what to check; with the right credentials the same run gets p
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from ifbatch.flows import cli
@@ -23,13 +21,7 @@ def strict_s3(tmp_path_factory):
     import s3fs
 
     folder = tmp_path_factory.mktemp("strict-s3")
-    identities = {
-        "identities": [
-            {"name": "admin", "credentials": [{"accessKey": KEY, "secretKey": SECRET}], "actions": ["Admin"]}
-        ]
-    }
-    (folder / "s3.json").write_text(json.dumps(identities))
-    server = SeaweedS3(folder, [f"-s3.config={folder / 's3.json'}", "-s3.autoCreateBucket=false"]).start()
+    server = SeaweedS3.accepting_only(folder, KEY, SECRET, ["-s3.autoCreateBucket=false"]).start()
     s3fs.S3FileSystem(endpoint_url=server.endpoint, key=KEY, secret=SECRET).mkdir("prompts")
     s3fs.S3FileSystem(endpoint_url=server.endpoint, key=KEY, secret=SECRET).put(str(EXAMPLES), "prompts/p.parquet")
     yield server
