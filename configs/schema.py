@@ -203,6 +203,14 @@ class PlanConfig(Section):
         "No effect on a cluster without GPUs.",
     )
     gpu_kind: str | None = Field(None, description="GPU kind in the cost table; null = as Ray reports it, else H200.")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="One GPU's memory (GB); null = as read on the nodes, else the cost table's."
+    )
+    calibrate: bool = Field(
+        True,
+        description="When the costs are estimates (a GPU kind the table has not measured), time the run's first "
+        "images and correct the plan from them within the run.",
+    )
     costs: str | None = Field(None, description="A cost table file instead of configs/costs_data/costs.yaml.")
     use_measured: bool = Field(
         True, description="Cost the stages from an earlier run into the same output when one measured them."

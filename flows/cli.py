@@ -216,12 +216,20 @@ def _plan(args: argparse.Namespace) -> int:
     extra = [f"data.prompt_column={args.prompt_column}"] if args.prompt_column else []
     try:
         cfg = load_config(args.preset, [*args.overrides, *extra])
-        gpus, found_kind, cpus_per_gpu = args.gpus, None, None
-        if gpus is None:
-            gpus, found_kind, cpus_per_gpu = _cluster_gpus(args.ray_address)
+        cluster = None if args.gpus is not None else _cluster_gpus(args.ray_address)
+        gpus = args.gpus if cluster is None else cluster.gpus
         costs = load_costs(cfg.plan.costs)
+        found_kind = cluster.kind if cluster else None
         kind = args.gpu_kind or cfg.plan.gpu_kind or found_kind or DEFAULT_KIND  # as a run picks it (placing.py)
-        p = plan(cfg, costs, gpus, kind, explicit=override_keys(args.overrides), cpus_per_gpu=cpus_per_gpu)
+        p = plan(
+            cfg,
+            costs,
+            gpus,
+            kind,
+            explicit=override_keys(args.overrides),
+            cpus_per_gpu=cluster.cpus_per_gpu if cluster else None,
+            memory_gb=cfg.plan.gpu_memory_gb or (cluster.memory_gb if cluster else None),
+        )
         table = read_prompts(args.prompts, cfg)
     except (ConfigError, PlanError, PromptTableError, ValueError) as e:
         print(f"ifbatch: {e}", file=sys.stderr)
@@ -235,7 +243,7 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster_gpus(address: str | None) -> tuple[int, str | None, float | None]:
+def _cluster_gpus(address: str | None):
     if not address:
         raise ValueError("give --gpus N, or --ray-address of a cluster whose GPUs to count")
     import ray
@@ -245,9 +253,12 @@ def _cluster_gpus(address: str | None) -> tuple[int, str | None, float | None]:
     ray.init(address=address, include_dashboard=False, logging_level="ERROR")
     try:
         c = cluster_gpus()
-        return c.gpus, c.kind, c.cpus_per_gpu
     finally:
         ray.shutdown()
+    if c.total == 0:
+        raise ValueError(f"the Ray cluster at {address} has no GPUs; give --gpus N to plan for GPUs it does not have")
+    print(f"cluster: {c.shape()}")
+    return c
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from urllib.parse import urlparse
 
 from ifbatch.configs.schema import RayConfig
+from ifbatch.tasks.stream.ray_session import join_address
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 LEASE_S = 120.0
@@ -31,9 +32,9 @@ def slot_name(rc: RayConfig) -> str:
     start their own local cluster, or join one at a loopback address or 'auto', use this machine's GPUs."""
     if rc.gpu_slot:
         return rc.gpu_slot
-    host = None
-    if rc.address and rc.address != "auto":
-        addr = rc.address if "://" in rc.address else f"ray://{rc.address}"
+    host, address = None, join_address(rc)
+    if address and address != "auto":
+        addr = address if "://" in address else f"ray://{address}"
         host = urlparse(addr).hostname
     if not host or host in LOOPBACK:
         host = socket.gethostname()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Iterator
 
 import pyarrow as pa
 from prefect import get_run_logger, task
@@ -27,7 +28,7 @@ from .outputs.shards import SHARDS_DIR, remove_orphan_shards
 from .outputs.spill import StoreDown, unspill
 from .preflight import OutputError, preflight
 from .stream.pipeline import PipelineResult, run_pipeline
-from .stream.placing import placed
+from .stream.placing import Calibration, placed
 from .stream.planner import PlanError
 from .stream.progress import Progress, listen
 from .stream.ray_session import ray_session
@@ -116,10 +117,24 @@ def generate_rows(
             for line in placement.lines:
                 log.info("%s", line)
             startup = time.monotonic() - t0
+            calibration = Calibration.of(placement, cfg, explicit, images)
             try:
-                result = run_pipeline(
-                    rows, placement.cfg, ctx.loc, ctx.output, ctx.run_id, models, placement.groups, result=ctx.result
-                )
+                for phase in _phases(rows, calibration):
+                    result = run_pipeline(
+                        phase,
+                        placement.cfg,
+                        ctx.loc,
+                        ctx.output,
+                        ctx.run_id,
+                        models,
+                        placement.groups,
+                        result=ctx.result,
+                        on_batch=calibration,
+                        total=images,
+                    )
+                    for line in calibration.lines:
+                        log.info("%s", line)
+                    calibration.lines = []
             except Exception as e:  # generation had started: the flow records what was done (RunStopped)
                 ctx.models, ctx.stage_plan, ctx.startup_seconds = models, placement.record, startup
                 raise RunStopped(placement.failed(e)) from e
@@ -127,6 +142,18 @@ def generate_rows(
         for stop in stops:
             stop()
     return result, models, startup, placement.record
+
+
+def _phases(rows: pa.Table, calibration: Calibration) -> Iterator[pa.Table]:
+    """The rows as one stream; or, when a plan of estimated costs splits the GPUs between stage groups, its first
+    images as a phase of their own (timed, then re-planned: Calibration) and the rest after."""
+    if not calibration.phased:
+        yield rows
+        return
+    first = calibration.first_rows(rows)
+    yield rows.slice(0, first)
+    if first < rows.num_rows:
+        yield rows.slice(first)
 
 
 def _run_facts(ctx: RunContext) -> dict:

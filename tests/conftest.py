@@ -50,7 +50,14 @@ def ray_cluster(s3_server, tmp_path_factory):
     of each stage sharing the GPU, as on a one-GPU machine). Plans over several GPUs and nodes: test_multinode."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=1, object_store_memory=1 << 30, include_dashboard=False, logging_level="WARNING")
+    ray.init(
+        address="local",  # never a cluster another test (cluster_utils) left in /tmp/ray
+        num_cpus=2,
+        num_gpus=1,
+        object_store_memory=1 << 30,
+        include_dashboard=False,
+        logging_level="WARNING",
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

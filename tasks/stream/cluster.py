@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from .planner import Plan, PlanError
 
 DEFAULT_KIND = "H200"  # planned as when the cluster does not say (fake GPUs, older Ray)
+RESERVE_TIMEOUT_S = 15.0  # a reservation placed node by node takes well under a second, or it will not come
+NODE_ID = "ray.io/node-id"  # the label every Ray node carries: a bundle is pinned to its node by it
 
 
 class ClusterChanged(RuntimeError):
@@ -15,49 +17,178 @@ class ClusterChanged(RuntimeError):
 
 
 @dataclass(frozen=True)
+class GpuNode:
+    node_id: str
+    gpus: int  # whole GPUs free for this run
+    total: int  # GPUs the node has
+    cpus: float
+    kind: str | None  # as Ray reports it (resource accelerator_type:<kind>)
+    memory_gb: float | None = None  # one GPU's memory as read on the node (NVML); None with fake GPUs
+
+
+@dataclass(frozen=True)
 class ClusterGpus:
-    gpus: int
-    kind: str | None  # as Ray reports it (resource accelerator_type:<kind>), None when no node says
-    cpus_per_gpu: float | None  # the fewest CPUs per GPU over the nodes that have GPUs
-    nodes: int  # nodes with GPUs
+    nodes: tuple[GpuNode, ...]  # alive nodes with GPUs
+
+    @property
+    def gpus(self) -> int:
+        """Whole GPUs free for this run."""
+        return sum(n.gpus for n in self.nodes)
+
+    @property
+    def total(self) -> int:
+        return sum(n.total for n in self.nodes)
+
+    @property
+    def kind(self) -> str | None:
+        kinds = {n.kind for n in self.nodes if n.kind}
+        return next(iter(kinds)) if len(kinds) == 1 else None
+
+    @property
+    def cpus_per_gpu(self) -> float | None:
+        """The fewest CPUs per GPU over the nodes that have GPUs."""
+        return min((n.cpus / n.total for n in self.nodes), default=None)
+
+    @property
+    def memory_gb(self) -> float | None:
+        """The smallest GPU memory read on a node (None when no node could read it)."""
+        return min((n.memory_gb for n in self.nodes if n.memory_gb), default=None)
+
+    def shape(self) -> str:
+        """'8 + 4 + 2 GPUs on 3 nodes (13 free)'."""
+        sizes = " + ".join(str(n.total) for n in sorted(self.nodes, key=lambda n: -n.total))
+        free = f", {self.gpus} free" if self.gpus != self.total else ""
+        return f"{sizes} GPUs on {len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''}{free}"
 
 
-def cluster_gpus() -> ClusterGpus:
-    """The GPUs of the Ray cluster this process is connected to (alive nodes only)."""
+def cluster_gpus(read_memory: bool = True) -> ClusterGpus:
+    """The GPUs of the Ray cluster this process is connected to (alive nodes only): per node, how many, how many
+    are free (whole GPUs no other job holds any of), its CPUs, its GPU kind and, when read_memory, one GPU's memory
+    as the node reads it."""
     import ray
+    from ray._private.state import available_resources_per_node
 
-    gpus, kinds, ratios, nodes = 0, set(), [], 0
+    free = available_resources_per_node()
+    nodes = []
     for node in ray.nodes():
         res = node.get("Resources", {})
-        g = int(res.get("GPU", 0))
-        if not node.get("Alive") or g == 0:
+        total = int(res.get("GPU", 0))
+        if not node.get("Alive") or total == 0:
             continue
-        gpus += g
-        nodes += 1
-        ratios.append(res.get("CPU", 0) / g)
-        kinds |= {k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")}
-    kind = next(iter(kinds)) if len(kinds) == 1 else None
-    return ClusterGpus(gpus=gpus, kind=kind, cpus_per_gpu=min(ratios) if ratios else None, nodes=nodes)
+        kinds = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
+        avail = free.get(node["NodeID"], {}).get("GPU", total)
+        nodes.append(
+            GpuNode(
+                node_id=node["NodeID"],
+                gpus=min(total, int(avail + 1e-6)),
+                total=total,
+                cpus=res.get("CPU", 0.0),
+                kind=kinds[0] if len(kinds) == 1 else None,
+                memory_gb=_gpu_memory_gb(node["NodeID"]) if read_memory else None,
+            )
+        )
+    return ClusterGpus(tuple(nodes))
 
 
-def reserve(p: Plan, timeout_s: float = 120.0) -> dict:
-    """One placement group per stage, in the plan's reservation order, `replicas` bundles of its GPU share and
-    CPUs each; returns {stage: placement group}. A stage's actors then run with
-    PlacementGroupSchedulingStrategy(its group), so they land in exactly the planned packing."""
+def _gpu_memory_gb(node_id: str, timeout_s: float = 20.0) -> float | None:
+    """One GPU's memory (GiB, the smallest of the node's GPUs) read with NVML on the node, by a task that holds no
+    GPU (so it runs while other jobs use them); None where NVML has no GPU (fake GPUs) or the node does not answer."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def read() -> float | None:
+        try:
+            import ray._private.thirdparty.pynvml as nvml
+
+            nvml.nvmlInit()
+            try:
+                n = nvml.nvmlDeviceGetCount()
+                sizes = [nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(i)).total for i in range(n)]
+            finally:
+                nvml.nvmlShutdown()
+        except Exception:
+            return None
+        return min(sizes) / 2**30 if sizes else None
+
+    ref = read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except Exception:
+        ray.cancel(ref, force=True)
+        return None
+
+
+def assign(p: Plan, nodes: tuple[GpuNode, ...]) -> dict[str, list[str]]:
+    """Which node each of a plan's bundles goes to: {stage: [node id per bundle]}. Hand-placed replicas take their
+    whole GPUs on one node each; then each GPU group takes its GPUs, the nodes with most free GPUs first; each
+    stage of a group gets one bundle on each of its group's GPUs (a sliver stage: on the first)."""
+    free = {n.node_id: n.gpus for n in nodes}
+    order = sorted(nodes, key=lambda n: -n.gpus)
+    out: dict[str, list[str]] = {}
+    for stage in p.reservation_order:
+        s = p.stages[stage]
+        if not s.by_hand:
+            continue
+        out[stage] = []
+        for _ in range(s.replicas):
+            node = next((n.node_id for n in order if free[n.node_id] >= s.num_gpus), None)
+            if node is None:
+                raise PlanError(
+                    f"{stage}: {s.replicas} replicas of {s.num_gpus:g} whole GPUs each do not fit the free GPUs "
+                    f"of the nodes ({_free(nodes, free)}); a replica's GPUs must be on one node"
+                )
+            free[node] -= int(s.num_gpus)
+            out[stage].append(node)
+    slots = [n.node_id for n in order for _ in range(free[n.node_id])]
+    if len(slots) < p.shared_gpus:
+        raise PlanError(f"the plan shares {p.shared_gpus} GPUs, the nodes have {len(slots)} free: {_free(nodes, free)}")
+    first = 0
+    for g in p.groups:
+        mine = slots[first : first + g.gpus]
+        first += g.gpus
+        for stage in g.stages:
+            out[stage] = mine[: p.stages[stage].replicas]
+    return out
+
+
+def _free(nodes: tuple[GpuNode, ...], free: dict[str, int] | None = None) -> str:
+    free = free or {n.node_id: n.gpus for n in nodes}
+    return ", ".join(f"node {n.node_id[:12]} {free[n.node_id]} of {n.total}" for n in nodes)
+
+
+def reserve(p: Plan, nodes: tuple[GpuNode, ...], timeout_s: float = RESERVE_TIMEOUT_S) -> dict:
+    """One placement group per stage, in the plan's reservation order, `replicas` bundles of its GPU share and CPUs
+    each, every bundle pinned to the node `assign` gave it; returns {stage: placement group}. A stage's actors then
+    run with PlacementGroupSchedulingStrategy(its group), so they land in exactly the planned packing.
+
+    Why pinned: Ray's group scheduler checks a node's GPUs as one sum (seven bundles of 0.51 "fit" a node of four
+    GPUs) while each fractional bundle needs room on one GPU, so an unpinned group of 0.51-GPU bundles stays pending
+    on nodes of 2, 4 or 8 GPUs (measured, Ray 2.60). Pinned, each node gets no more bundles than it has GPUs."""
     import ray
     from ray.util.placement_group import placement_group
 
+    where = assign(p, nodes)
     groups = {}
     for stage in p.reservation_order:
         s = p.stages[stage]
         bundle = {"GPU": s.num_gpus, **({"CPU": s.num_cpus} if s.num_cpus else {})}
-        pg = placement_group([bundle] * s.replicas, name=f"ifbatch-{stage}")
+        pg = placement_group(
+            [bundle] * s.replicas, name=f"ifbatch-{stage}", bundle_label_selector=[{NODE_ID: n} for n in where[stage]]
+        )
         if not pg.wait(timeout_s):
             release(groups | {stage: pg})
+            per_node = ", ".join(f"{where[stage].count(n)} on node {n[:12]}" for n in dict.fromkeys(where[stage]))
+            avail = ray._private.state.available_resources_per_node()
+            now = ", ".join(
+                f"node {n.node_id[:12]} {avail.get(n.node_id, {}).get('GPU', 0):g} GPUs "
+                f"{avail.get(n.node_id, {}).get('CPU', 0):g} CPUs"
+                for n in nodes
+            )
             raise PlanError(
-                f"Ray could not reserve {s.replicas} x {bundle} for {stage} in {timeout_s:.0f} s: the cluster has "
-                f"{ray.cluster_resources().get('GPU', 0):g} GPUs and {ray.cluster_resources().get('CPU', 0):g} CPUs, "
-                f"{ray.available_resources().get('GPU', 0):g} GPUs free (another run holding them?)"
+                f"Ray could not reserve {stage}'s {s.replicas} x {bundle} ({per_node}) in {timeout_s:.0f} s; "
+                f"free now: {now}. Another job may have taken GPUs or CPUs since the plan was made: rerun, or "
+                f"free them"
             )
         groups[stage] = pg
     return groups

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -187,14 +188,18 @@ def run_pipeline(
     groups: dict | None = None,
     actors=None,
     result: PipelineResult | None = None,
+    on_batch: Callable[[PipelineResult], None] | None = None,
+    total: int | None = None,
 ) -> PipelineResult:
     """Generate every row of `rows` (already validated, resume-filtered) and write manifest parts. `result` is
-    filled as the rows come (so that a caller knows what was done when the stream fails)."""
+    filled as the rows come (so that a caller knows what was done when the stream fails); a result passed in from
+    an earlier phase of the same run is added to. on_batch: called with the result after each batch of records.
+    total: the images of the whole run, for progress (default: those of `rows`)."""
     result = PipelineResult() if result is None else result
     if rows.num_rows == 0:
         return result
-    t0 = time.monotonic()
-    images = image_count(rows)
+    t0 = time.monotonic() - result.seconds
+    images = total or image_count(rows)
     models_json = json.dumps(models, sort_keys=True)
     pending: list[pa.Table] = []
     last_flush = time.monotonic()
@@ -219,6 +224,8 @@ def run_pipeline(
             ):
                 flush()
             report(Progress(result.done, result.failed, images, t0))
+            if on_batch is not None:
+                on_batch(result)
     finally:
         flush()  # also when the stream failed: what was written is recorded, and a rerun resumes after it
     result.seconds = time.monotonic() - t0

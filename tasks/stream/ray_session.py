@@ -1,4 +1,5 @@
-"""Start or join a Ray cluster for a run: local by default, `ray.address` for a cluster."""
+"""Start or join a Ray cluster for a run: a private local one by default, `ray.address` (or RAY_ADDRESS) for a
+cluster."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def quiet_ray_data() -> None:
             handler.setLevel(logging.ERROR)
 
 
+def join_address(rc: RayConfig) -> str | None:
+    """The cluster a run joins: ray.address (--ray-address), else RAY_ADDRESS when the environment sets it (as
+    `ray job submit` does for the job's driver), else none: the run starts a private local cluster."""
+    return rc.address or os.environ.get("RAY_ADDRESS") or None
+
+
 @contextlib.contextmanager
 def ray_session(rc: RayConfig) -> Iterator[None]:
     """Reuse a Ray session already initialised by the caller (tests, notebooks); else start one and stop it after."""
@@ -37,9 +44,13 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
     kwargs: dict = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
     if verbose():  # the stage actors keep every library line too
         kwargs["runtime_env"] = {"env_vars": {VERBOSE_ENV: os.environ[VERBOSE_ENV]}}
-    if rc.address:
-        kwargs["address"] = rc.address
+    address = join_address(rc)
+    if address:
+        kwargs["address"] = address
     else:
+        # "local": a private cluster of this run's own. Plain ray.init() would join the cluster whose address a
+        # `ray start` left in /tmp/ray (and wait forever when that cluster has died).
+        kwargs["address"] = "local"
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no token
         kwargs.update(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)
         if rc.object_store_gb:

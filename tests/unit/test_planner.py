@@ -74,11 +74,15 @@ def test_fractions_leave_no_room_for_a_second_of_any_stage():
 def test_what_no_plan_can_be_made_for_is_named():
     with pytest.raises(ConfigError, match=r"no cost for stage_1 model 'DeepFloyd/IF-I-L-v1.0' on H200"):
         plan(load_config("if-l"), COSTS, 2, "H200")
-    with pytest.raises(ConfigError, match=r"no GPU kind 'A100'"):
-        plan(load_config("if-xl"), COSTS, 2, "A100")
-    small = COSTS.model_copy(update={"gpus": {"H200": COSTS.gpus["H200"].model_copy(update={"memory_gb": 40.0})}})
-    with pytest.raises(PlanError, match=r"need 53.1 GB per GPU.*40 GB"):
-        plan(load_config("if-xl"), small, 2, "H200")
+    with pytest.raises(PlanError, match=r"'MI999' is not in the cost table.*plan.gpu_memory_gb"):
+        plan(load_config("if-xl"), COSTS, 2, "MI999")
+    with pytest.raises(PlanError, match=r"text_encoder needs 9.5 GB at batch 1.*8 GB: it cannot run on this GPU"):
+        plan(load_config("if-xl"), COSTS, 8, "H200", memory_gb=8)
+    with pytest.raises(PlanError, match=r"need 53.1 GB .* cannot be split over 1 GPU\(s\) of 40 GB"):
+        plan(load_config("if-xl"), COSTS, 1, "H200", memory_gb=40)
+    with pytest.raises(PlanError, match=r"stage_3 needs 34.2 GB at batch 8, more than 90% of a H200's 24 GB"):
+        keys = frozenset({"stage_3.batch_size"})
+        plan(load_config("if-xl", ["stage_3.batch_size=8"]), COSTS, 8, "H200", explicit=keys, memory_gb=24)
     with pytest.raises(PlanError, match="at least one GPU"):
         plan(load_config("if-xl"), COSTS, 0, "H200")
 

@@ -1,0 +1,175 @@
+"""Plans reserved on real multi-node Ray clusters of fake GPUs (ray.cluster_utils: each node its own raylet): a head
+without GPUs and nodes of 4, 4 and 2 GPUs. Every plan -- the whole cascade on every GPU, the cascade split over
+24 GB GPUs, GPUs partly taken by another job -- reserves within seconds, and each GPU then holds exactly the
+actors the plan meant for it. A plan that cannot be reserved says so within seconds. A plain run's Ray session is
+a private local cluster, whatever address file a dead `ray start` left."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections import defaultdict
+
+import pytest
+
+from ifbatch.configs import load_config
+from ifbatch.tasks.stream.cluster import cluster_gpus, release, reserve
+from ifbatch.tasks.stream.placing import make_plan
+from ifbatch.tasks.stream.planner import PlanError
+
+pytestmark = pytest.mark.slow
+
+SHAPE = [4, 4, 2]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args=dict(num_cpus=2, num_gpus=0, object_store_memory=128 << 20, include_dashboard=False),
+    )
+    nodes = [c.add_node(num_cpus=2 * g, num_gpus=g, object_store_memory=128 << 20) for g in SHAPE]
+    c.wait_for_nodes(timeout=120)
+    ray.init(address=c.address, logging_level="WARNING")
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def all_free(timeout_s: float = 20.0) -> None:
+    """Wait until the cluster's resource view has every GPU back (removing a group is seen a moment later)."""
+    from ray._private.state import available_resources_per_node
+
+    deadline = time.monotonic() + timeout_s
+    while sum(r.get("GPU", 0) for r in available_resources_per_node().values()) < sum(SHAPE):
+        assert time.monotonic() < deadline, available_resources_per_node()
+        time.sleep(0.2)
+
+
+def held_gpus(groups: dict, plan) -> dict[tuple, list[str]]:
+    """(node, GPU id) -> the stages whose bundles Ray put there: a task in each bundle asks for the bundle's share
+    and says where it ran."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote
+    def where():
+        return ray.get_runtime_context().get_node_id(), tuple(ray.get_gpu_ids())
+
+    held = defaultdict(list)
+    for stage, pg in groups.items():
+        s = plan.stages[stage]
+        refs = [
+            where.options(
+                num_gpus=s.num_gpus,
+                num_cpus=s.num_cpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+            ).remote()
+            for i in range(s.replicas)
+        ]
+        for node, gpus in ray.get(refs, timeout=60):
+            for g in gpus:
+                held[(node, g)].append(stage)
+    return held
+
+
+@pytest.mark.parametrize("memory", [None, 24])
+def test_a_plan_reserves_at_once_and_every_gpu_holds_its_groups_actors(cluster, memory):
+    all_free()
+    over = [f"plan.gpu_memory_gb={memory}"] if memory else []
+    placement = make_plan(load_config("if-xl", over), frozenset(), 100, None)
+    p = placement.plan
+    assert p.gpus == 10 and placement.cluster.shape() == "4 + 4 + 2 GPUs on 3 nodes"
+    assert len(p.groups) == (3 if memory else 1)
+    t0 = time.monotonic()
+    groups = reserve(p, placement.cluster.nodes)
+    try:
+        assert time.monotonic() - t0 < 10
+        held = held_gpus(groups, p)
+        assert len(held) == 10  # every GPU of every node holds something; none of the head's
+        for stages in held.values():
+            group = p.groups[p.stages[stages[0]].group]
+            assert sorted(s for s in stages if s != "text_encoder") == sorted(
+                s for s in group.stages if s != "text_encoder"
+            )
+        assert sum(stages.count("text_encoder") for stages in held.values()) == 1
+        for g in p.groups:
+            assert sum(1 for v in held.values() if v[0] in g.stages) == g.gpus
+    finally:
+        release(groups)
+
+
+def test_gpus_another_job_holds_are_left_alone_and_what_cannot_be_reserved_is_said_at_once(cluster):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    _, nodes = cluster
+    four = nodes[0].node_id
+    all_free()
+
+    @ray.remote
+    class Holder:
+        def gpus(self):
+            return ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
+
+    other = Holder.options(num_gpus=1, num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(four, False))
+    holder = other.remote()
+    node, taken = ray.get(holder.gpus.remote(), timeout=60)
+    try:
+        c = cluster_gpus()
+        assert c.gpus == 9 and c.total == 10 and "9 free" in c.shape()
+        placement = make_plan(load_config("if-xl"), frozenset(), 100, None)
+        assert placement.plan.gpus == 9
+        groups = reserve(placement.plan, placement.cluster.nodes)
+        try:
+            held = held_gpus(groups, placement.plan)
+            assert len(held) == 9 and (node, taken[0]) not in held
+        finally:
+            release(groups)
+        # another job takes every CPU of a 4-GPU node after the plan was made: the reservation fails in seconds,
+        # saying what is free
+        cpus = Holder.options(num_cpus=8, num_gpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(four, False))
+        hog = cpus.remote()
+        ray.get(hog.gpus.remote(), timeout=60)
+        t0 = time.monotonic()
+        with pytest.raises(PlanError, match=r"could not reserve stage_3's 9 x .* in 3 s; free now: .*0 CPUs"):
+            reserve(placement.plan, placement.cluster.nodes, timeout_s=3)
+        assert time.monotonic() - t0 < 8
+        assert not [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "PENDING"]
+        ray.kill(hog)
+    finally:
+        ray.kill(holder)
+
+
+def test_a_plain_run_starts_its_own_cluster_beside_a_dead_ones_address_file():
+    """`ray start` leaves its address in <tmp>/ray/ray_current_cluster; plain ray.init() joins it, and waits for
+    ever when that cluster has died. A run's session (ray_session) starts a private cluster instead."""
+    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    os.makedirs(f"{tmp}/ray")
+    with open(f"{tmp}/ray/ray_current_cluster", "w") as f:
+        f.write("127.0.0.1:1")  # nothing listens there
+    code = textwrap.dedent(
+        """
+        import ray
+        from ifbatch.configs.schema import RayConfig
+        from ifbatch.tasks.stream.ray_session import ray_session
+        with ray_session(RayConfig(num_cpus=1, num_gpus=0, object_store_gb=0.1)):
+            print("gcs", ray.get_runtime_context().gcs_address, ray.cluster_resources().get("CPU"))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": tmp}
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(line for line in res.stdout.splitlines() if line.startswith("gcs "))
+    assert not line.split()[1].endswith(":1") and line.split()[2] == "1.0"  # its own one-CPU cluster
+    assert time.monotonic() - t0 < 60
+    subprocess.run(["rm", "-rf", tmp], check=False)

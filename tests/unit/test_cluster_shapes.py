@@ -1,0 +1,150 @@
+"""Plans for the clusters users have: GPU kinds the cost table did not measure, GPUs too small for the whole
+cascade, and the node-by-node placement of every plan on nodes of 1, 2, 4 and 8 GPUs, uneven nodes and GPUs
+partly taken. The placement is checked as Ray makes it: bundles pinned to nodes, each fraction first-fit on one
+GPU of its node, in the plan's reservation order."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from ifbatch.configs import load_config
+from ifbatch.configs.costs import load_costs
+from ifbatch.configs.schema import STAGES
+from ifbatch.tasks.stream.cluster import GpuNode, assign
+from ifbatch.tasks.stream.planner import MEMORY_HEADROOM, PlanError, plan
+
+COSTS = load_costs()
+H200 = {s: COSTS.cost("H200", s, getattr(load_config("if-xl"), s).source) for s in STAGES}
+
+
+@pytest.mark.parametrize(
+    "kind, memory, factor",
+    [("H100", None, 1.0), ("A100", None, 989 / 312), ("A100", 40, 989 / 312), ("L40S", None, 989 / 362),
+     ("L4", None, 989 / 121), ("A10G", None, 989 / 125), ("RTX-PRO-6000", 96, 1.0)],
+)  # fmt: skip
+def test_a_kind_the_table_did_not_measure_is_planned_as_an_estimate(kind, memory, factor):
+    p = plan(load_config("if-xl"), COSTS, 8, kind, memory_gb=memory)
+    assert p.estimated and "estimate" in p.costs_from and p.kind == kind
+    assert p.memory_gb == (memory or COSTS.gpus[kind].memory_gb)
+    for s in STAGES:
+        assert p.stages[s].seconds_per_image == pytest.approx(H200[s].seconds_per_image * factor)
+    assert any("the costs are estimates" in line and "re-plans" in line for line in p.lines(10))
+    measured = plan(load_config("if-xl"), COSTS, 8, kind, memory_gb=memory, measured={"stage_3": 9.0}, measured_by="x")
+    assert not measured.estimated  # a run's own timings replace the estimate
+    assert not plan(load_config("if-xl"), COSTS, 8, "H200").estimated
+
+
+def fits(p, memory: float) -> bool:
+    return all(g.memory_gb <= MEMORY_HEADROOM * memory for g in p.groups)
+
+
+@pytest.mark.parametrize("memory, groups", [(24, 3), (48, 2), (80, 1), (141, 1)])
+def test_stages_that_do_not_fit_one_gpu_are_split_over_gpus_in_the_ratio_of_their_costs(memory, groups):
+    cfg = load_config("if-xl")
+    p = plan(cfg, COSTS, 8, "L4", memory_gb=memory)
+    assert fits(p, memory) and len(p.groups) == groups and p.shared_gpus == 8
+    assert sorted(s for g in p.groups for s in g.stages) == sorted(STAGES)  # each stage in exactly one group
+    mem = {s: H200[s].weights_gb + H200[s].activations_gb for s in STAGES}
+    cap = MEMORY_HEADROOM * memory
+    for k in range(1, groups):  # no split into fewer groups fits
+        for labels in itertools.product(range(k), repeat=len(STAGES)):
+            assert any(sum(mem[s] for s, lab in zip(STAGES, labels, strict=True) if lab == i) > cap for i in range(k))
+    sec = [g.seconds_per_image for g in p.groups]
+    best = max(
+        min(n / c for n, c in zip(deal, sec, strict=True))
+        for deal in itertools.product(range(1, 9), repeat=groups)
+        if sum(deal) == 8
+    )
+    assert p.images_per_second == pytest.approx(best)  # no other whole-GPU split of this grouping is faster
+    assert p.images_per_second >= 0.85 * 8 / sum(s.seconds_per_image for s in p.stages.values())
+    for i, g in enumerate(p.groups):  # every stage of a group: one actor per GPU of it (the T5 sliver: one)
+        for s in g.stages:
+            st = p.stages[s]
+            assert st.group == i and st.replicas == (1 if s == "text_encoder" else g.gpus)
+    if groups > 1:
+        assert "does not fit one GPU's memory" in p.lines(10)[0] and p.record()["groups"][0]["gpus"] >= 1
+
+
+def test_a_stage_too_large_for_the_gpu_at_its_batch_runs_at_a_smaller_one():
+    p = plan(load_config("if-xl"), COSTS, 4, "T4")  # 16 GB: stage III's batch of 4 needs 18 GB
+    s3 = p.stages["stage_3"]
+    assert s3.batch_size == math.floor((0.9 * 16 - 1.8) / (16.2 / 4)) == 3 and fits(p, 16)
+    assert any("stage_3 runs at batch 3, not 4" in n for n in p.notes)
+
+
+def place(p, nodes: list[GpuNode]) -> dict[tuple[str, int], list[str]]:
+    """Reserve as Ray does: each stage's bundles on their pinned nodes, each on the first GPU of that node with room
+    (a GPU partly taken by another job has less); returns (node, GPU) -> stages held."""
+    where = assign(p, tuple(nodes))
+    room = {(n.node_id, i): (1.0 if i < n.gpus else 0.0) for n in nodes for i in range(n.total)}
+    held: dict[tuple[str, int], list[str]] = {k: [] for k in room}
+    for stage in p.reservation_order:
+        s = p.stages[stage]
+        assert len(where[stage]) == s.replicas
+        for node in where[stage]:
+            gpus = [k for k in room if k[0] == node]
+            if s.num_gpus >= 1:
+                free = [k for k in gpus if room[k] >= 1.0][: int(s.num_gpus)]
+                assert len(free) == int(s.num_gpus), f"{stage} found no whole GPU on {node}"
+            else:
+                free = [next(k for k in gpus if room[k] + 1e-9 >= s.num_gpus)]
+            for k in free:
+                room[k] -= min(1.0, s.num_gpus)
+                held[k].append(stage)
+    return held
+
+
+SHAPES = {
+    "1+1": [1, 1],
+    "2 x 4": [4, 4],
+    "4 x 4": [4, 4, 4, 4],
+    "2 x 8": [8, 8],
+    "8+4+2": [8, 4, 2],
+    "4+4+2": [4, 4, 2],
+}
+
+
+def nodes_of(sizes: list[int], taken: list[int] | None = None) -> list[GpuNode]:
+    taken = taken or [0] * len(sizes)
+    return [GpuNode(f"node{i}", g - t, g, 8.0 * g, "H200") for i, (g, t) in enumerate(zip(sizes, taken, strict=True))]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("memory", [141, 48, 24])
+def test_every_gpu_of_every_shape_holds_one_actor_of_each_stage_of_its_group(shape, memory):
+    nodes = nodes_of(SHAPES[shape])
+    n = sum(SHAPES[shape])
+    if memory == 24 and n < 3:
+        with pytest.raises(PlanError, match="cannot be split"):
+            plan(load_config("if-xl"), COSTS, n, "H200", memory_gb=memory)
+        return
+    p = plan(load_config("if-xl"), COSTS, n, "H200", memory_gb=memory, cpus_per_gpu=8)
+    held = place(p, nodes)
+    assert all(held.values()), "a GPU holds no actor"
+    te = [k for k, v in held.items() if "text_encoder" in v]
+    assert len(te) == 1
+    for stages in held.values():
+        group = next(g for g in p.groups if stages[0] in g.stages)
+        assert sorted(s for s in stages if s != "text_encoder") == sorted(
+            s for s in group.stages if s != "text_encoder"
+        )
+    for g in p.groups:  # each group holds exactly its GPUs
+        assert sum(1 for v in held.values() if v[0] in g.stages) == g.gpus
+
+
+def test_hand_placed_stages_and_gpus_partly_taken_place_too():
+    nodes = nodes_of([8, 4, 2], taken=[1, 0, 2])  # 11 free: the 2-GPU node is wholly taken
+    keys = frozenset({"stage_3.replicas", "stage_3.num_gpus"})
+    cfg = load_config("if-xl", ["stage_3.replicas=2", "stage_3.num_gpus=2"])
+    p = plan(cfg, COSTS, sum(n.gpus for n in nodes), "H200", explicit=keys, cpus_per_gpu=8)
+    held = place(p, nodes)
+    assert sum(1 for v in held.values() if v == ["stage_3"]) == 4 and p.shared_gpus == 7
+    assert not any(held[("node2", i)] for i in range(2))  # nothing on the GPUs another job holds
+    for v in held.values():
+        assert v in ([], ["stage_3"]) or sorted(v) in (sorted(STAGES[1:3]), sorted(STAGES[:3]))
+    # two whole GPUs per replica must be on one node: nodes of 1 GPU cannot hold them, and say so at once
+    with pytest.raises(PlanError, match=r"stage_3: 2 replicas of 2 whole GPUs each do not fit .* on one node"):
+        assign(plan(cfg, COSTS, 6, "H200", explicit=keys), tuple(nodes_of([1] * 6)))
