@@ -1,7 +1,8 @@
-"""A run on a real multi-node Ray cluster on this machine: a head without GPUs and two worker nodes with a fake
-GPU each (ray.cluster_utils.Cluster: each node its own raylet). `ifbatch run --ray-address` plans for the
-cluster's GPUs and places stage actors on both workers; a worker removed mid-run ends the run with a clear reason
-(or the run completes), and a rerun completes with every row exactly once."""
+"""A run on a real multi-node Ray cluster on this machine, of the shape users have: a head without GPUs and worker
+nodes of 4, 4 and 2 fake GPUs (ray.cluster_utils.Cluster: each node its own raylet). `ifbatch run --ray-address`
+plans for the cluster's 10 GPUs and every GPU holds one actor of each diffusion stage; a 4-GPU worker removed
+mid-run ends the run with a clear reason (or the run completes), and a rerun completes on the 6 GPUs that remain
+with every image exactly once."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from .helpers import SMALL, manifest_rows, write_table
 
 pytestmark = pytest.mark.slow
+SHAPE = (4, 4, 2)  # fake GPUs per worker node
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def cluster():
         connect=False,
         head_node_args=dict(num_cpus=1, num_gpus=0, object_store_memory=256 << 20, include_dashboard=False),
     )
-    workers = [c.add_node(num_cpus=2, num_gpus=1, object_store_memory=384 << 20) for _ in range(2)]
+    workers = [c.add_node(num_cpus=2 * g, num_gpus=g, object_store_memory=256 << 20) for g in SHAPE]
     c.wait_for_nodes(timeout=120)
     yield c, workers
     c.shutdown()
@@ -67,47 +69,72 @@ def placements(out: str) -> dict[tuple, set]:
     return held
 
 
-def test_plans_for_both_workers_and_survives_losing_one(cluster, tiny_dir, prefect_api, tmp_path):
+def planned_groups(address: str) -> dict[str, Counter]:
+    """{stage: Counter(node -> bundles)} of the ifbatch placement groups alive on the cluster now."""
+    import ray
+    from ray.util import placement_group_table
+
+    ray.init(address=address, logging_level="ERROR")
+    try:
+        out = {}
+        for pg in placement_group_table().values():
+            if pg["name"].startswith("ifbatch-") and pg["state"] == "CREATED":
+                out[pg["name"].removeprefix("ifbatch-")] = Counter(n[:12] for n in pg["bundles_to_node_id"].values())
+        return out
+    finally:
+        ray.shutdown()
+
+
+def test_plans_for_every_gpu_of_uneven_nodes_and_survives_losing_one(cluster, tiny_dir, prefect_api, tmp_path):
     c, workers = cluster
     env = {"PREFECT_API_URL": prefect_api}
     tiny = ["--set", f"tiny.dir={tiny_dir}"]
-    worker_ids = {w.node_id[:12] for w in workers}
-    prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"{p} number {i}" for i in range(8) for p in SMALL]})
+    gpus_of = {w.node_id[:12]: g for w, g in zip(workers, SHAPE, strict=True)}
+    images = 72
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"{p} number {i}" for i in range(12) for p in SMALL]})
     out = str(tmp_path / "out")
     flush = ["--set", "output.manifest_flush_seconds=1", "--set", "output.manifest_part_rows=4"]
 
-    # 1. The plan covers both workers' GPUs, and stage actors run on both (the head has no GPUs: none there).
+    # 1. The plan covers all 10 GPUs: each stage's bundles are on every worker, as many as it has GPUs (the head
+    # has none: nothing there); stage actors run on every worker, never two of one stage on one GPU.
     proc = run_cli(prompts, out, c.address, env, *tiny, *flush, wait=False)
-    deadline, nodes = time.monotonic() + 600, set()
-    while time.monotonic() < deadline and proc.poll() is None and nodes != worker_ids:
+    deadline, nodes, groups = time.monotonic() + 600, set(), {}
+    while time.monotonic() < deadline and proc.poll() is None and nodes != set(gpus_of):
+        if not groups:
+            groups = planned_groups(c.address)
         if Path(out, "manifest").exists() and any(Path(out, "manifest").glob("*.parquet")):
             nodes = {node for node, _ in placements(out)}
         time.sleep(0.5)
-    assert nodes == worker_ids, f"stage actors ran on {nodes}, expected both workers {worker_ids}"
-    for held in placements(out).values():  # never two actors of one stage on one GPU
+    assert nodes == set(gpus_of), f"stage actors ran on {nodes}, expected every worker {set(gpus_of)}"
+    for stage in ("stage_1", "stage_2", "stage_3"):
+        assert groups[stage] == Counter(gpus_of), groups
+    assert sum(groups["text_encoder"].values()) == 1
+    for (_node, gpu_ids), held in placements(out).items():
         stages = [s for s, _ in held]
-        assert len(stages) == len(set(stages)), held
+        assert len(gpu_ids) == 1 and len(stages) == len(set(stages)), held  # one of each stage per GPU, at most
 
-    # 2. A worker leaves mid-run: the run completes on what remains, or ends saying why; a rerun finishes.
+    # 2. A 4-GPU worker leaves mid-run: the run completes on what remains, or ends saying why; a rerun finishes.
     assert proc.poll() is None, "the run ended before a worker could be removed"
-    c.remove_node(workers[1], allow_graceful=False)
+    c.remove_node(workers[0], allow_graceful=False)
     stdout, stderr = proc.communicate(timeout=600)
-    assert "plan: 2 x H200" in stdout + stderr and f"{'stage_3':<14}{2:>9}" in stdout + stderr
+    assert "plan: 10 x H200" in stdout + stderr and f"{'stage_3':<14}{10:>9}" in stdout + stderr
+    assert "cluster: 4 + 4 + 2 GPUs on 3 nodes" in stdout + stderr
     done_before = ok_records(out)
     if proc.returncode != 0:  # generation had started: exit 1, not "could not start", and a run record says why
         assert proc.returncode == 1 and "stopped after generation started" in stderr, stderr[-3000:]
         assert "left the Ray cluster" in stderr and "Rerun the same command" in stderr, stderr[-3000:]
-        assert 0 < len(done_before) < 48
+        assert 0 < len(done_before) < images
         stopped = [json.loads(p.read_text()) for p in Path(out, "runs").glob("*.json")]
         assert [r["counts"]["done"] for r in stopped if r.get("status") == "stopped"] == [len(done_before)]
     res = run_cli(prompts, out, c.address, env, *tiny)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{len(done_before)} images already in the manifest are skipped" in res.stdout + res.stderr or (
-        len(done_before) == 48
+        len(done_before) == images
     )
     ids = ok_records(out)
-    assert len(ids) == 48 and len(set(ids)) == 48  # every row exactly once, in the parts themselves
+    assert len(ids) == images and len(set(ids)) == images  # every image exactly once, in the parts themselves
     record = max(Path(out, "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
     plan = json.loads(record.read_text())["plan"]
-    assert plan["gpus"] == 1 and plan["stages"]["stage_3"]["replicas"] == 1  # planned for the GPU that remains
-    print(f"run with a worker removed: exit {proc.returncode}, {len(done_before)} rows recorded before the rerun")
+    assert plan["gpus"] == 6 and plan["stages"]["stage_3"]["replicas"] == 6  # planned for the GPUs that remain
+    assert sorted(n["gpus"] for n in plan["cluster"]) == [2, 4]
+    print(f"run with a worker removed: exit {proc.returncode}, {len(done_before)} images recorded before the rerun")
