@@ -119,7 +119,7 @@ def generate_rows(
             startup = time.monotonic() - t0
             calibration = Calibration.of(placement, cfg, explicit, images)
             try:
-                for phase in _phases(rows, calibration):
+                for phase in _phases(rows, calibration, ctx.result):
                     result = run_pipeline(
                         phase,
                         placement.cfg,
@@ -144,14 +144,15 @@ def generate_rows(
     return result, models, startup, placement.record
 
 
-def _phases(rows: pa.Table, calibration: Calibration) -> Iterator[pa.Table]:
+def _phases(rows: pa.Table, calibration: Calibration, result: PipelineResult) -> Iterator[pa.Table]:
     """The rows as one stream; or, when a plan of estimated costs splits the GPUs between stage groups, its first
-    images as a phase of their own (timed, then re-planned: Calibration) and the rest after."""
+    images as a phase of their own, then the plan corrected from their timings (Calibration), then the rest."""
     if not calibration.phased:
         yield rows
         return
     first = calibration.first_rows(rows)
     yield rows.slice(0, first)
+    calibration.calibrate(result)
     if first < rows.num_rows:
         yield rows.slice(first)
 

@@ -18,7 +18,7 @@ import pytest
 
 from ifbatch.configs import load_config
 from ifbatch.tasks.stream.cluster import cluster_gpus, release, reserve
-from ifbatch.tasks.stream.placing import make_plan
+from ifbatch.tasks.stream.placing import Calibration, make_plan
 from ifbatch.tasks.stream.planner import PlanError
 
 pytestmark = pytest.mark.slow
@@ -173,3 +173,42 @@ def test_a_plain_run_starts_its_own_cluster_beside_a_dead_ones_address_file():
     assert not line.split()[1].endswith(":1") and line.split()[2] == "1.0"  # its own one-CPU cluster
     assert time.monotonic() - t0 < 60
     subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+def test_a_split_plan_of_estimated_costs_is_dealt_again_from_the_first_phases_timings(cluster):
+    import pyarrow as pa
+    from ray.util import placement_group_table
+
+    from ifbatch.tasks.stream.pipeline import PipelineResult
+
+    all_free()
+    cfg = load_config("if-xl", ["plan.gpu_kind=L4"])  # 24 GB, estimated: T5 + II, I and III each on GPUs of their own
+    placement = make_plan(cfg, frozenset(), 10_000, None)
+    before = placement.plan
+    assert before.estimated and len(before.groups) == 3
+    placement.groups = reserve(before, placement.cluster.nodes)
+    old = list(placement.groups.values())
+    cal = Calibration.of(placement, cfg, frozenset(), 10_000)
+    assert cal.phased and cal.at > 0
+    rows = pa.table({"images": pa.array([[0, 1]] * 5000, pa.list_(pa.int32()))})
+    assert cal.first_rows(rows) == cal.at // 2  # rows of two images each
+    # stage I turns out the costliest: the GPUs are dealt again for the rest of the run
+    made = PipelineResult(done=cal.at)
+    made.stage_seconds = {
+        "text_encoder": 0.0,
+        "stage_1": 9.0 * cal.at,
+        "stage_2": 1.0 * cal.at,
+        "stage_3": 3.0 * cal.at,
+    }
+    cal.calibrate(made)
+    try:
+        after = placement.plan
+        assert not after.estimated and cal.lines[0].endswith("(the GPUs are dealt again for the rest):")
+        g1 = next(g for g in after.groups if "stage_1" in g.stages)
+        assert g1.gpus > next(g for g in before.groups if "stage_1" in g.stages).gpus
+        assert placement.cfg.stage_1.replicas == g1.gpus and placement.record["calibration"]["images"] == cal.at
+        assert all(placement_group_table(pg)["state"] == "REMOVED" for pg in old)
+        held = held_gpus(placement.groups, after)
+        assert len(held) == 10 and sum(1 for v in held.values() if "stage_1" in v) == g1.gpus
+    finally:
+        release(placement.groups)

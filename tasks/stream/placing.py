@@ -150,13 +150,21 @@ class Calibration:
         return int(np.searchsorted(np.cumsum(per_row), self.at) + 1)
 
     def __call__(self, result) -> None:
-        """After each batch out of the stream (result: the PipelineResult so far)."""
+        """After each batch out of the stream (result: the PipelineResult so far): a plan of one group is corrected
+        as soon as `at` images are out. (A phased plan is corrected between its phases: calibrate.)"""
+        if not self.done and not self.phased and result.done + result.failed >= self.at:
+            self.calibrate(result)
+
+    def calibrate(self, result) -> None:
+        """Plan again from the per-stage seconds of the images made so far; when the run is phased and the new plan
+        deals the GPUs otherwise, release the old groups and reserve the new ones (no stage actor holds them
+        between two phases)."""
         made = result.done + result.failed
-        if self.done or made < self.at:
-            return
         phased = self.phased
         self.done = True
-        seconds = {s: result.stage_seconds.get(s, 0.0) / made for s in STAGES}
+        if made == 0:
+            return
+        seconds = {s: (result.stage_seconds.get(s) or 0.0) / made for s in STAGES}
         measured = (seconds, f"this run's first {made} images (the table's were estimates)")
         old = self.placement
         new = make_plan(self.cfg, self.explicit, self.images, None, measured=measured, cluster=old.cluster)
@@ -170,10 +178,8 @@ class Calibration:
             old.cfg = new.cfg
         else:  # the stages keep running as they are: the writer pool too
             new.plan = replace(new.plan, writers=old.plan.writers)
-        old.plan, old.record = (
-            new.plan,
-            new.plan.record() | {"cluster": old.record.get("cluster"), "calibration": calibrated},
-        )
+        old.plan = new.plan
+        old.record = new.plan.record() | {"cluster": old.record.get("cluster"), "calibration": calibrated}
         verb = "the GPUs are dealt again for the rest" if moved else "the placement stays"
         self.lines = [f"re-planned from this run's first {made} images ({verb}):", *new.plan.lines(self.images)]
 

@@ -133,7 +133,7 @@ class Plan:
         costliest = max(g.stages, key=lambda k: self.stages[k].share)
         if len(self.groups) == 1:
             return f"GPU compute, shared by the planned stages on every GPU ({costliest} is the costliest)"
-        return f"the {g.gpus} GPUs of {' + '.join(g.stages)} ({costliest} is the costliest)"
+        return f"the {g.gpus} GPU{'s' if g.gpus > 1 else ''} of {' + '.join(g.stages)} ({costliest} is the costliest)"
 
     @property
     def reservation_order(self) -> list[str]:
@@ -364,7 +364,7 @@ def plan(
                 f"{s} needs {table[s].weights_gb + per_image:.1f} GB at batch 1, more than {MEMORY_HEADROOM:.0%} of "
                 f"a {kind}'s {memory:g} GB: it cannot run on this GPU"
             )
-        notes.append(f"{s} runs at batch {fits}, not {batch[s]}: {mem(s):.1f} GB would not fit a {memory:g} GB GPU")
+        notes.append(f"{s} runs at batch {fits}, not {batch[s]}: {mem(s):.3g} GB would not fit a {memory:g} GB GPU")
         batch[s] = fits
     for s in hand:
         if mem(s) > cap * hand_gpus[s]:

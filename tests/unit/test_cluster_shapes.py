@@ -13,7 +13,9 @@ import pytest
 from ifbatch.configs import load_config
 from ifbatch.configs.costs import load_costs
 from ifbatch.configs.schema import STAGES
-from ifbatch.tasks.stream.cluster import GpuNode, assign
+from ifbatch.tasks.stream.cluster import ClusterGpus, GpuNode, assign
+from ifbatch.tasks.stream.pipeline import PipelineResult
+from ifbatch.tasks.stream.placing import Calibration, make_plan
 from ifbatch.tasks.stream.planner import MEMORY_HEADROOM, PlanError, plan
 
 COSTS = load_costs()
@@ -148,3 +150,31 @@ def test_hand_placed_stages_and_gpus_partly_taken_place_too():
     # two whole GPUs per replica must be on one node: nodes of 1 GPU cannot hold them, and say so at once
     with pytest.raises(PlanError, match=r"stage_3: 2 replicas of 2 whole GPUs each do not fit .* on one node"):
         assign(plan(cfg, COSTS, 6, "H200", explicit=keys), tuple(nodes_of([1] * 6)))
+
+
+def result_of(images: int, seconds: dict[str, float]) -> PipelineResult:
+    r = PipelineResult(done=images)
+    r.stage_seconds = {s: v * images for s, v in seconds.items()}
+    return r
+
+
+def test_estimated_costs_are_corrected_from_the_runs_first_images_within_the_run():
+    cluster = ClusterGpus(tuple(nodes_of([4, 4])))
+    cfg = load_config("if-xl", ["plan.gpu_kind=A100"])  # 80 GB: the whole cascade on every GPU
+    placement = make_plan(cfg, frozenset(), 10_000, None, cluster=cluster)
+    assert placement.plan.estimated and "estimate" in placement.record["costs_from"]
+    cal = Calibration.of(placement, cfg, frozenset(), 10_000)
+    assert cal.at == 2 * 8 * 32 and not cal.phased  # two batches of 32 on each of 8 stage I replicas
+    writers = placement.plan.writers
+    measured = {"text_encoder": 0.01, "stage_1": 3.0, "stage_2": 2.0, "stage_3": 5.0}
+    cal(result_of(cal.at - 1, measured))
+    assert placement.plan.estimated  # not yet
+    cal(result_of(cal.at, measured))
+    p = placement.plan
+    assert not p.estimated and p.costs_from.startswith(f"this run's first {cal.at} images")
+    assert p.images_per_second == pytest.approx(8 / 10.01) and p.writers == writers  # the running pool is kept
+    assert placement.record["calibration"]["images"] == cal.at and placement.record["cluster"]
+    assert cal.lines[0] == f"re-planned from this run's first {cal.at} images (the placement stays):"
+    assert Calibration.of(placement, cfg, frozenset(), 100).at == 0  # too few images to be worth it
+    measured_kind = make_plan(load_config("if-xl"), frozenset(), 10_000, None, cluster=cluster)
+    assert Calibration.of(measured_kind, load_config("if-xl"), frozenset(), 10_000).done
