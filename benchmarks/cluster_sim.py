@@ -16,6 +16,7 @@ the whole-run rate counts from the pipeline's start (actors starting) to its end
 
     python benchmarks/cluster_sim.py                       # N = 1 2 3 4 8 16, 60 images per GPU
     python benchmarks/cluster_sim.py --gpus 1 2 --images-per-gpu 16 --preset-images 16   # a quick look
+    python benchmarks/cluster_sim.py --shapes 4,4 4,4,4,4 8,8 8,4,2 --preset-images 0  # multi-node clusters
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def make_actors(seconds: dict[str, float], lock_dir: str) -> dict[str, type]:
     def occupy(total: float) -> None:
         import ray
 
-        gpu = (ray.get_gpu_ids() or ["cpu"])[0]
+        gpu = f"{ray.get_runtime_context().get_node_id()[:8]}_{(ray.get_gpu_ids() or ['cpu'])[0]}"
         held = []
         with open(f"{lock_dir}/gpu-{gpu}.lock", "a") as f:
             left = total
@@ -100,7 +101,8 @@ def make_actors(seconds: dict[str, float], lock_dir: str) -> dict[str, type]:
         import ray
 
         with open(f"{lock_dir}/actor-{os.getpid()}.json", "w") as f:
-            json.dump({"stage": self.name, "gpus": [str(g) for g in ray.get_gpu_ids()]}, f)
+            node = ray.get_runtime_context().get_node_id()[:8]
+            json.dump({"stage": self.name, "gpus": [f"{node}_{g}" for g in ray.get_gpu_ids()]}, f)
 
     def compute(self, batch, idx, params):
         t = time.time()
@@ -135,27 +137,50 @@ def prompts_table(path: str, n: int) -> str:
 
 
 @contextlib.contextmanager
-def cluster(gpus: int):
+def cluster(shape: list[int]):
+    """A local Ray cluster of fake GPUs: one node of N GPUs, or (several numbers) a head without GPUs and a worker
+    node of each size (ray.cluster_utils: each node its own raylet), as a multi-node cluster is."""
     import ray
 
     os.environ.setdefault("RAY_worker_niceness", "0")  # the default nice 15 starves workers on 2 cores
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Logical CPUs for the reservations (the planner fits its CPU shares to CPUs per GPU); the cores are shared.
-    ray.init(
-        num_cpus=4 + 4 * gpus,
-        num_gpus=gpus,
-        object_store_memory=8 << 30,  # of 24 GiB; Ray Data's per-stage budgets are shares of it
-        include_dashboard=False,
-        logging_level="ERROR",
+    # Object store: 8 GiB of the 24 in all; Ray Data's per-stage budgets are shares of it.
+    if len(shape) == 1:
+        ray.init(
+            address="local",
+            num_cpus=4 + 4 * shape[0],
+            num_gpus=shape[0],
+            object_store_memory=8 << 30,
+            include_dashboard=False,
+            logging_level="ERROR",
+        )
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    from ray.cluster_utils import Cluster
+
+    store = (8 << 30) // (len(shape) + 1)
+    c = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args=dict(num_cpus=4, num_gpus=0, object_store_memory=store, include_dashboard=False),
     )
+    for g in shape:
+        c.add_node(num_cpus=4 * g, num_gpus=g, object_store_memory=store)
+    c.wait_for_nodes(timeout=120)
+    ray.init(address=c.address, logging_level="ERROR")
     try:
         yield
     finally:
         ray.shutdown()
+        c.shutdown()
 
 
-def simulate(gpus: int, images: int, scale: float, overrides: list[str], tmp: str) -> dict:
-    """One run on a fresh local cluster of `gpus` fake GPUs; returns its figures."""
+def simulate(shape: list[int], images: int, scale: float, overrides: list[str], tmp: str) -> dict:
+    """One run on a fresh local cluster of this shape (fake GPUs per node); returns its figures."""
     from ifbatch.models.quiet import quiet_libraries
 
     quiet_libraries()
@@ -165,7 +190,8 @@ def simulate(gpus: int, images: int, scale: float, overrides: list[str], tmp: st
     out = tempfile.mkdtemp(dir=tmp)
     rows = read_prompts(prompts_table(f"{out}/prompts.parquet", images), cfg).rows
     lock_dir = tempfile.mkdtemp(dir=tmp)
-    with cluster(gpus), placed(cfg, frozenset(), images, None) as placement:
+    gpus = sum(shape)
+    with cluster(shape), placed(cfg, frozenset(), images, None) as placement:
         seconds = {s: table_seconds[s] / scale for s in STAGES}
         if placement.plan is not None:
             seconds = {s: placement.plan.stages[s].seconds_per_image / scale for s in STAGES}
@@ -180,6 +206,7 @@ def simulate(gpus: int, images: int, scale: float, overrides: list[str], tmp: st
     t20, t80 = _window(result)
     return dict(
         gpus=gpus,
+        shape=" + ".join(map(str, shape)),
         images=images,
         ideal=ideal,
         steady=result.steady_rows_per_second,
@@ -238,7 +265,14 @@ def _packing(lock_dir: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16])
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16], help="one node of N GPUs, each N")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=[],
+        metavar="4,4",
+        help="multi-node clusters instead: a head without GPUs and a node of each size, e.g. 4,4 8,4,2",
+    )
     p.add_argument("--images-per-gpu", type=int, default=60)
     p.add_argument("--rate", type=float, default=2.0, help="the ideal images/s every N is scaled to")
     p.add_argument("--preset-images", type=int, default=48, help="images for today's preset (0: skip it)")
@@ -249,12 +283,14 @@ def main() -> None:
     total = sum(costs.cost("H200", s, model_key(cfg, s)).seconds_per_image for s in STAGES)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.gpus:
+        shapes = [[int(g) for g in s.split(",")] for s in args.shapes] or [[n] for n in args.gpus]
+        for shape in shapes:
+            n = sum(shape)
             scale = args.rate * total / n  # ideal N / (total / scale) = rate
-            plan = simulate(n, args.images_per_gpu * n, scale, [], tmp)
+            plan = simulate(shape, args.images_per_gpu * n, scale, [], tmp)
             preset = None
             if args.preset_images:
-                preset = simulate(n, args.preset_images, args.rate * total, ["plan.mode=manual"], tmp)
+                preset = simulate(shape, args.preset_images, args.rate * total, ["plan.mode=manual"], tmp)
                 preset["ideal"] = n * args.rate  # N GPUs at the 1-GPU scale
             rows.append((n, scale, plan, preset))
             _print_row(n, scale, plan, preset, flush=True)
@@ -264,7 +300,7 @@ def main() -> None:
         f"ideal = N / sum(cost), scaled to {args.rate:g} images/s"
     )
     print(
-        "| GPUs | cost ÷ | images | replicas I/II/III, T5 | packing | steady images/s | steady % of ideal "
+        "| GPUs (per node) | cost ÷ | images | replicas I/II/III, T5 | packing | steady images/s | steady % of ideal "
         "| GPUs busy, steady | whole-run % of ideal | GPUs busy, whole run | short calls of all, I / II / III "
         "| today's preset: steady % / busy |"
     )
@@ -281,7 +317,8 @@ def _print_row(n, scale, plan, preset, flush=False) -> None:
     pre = f"{100 * preset['steady'] / preset['ideal']:.0f}% / {100 * preset['busy']:.0f}%" if preset else "-"
     short = " / ".join(f"{b} of {a}" for a, b in plan["batches"].values())
     print(
-        f"| {n} | {scale:.2f} | {plan['images']} | {replicas} | {plan['packing']} | {plan['steady']:.2f} "
+        f"| {n} ({plan['shape']}) | {scale:.2f} | {plan['images']} | {replicas} | {plan['packing']} "
+        f"| {plan['steady']:.2f} "
         f"| {100 * plan['steady'] / plan['ideal']:.0f}% | {100 * plan['busy']:.0f}% "
         f"| {100 * plan['whole'] / plan['ideal']:.0f}% | {100 * plan['busy_whole']:.0f}% | {short} | {pre} |",
         flush=flush,

@@ -29,20 +29,21 @@ def test_gpu_smoke_tiny_mode_prints_a_table(tmp_path):
 
 
 def test_cluster_simulation_prints_its_table_with_the_plans_packing(tmp_path):
-    """The cluster simulation keeps working: a 2-GPU run on a small table, plan only, in full batches."""
+    """The cluster simulation keeps working: a run on two nodes of one GPU, on a small table, plan only, in full
+    batches (the fake GPUs of different nodes are told apart: each node numbers its own from 0)."""
     out = tmp_path / "sim.json"
     res = subprocess.run(
         [
             sys.executable,
             str(ROOT / "benchmarks" / "cluster_sim.py"),
-            *("--gpus", "2", "--images-per-gpu", "8", "--preset-images", "0", "--json", str(out)),
+            *("--shapes", "1,1", "--images-per-gpu", "8", "--preset-images", "0", "--json", str(out)),
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "| 2 | 5.30 | 16 | 2/2/2, 1 | one of each on 2 GPUs |" in res.stdout
+    assert "| 2 (1 + 1) | 5.30 | 16 | 2/2/2, 1 | one of each on 2 GPUs |" in res.stdout
     import json
 
     (row,) = json.loads(out.read_text())
