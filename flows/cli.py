@@ -211,7 +211,8 @@ def _plan(args: argparse.Namespace) -> int:
     from ifbatch.tasks.inputs.expand import image_count
     from ifbatch.tasks.inputs.prompts import PromptTableError, read_prompts
     from ifbatch.tasks.stream.cluster import DEFAULT_KIND
-    from ifbatch.tasks.stream.planner import PlanError, plan
+    from ifbatch.tasks.stream.plan import PlanError
+    from ifbatch.tasks.stream.planner import plan
 
     extra = [f"data.prompt_column={args.prompt_column}"] if args.prompt_column else []
     try:

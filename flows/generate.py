@@ -27,7 +27,7 @@ from ifbatch.tasks.steps import (
 )
 from ifbatch.tasks.storage import storage_errors
 from ifbatch.tasks.stream.cluster import ClusterChanged
-from ifbatch.tasks.stream.planner import PlanError
+from ifbatch.tasks.stream.plan import PlanError
 
 from .blocks import with_block_credentials
 from .gpu_slot import gpu_slot

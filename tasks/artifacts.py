@@ -112,6 +112,18 @@ def plan_markdown(s: RunSummary) -> list[str]:
     out = [
         f"{p['gpus']} x {md_escape(p['kind'])}, costs from {md_escape(p['costs_from'])}; "
         f"bottleneck: {md_escape(p['bottleneck'])}.",
+    ]
+    if len(p.get("groups") or []) > 1:
+        split = ", ".join(f"{g['gpus']} x ({' + '.join(g['stages'])})" for g in p["groups"])
+        out.append(f"The cascade does not fit one GPU: the GPUs are split {split}.")
+    if p.get("calibration"):
+        c = p["calibration"]
+        out.append(
+            f"Re-planned after the run's first {c['images']} images: the plan before it was costed from "
+            f"{md_escape(c['estimated'].get('costs_from', '-'))}, estimating "
+            f"{c['estimated'].get('images_per_second', 0):.3f} images/s."
+        )
+    out += [
         "",
         "| | estimated | measured |",
         "|---|---|---|",

@@ -29,7 +29,7 @@ from .outputs.spill import StoreDown, unspill
 from .preflight import OutputError, preflight
 from .stream.pipeline import PipelineResult, run_pipeline
 from .stream.placing import Calibration, placed
-from .stream.planner import PlanError
+from .stream.plan import PlanError
 from .stream.progress import Progress, listen
 from .stream.ray_session import ray_session
 

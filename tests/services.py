@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -234,3 +235,23 @@ class FaultyS3Proxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def fake_gpu_cluster(shape, object_store_mb: int = 256, head_cpus: int = 1):
+    """A real multi-node Ray cluster on this machine (ray.cluster_utils: each node its own raylet): a head without
+    GPUs and a worker node of each size in `shape`, with fake GPUs and two CPUs per GPU. Yields (cluster, workers)."""
+    from ray.cluster_utils import Cluster
+
+    store = object_store_mb << 20
+    c = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args=dict(num_cpus=head_cpus, num_gpus=0, object_store_memory=store, include_dashboard=False),
+    )
+    try:
+        workers = [c.add_node(num_cpus=2 * g, num_gpus=g, object_store_memory=store) for g in shape]
+        c.wait_for_nodes(timeout=120)
+        yield c, workers
+    finally:
+        c.shutdown()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from .helpers import SMALL, manifest_rows, write_table
+from .services import fake_gpu_cluster
 
 pytestmark = pytest.mark.slow
 SHAPE = (4, 4, 2)  # fake GPUs per worker node
@@ -24,17 +25,8 @@ SHAPE = (4, 4, 2)  # fake GPUs per worker node
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args=dict(num_cpus=1, num_gpus=0, object_store_memory=256 << 20, include_dashboard=False),
-    )
-    workers = [c.add_node(num_cpus=2 * g, num_gpus=g, object_store_memory=256 << 20) for g in SHAPE]
-    c.wait_for_nodes(timeout=120)
-    yield c, workers
-    c.shutdown()
+    with fake_gpu_cluster(SHAPE) as (c, workers):
+        yield c, workers
 
 
 def run_cli(prompts: str, out: str, address: str, env: dict, *extra: str, wait: bool = True):

@@ -19,7 +19,9 @@ import pytest
 from ifbatch.configs import load_config
 from ifbatch.tasks.stream.cluster import cluster_gpus, release, reserve
 from ifbatch.tasks.stream.placing import Calibration, make_plan
-from ifbatch.tasks.stream.planner import PlanError
+from ifbatch.tasks.stream.plan import PlanError
+
+from .services import fake_gpu_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -29,19 +31,13 @@ SHAPE = [4, 4, 2]
 @pytest.fixture(scope="module")
 def cluster():
     import ray
-    from ray.cluster_utils import Cluster
 
-    c = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args=dict(num_cpus=2, num_gpus=0, object_store_memory=128 << 20, include_dashboard=False),
-    )
-    nodes = [c.add_node(num_cpus=2 * g, num_gpus=g, object_store_memory=128 << 20) for g in SHAPE]
-    c.wait_for_nodes(timeout=120)
-    ray.init(address=c.address, logging_level="WARNING")
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+    with fake_gpu_cluster(SHAPE, object_store_mb=128, head_cpus=2) as (c, nodes):
+        ray.init(address=c.address, logging_level="WARNING")
+        try:
+            yield c, nodes
+        finally:
+            ray.shutdown()
 
 
 def all_free(timeout_s: float = 20.0) -> None:
@@ -212,3 +208,21 @@ def test_a_split_plan_of_estimated_costs_is_dealt_again_from_the_first_phases_ti
         assert len(held) == 10 and sum(1 for v in held.values() if "stage_1" in v) == g1.gpus
     finally:
         release(placement.groups)
+
+
+def test_ifbatch_plan_counts_the_clusters_nodes_and_free_gpus(cluster):
+    from pathlib import Path
+
+    all_free()
+    c, _ = cluster
+    ifbatch = str(Path(sys.executable).with_name("ifbatch"))
+    examples = str(Path(__file__).resolve().parents[1] / "examples" / "prompts.parquet")
+    res = subprocess.run(
+        [ifbatch, "plan", examples, "--preset", "if-xl", "--ray-address", c.address, "--set", "plan.gpu_memory_gb=48"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "cluster: 4 + 4 + 2 GPUs on 3 nodes" in res.stdout and "plan: 10 x H200 (48 GB)" in res.stdout
+    assert "the GPUs are split 7 x (stage_2 + stage_3), 3 x (text_encoder + stage_1)" in res.stdout, res.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from .planner import Plan, PlanError
+from .plan import Plan, PlanError
 
 DEFAULT_KIND = "H200"  # planned as when the cluster does not say (fake GPUs, older Ray)
 RESERVE_TIMEOUT_S = 15.0  # a reservation placed node by node takes well under a second, or it will not come
@@ -69,12 +69,12 @@ def cluster_gpus(read_memory: bool = True) -> ClusterGpus:
     from ray._private.state import available_resources_per_node
 
     free = available_resources_per_node()
+    alive = [n for n in ray.nodes() if n.get("Alive") and int(n.get("Resources", {}).get("GPU", 0))]
+    memory = _gpu_memory_gb([n["NodeID"] for n in alive]) if read_memory else {}
     nodes = []
-    for node in ray.nodes():
-        res = node.get("Resources", {})
-        total = int(res.get("GPU", 0))
-        if not node.get("Alive") or total == 0:
-            continue
+    for node in alive:
+        res = node["Resources"]
+        total = int(res["GPU"])
         kinds = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
         avail = free.get(node["NodeID"], {}).get("GPU", total)
         nodes.append(
@@ -84,15 +84,16 @@ def cluster_gpus(read_memory: bool = True) -> ClusterGpus:
                 total=total,
                 cpus=res.get("CPU", 0.0),
                 kind=kinds[0] if len(kinds) == 1 else None,
-                memory_gb=_gpu_memory_gb(node["NodeID"]) if read_memory else None,
+                memory_gb=memory.get(node["NodeID"]),
             )
         )
     return ClusterGpus(tuple(nodes))
 
 
-def _gpu_memory_gb(node_id: str, timeout_s: float = 20.0) -> float | None:
-    """One GPU's memory (GiB, the smallest of the node's GPUs) read with NVML on the node, by a task that holds no
-    GPU (so it runs while other jobs use them); None where NVML has no GPU (fake GPUs) or the node does not answer."""
+def _gpu_memory_gb(node_ids: list[str], timeout_s: float = 20.0) -> dict[str, float | None]:
+    """Per node, one GPU's memory (GiB, the smallest of the node's GPUs) read with NVML on the node, by tasks that
+    hold no GPU (so they run while other jobs use them), all at once; None where NVML has no GPU (fake GPUs) or the
+    node does not answer in time."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -111,12 +112,22 @@ def _gpu_memory_gb(node_id: str, timeout_s: float = 20.0) -> float | None:
             return None
         return min(sizes) / 2**30 if sizes else None
 
-    ref = read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
-    try:
-        return ray.get(ref, timeout=timeout_s)
-    except Exception:
-        ray.cancel(ref, force=True)
-        return None
+    if not node_ids:
+        return {}
+    on = {n: NodeAffinitySchedulingStrategy(n, soft=False) for n in node_ids}
+    refs = {n: read.options(scheduling_strategy=on[n]).remote() for n in node_ids}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    out = {}
+    for node, ref in refs.items():
+        if ref in ready:
+            try:
+                out[node] = ray.get(ref)
+            except Exception:
+                out[node] = None
+        else:
+            ray.cancel(ref, force=True)
+            out[node] = None
+    return out
 
 
 def assign(p: Plan, nodes: tuple[GpuNode, ...]) -> dict[str, list[str]]:
@@ -165,7 +176,7 @@ def reserve(p: Plan, nodes: tuple[GpuNode, ...], timeout_s: float = RESERVE_TIME
     Why pinned: Ray's group scheduler checks a node's GPUs as one sum (seven bundles of 0.51 "fit" a node of four
     GPUs) while each fractional bundle needs room on one GPU, so an unpinned group of 0.51-GPU bundles stays pending
     on nodes of 2, 4 or 8 GPUs (measured, Ray 2.60). Pinned, each node gets no more bundles than it has GPUs."""
-    import ray
+    from ray._private.state import available_resources_per_node
     from ray.util.placement_group import placement_group
 
     where = assign(p, nodes)
@@ -179,7 +190,7 @@ def reserve(p: Plan, nodes: tuple[GpuNode, ...], timeout_s: float = RESERVE_TIME
         if not pg.wait(timeout_s):
             release(groups | {stage: pg})
             per_node = ", ".join(f"{where[stage].count(n)} on node {n[:12]}" for n in dict.fromkeys(where[stage]))
-            avail = ray._private.state.available_resources_per_node()
+            avail = available_resources_per_node()
             now = ", ".join(
                 f"node {n.node_id[:12]} {avail.get(n.node_id, {}).get('GPU', 0):g} GPUs "
                 f"{avail.get(n.node_id, {}).get('CPU', 0):g} CPUs"

@@ -20,7 +20,8 @@ from ifbatch.configs.schema import STAGES, CascadeConfig
 from ..outputs.records import measured_costs
 from ..storage import Location
 from .cluster import DEFAULT_KIND, ClusterChanged, ClusterGpus, NodeWatch, cluster_gpus, release, reserve
-from .planner import Plan, PlanError, plan
+from .plan import Plan, PlanError
+from .planner import plan
 
 
 @dataclass

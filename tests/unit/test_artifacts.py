@@ -52,3 +52,19 @@ def test_the_summary_shows_the_plans_estimate_beside_the_measured_rate():
     assert rows["images/s the plan estimated"] == round(p.images_per_second, 3)
     none = RunSummary(**{**s.__dict__, "plan": {"mode": "none", "reason": "the Ray cluster has no GPUs"}})
     assert plan_markdown(none) == ["No plan (none): the Ray cluster has no GPUs."]
+
+
+def test_the_summary_names_a_split_and_a_re_plan():
+    estimated = plan(load_config("if-xl"), load_costs(), 8, "L4")
+    measured = {"text_encoder": 0.01, "stage_1": 9.0, "stage_2": 5.0, "stage_3": 20.0}
+    p = plan(load_config("if-xl"), load_costs(), 8, "L4", measured=measured, measured_by="this run's first 64 images")
+    record = p.record() | {"calibration": {"images": 64, "estimated": estimated.record(), "seconds_per_image": {}}}
+    s = RunSummary(
+        run_id="r", output="o", total=40, done=40, failed=0, rejected=0, skipped=0, seconds=300.0,
+        startup_seconds=60.0, rows_per_second=0.2, run_record="x", rejected_file=None,
+        stage_seconds_per_image={}, steady_rows_per_second=0.35, plan=record,
+    )  # fmt: skip
+    md = "\n".join(plan_markdown(s))
+    assert "the GPUs are split 4 x (stage_3), 2 x (stage_1), 2 x (text_encoder + stage_2)" in md
+    assert "Re-planned after the run's first 64 images" in md and f"{estimated.images_per_second:.3f} images/s" in md
+    assert "costs from this run's first 64 images" in md
