@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -121,10 +122,15 @@ def _presets() -> int:
 
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The run starts (or joins) Ray itself (tasks/stream/ray_session.py). Without this, a Ray call that comes after
+    # ray.shutdown -- the stream's reader thread, once a Ctrl-C has stopped the run -- starts a new cluster.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     from ifbatch.models.quiet import VERBOSE_ENV
 
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
+    from prefect.exceptions import TerminationSignal
+
     from ifbatch.configs import ConfigError
     from ifbatch.flows.generate import GenerateParams
 
@@ -151,11 +157,21 @@ def _run(args: argparse.Namespace) -> int:
     except (PromptTableError, OutputError) as e:
         print(f"ifbatch: {e}", file=sys.stderr)
         return 2
-    from .terminal import filtered_stderr, prefect_api
+    from .terminal import filtered_stderr, on_terminal, prefect_api
 
-    prefect_api()  # before the filter: the API's process keeps the terminal's own stderr
-    with contextlib.nullcontext() if args.verbose else filtered_stderr():
-        return _generate(params, progress_bar=not args.no_progress)
+    with on_terminal():  # Ctrl-C / SIGTERM stop the run gracefully, a second one at once
+        try:
+            prefect_api()  # before the filter: the API's process keeps the terminal's own stderr
+            with contextlib.nullcontext() if args.verbose else filtered_stderr():
+                return _generate(params, progress_bar=not args.no_progress)
+        except (KeyboardInterrupt, TerminationSignal) as e:  # before any image was made: nothing to keep
+            signum = getattr(e, "signal", signal.SIGINT)
+            print(
+                f"ifbatch: interrupted ({signal.Signals(signum).name}) before any image was made; nothing to keep. "
+                f"Rerun the same command to run it",
+                file=sys.stderr,
+            )
+            return 128 + signum
 
 
 def _generate(params, progress_bar: bool) -> int:
@@ -187,9 +203,9 @@ def _generate(params, progress_bar: bool) -> int:
             bar.stop()
             stop()
     summary = state.result(raise_on_failure=False)
-    if isinstance(summary, StoppedRun):  # generation started, then stopped: what was done is recorded
+    if isinstance(summary, StoppedRun):  # generation started, then stopped (or interrupted): what was done is recorded
         print(f"ifbatch: {summary.line}", file=sys.stderr)
-        return 1
+        return summary.exit_code
     if not isinstance(summary, RunSummary):  # the run could not start: bad table, config, model or storage
         print(f"ifbatch: run failed: {state.message or summary}", file=sys.stderr)
         return 2

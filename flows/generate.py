@@ -7,6 +7,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import deployment, flow_run
+from prefect.states import Cancelled as PrefectCancelled
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -110,6 +111,9 @@ def generate(params: GenerateParams):
     try:
         summary = _generate(params, log)
     except Stopped as s:  # generation had started: what was done is recorded, a rerun resumes
+        if s.run.status == "interrupted":  # the user stopped it (Ctrl-C on a terminal)
+            log.warning("run %s", s.run.line)
+            return PrefectCancelled(message=s.run.line, data=s.run)
         log.error("run stopped: %s", s.run.line)
         return Failed(message=s.run.line, data=s.run)
     except OPERATOR_ERRORS as e:
@@ -136,6 +140,8 @@ def _generate(params: GenerateParams, log) -> RunSummary:
         rows, ctx.skipped = plan_resume(ctx)
         try:
             ctx.result, ctx.models, ctx.startup_seconds, ctx.stage_plan = generate_rows(rows, ctx)
+            if ctx.interrupted is not None:
+                raise RunStopped(ctx.interrupted)
         except RunStopped as e:
             raise Stopped(write_stopped_record(ctx, e)) from e
         except TerminationSignal:  # Cancel in Prefect: Ray is down; record what was done, then end Cancelled

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -44,9 +45,32 @@ def prefect_api(say=print) -> str | None:
     drop_messages("prefect", "Starting temporary server", "Stopping temporary server")  # said here instead
     server = SubprocessASGIServer()  # the instance Prefect's client looks for when no URL is set
     t0 = time.monotonic()
-    server.start(timeout=timeout)
+    # Started with SIGINT blocked, which its process inherits: a Ctrl-C reaches every process of the terminal's
+    # group, and the API must outlive the run's own handling of it (the run still logs and records its state).
+    # It stops when this process exits (Prefect's atexit), or at a second Ctrl-C (tasks/stream/interrupt.py).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        server.start(timeout=timeout)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     say(f"ready in {time.monotonic() - t0:.0f} s")
     return server.api_url
+
+
+@contextlib.contextmanager
+def on_terminal() -> Iterator[None]:
+    """A run from a terminal: while images stream, the first Ctrl-C or SIGTERM stops it gracefully (its finished
+    images recorded, tasks/stream/interrupt.py), a second one at once, killing the processes the run started.
+    Outside the stream SIGTERM ends the run like Ctrl-C (KeyboardInterrupt), not silently with the API left
+    running."""
+    from ifbatch.tasks.stream import interrupt
+
+    interrupt.arm()
+    before = signal.signal(signal.SIGTERM, interrupt.raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @contextlib.contextmanager

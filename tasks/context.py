@@ -35,6 +35,7 @@ class RunContext:
     startup_seconds: float = 0.0
     stage_plan: dict = field(default_factory=dict)  # the placement plan the run used, or why there was none
     gpu_slot: dict | None = None  # the Prefect concurrency slot the run held: name, seconds waited, when taken
+    interrupted: BaseException | None = None  # the Ctrl-C / SIGTERM that stopped a terminal run's stream
 
     @property
     def output(self) -> str:
@@ -101,10 +102,21 @@ class StoppedRun:
     images: int
     reason: str
     run_record: str  # where the run record went (the output, or the spill folder)
+    status: str = "stopped"  # or "interrupted" (Ctrl-C / SIGTERM on a terminal), "cancelled" (in Prefect)
+    exit_code: int = 1  # the CLI's: 1 for a stopped run, 128 + the signal for an interrupted one
+    skipped: int = 0  # images earlier runs had made (resume)
 
     @property
     def line(self) -> str:
+        kept = self.done + self.skipped
+        counts = f"{kept} of {self.images} images done and recorded ({self.done} by this run), {self.failed} failed"
+        if self.status == "interrupted":
+            left = self.images - kept
+            return (
+                f"interrupted ({self.reason}): {counts}; run record {self.run_record}. Rerun the same command to "
+                f"make the other {left}"
+            )
         return (
-            f"stopped after generation started: {self.done} of {self.images} images done and recorded, "
-            f"{self.failed} failed; run record {self.run_record}. {self.reason}. Rerun the same command to resume"
+            f"stopped after generation started: {counts}; run record {self.run_record}. {self.reason}. Rerun the "
+            f"same command to resume"
         )

@@ -27,6 +27,7 @@ from .outputs.records import versions, write_rejected, write_run_record
 from .outputs.shards import SHARDS_DIR, remove_orphan_shards
 from .outputs.spill import StoreDown, unspill
 from .preflight import OutputError, preflight
+from .stream.interrupt import Interrupted
 from .stream.pipeline import PipelineResult, run_pipeline
 from .stream.placing import Calibration, placed
 from .stream.plan import PlanError
@@ -135,6 +136,9 @@ def generate_rows(
                     for line in calibration.lines:
                         log.info("%s", line)
                     calibration.lines = []
+            except Interrupted as e:  # the user stopped it: the flow records what was done, no error to show
+                ctx.models, ctx.stage_plan, ctx.startup_seconds, ctx.interrupted = models, placement.record, startup, e
+                return ctx.result, models, startup, placement.record
             except Exception as e:  # generation had started: the flow records what was done (RunStopped)
                 ctx.models, ctx.stage_plan, ctx.startup_seconds = models, placement.record, startup
                 raise RunStopped(placement.failed(e)) from e
@@ -229,6 +233,9 @@ def write_stopped_record(ctx: RunContext, stopped: RunStopped, status: str = "st
     when the store is still down (the next run writes it)."""
     result, images = ctx.result, image_count(ctx.plan.rows) if ctx.plan else 0
     reason = f"{type(stopped.cause).__name__}: {stopped.cause}"
+    interrupted = isinstance(stopped.cause, Interrupted)
+    if interrupted:
+        reason, status = str(stopped.cause), "interrupted"
     record = dict(
         **_run_facts(ctx),
         status=status,
@@ -243,7 +250,10 @@ def write_stopped_record(ctx: RunContext, stopped: RunStopped, status: str = "st
         where = write_run_record(ctx.loc, ctx.run_id, record)
     except StoreDown as e:
         where = str(e.spilled)
-    return StoppedRun(ctx.run_id, ctx.output, result.done, result.failed, images, reason, where)
+    code = stopped.cause.exit_code if interrupted else 1
+    return StoppedRun(
+        ctx.run_id, ctx.output, result.done, result.failed, images, reason, where, status, code, ctx.skipped
+    )
 
 
 @task(name="publish-artifacts", **RETRY)

@@ -10,9 +10,11 @@ manifest records (Arrow, no pixels) come back to the driver, which writes a mani
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -23,6 +25,7 @@ from ifbatch.configs.schema import STAGES, CascadeConfig
 from ..inputs.expand import image_count
 from ..outputs.manifest import write_part
 from ..storage import Location
+from . import interrupt
 from .progress import Progress, report
 from .stages import STAGE_ACTORS
 from .writer import ImageWriter, ShardWriter
@@ -214,7 +217,7 @@ def run_pipeline(
 
     try:
         ds = build_dataset(rows, cfg, output, groups, actors, models, run_id)
-        for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for records in _records(ds):
             pending.append(records)
             result.add(records)
             result.marks.append((time.monotonic() - t0, result.done + result.failed))
@@ -230,3 +233,44 @@ def run_pipeline(
         flush()  # also when the stream failed: what was written is recorded, and a rerun resumes after it
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _records(ds) -> Iterator[pa.Table]:
+    """The stream's record batches. On a terminal run (interrupt.arm) they are taken on a thread of their own, so
+    that the first Ctrl-C or SIGTERM is seen at once: the records already on their way out are taken for
+    interrupt.GRACE_S more seconds (each is a finished image), then Interrupted is raised and the caller's
+    `finally` writes them to the manifest."""
+    batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    if not interrupt.armed():
+        yield from batches
+        return
+    out: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        try:
+            for b in batches:
+                out.put(("records", b))
+            out.put(("end", None))
+        except BaseException as e:  # handed to the driver's thread, which raises it
+            out.put(("error", e))
+
+    threading.Thread(target=pump, name="ifbatch-stream", daemon=True).start()
+    with interrupt.stop_switch() as switch:
+        deadline = None
+        while True:
+            if switch.on and deadline is None:
+                deadline = time.monotonic() + interrupt.GRACE_S
+            if deadline is not None and time.monotonic() >= deadline:
+                raise interrupt.Interrupted(switch.signum)
+            wait = 0.2 if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                kind, value = out.get(timeout=wait)
+            except queue.Empty:
+                if deadline is not None:
+                    raise interrupt.Interrupted(switch.signum) from None
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value

@@ -1,0 +1,112 @@
+"""A terminal user's Ctrl-C (SIGINT) or a `kill` (SIGTERM) while images stream: the first stops the run gracefully,
+the second at once.
+
+The first signal sets a switch; the stream (pipeline.run_pipeline) keeps taking the records of images already on
+their way out for a few seconds, writes them to the manifest, and raises `Interrupted`, so the run records what it
+finished, writes its run record and frees its output like any stopped run. A second signal kills every process
+this one started (the temporary Prefect API, a local Ray cluster) and leaves at once.
+
+Only a run started from a terminal arms this (`arm()`, by `ifbatch run`): in a run from a Prefect deployment SIGTERM
+is Prefect's Cancel, and Prefect's own handler stays in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+GRACE_S = 3.0  # how long records of images already made may take to come out once stopped
+
+_armed = False
+
+
+class Interrupted(Exception):
+    """The user stopped the run (Ctrl-C or SIGTERM on a terminal run)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+
+
+class SignalInterrupt(KeyboardInterrupt):
+    """SIGTERM outside the stream, raised as Ctrl-C is (KeyboardInterrupt), naming its signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal = signum
+
+
+def raise_interrupt(signum: int, frame) -> None:
+    raise SignalInterrupt(signum)
+
+
+def arm() -> None:
+    """Make the stream stop gracefully on SIGINT / SIGTERM in this process (a terminal run)."""
+    global _armed
+    _armed = True
+
+
+def armed() -> bool:
+    return _armed
+
+
+class Switch:
+    """Set by the first signal; the stream checks it between records."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum = 0
+
+    def set(self, signum: int) -> None:
+        self.signum = signum
+        self.event.set()
+
+    @property
+    def on(self) -> bool:
+        return self.event.is_set()
+
+
+def hard_exit(signum: int) -> None:
+    """The second signal: no more waiting. Every process this one started (the temporary Prefect API, the local
+    Ray cluster and the agents its raylet started) is killed first, so that none is left behind."""
+    import psutil
+
+    with contextlib.suppress(Exception):
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def stop_switch() -> Iterator[Switch]:
+    """While the stream runs: when armed (and on the main thread), SIGINT and SIGTERM set the switch, a second one
+    exits at once; the handlers before are put back after."""
+    switch = Switch()
+    if not _armed or threading.current_thread() is not threading.main_thread():
+        yield switch
+        return
+
+    def handle(signum, frame) -> None:
+        if switch.on:
+            hard_exit(signum)
+        switch.set(signum)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in before:
+        signal.signal(s, handle)
+    try:
+        yield switch
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+        if switch.on:  # a second signal after the stream ended still leaves at once
+            signal.signal(signal.SIGINT, lambda s, f: hard_exit(s))
+            signal.signal(signal.SIGTERM, lambda s, f: hard_exit(s))

@@ -1,0 +1,142 @@
+"""A terminal user's Ctrl-C and a `kill` on `ifbatch run`, as a new user runs it: the temporary Prefect API, a
+private local Ray cluster, the tiny cascade. The run is started in a process group of its own, as a shell starts a
+foreground job, and Ctrl-C is sent to the whole group, as a terminal sends it.
+
+- first Ctrl-C: the run stops within seconds, every image finished before it is recorded, the run record says
+  `interrupted`, the output's lease is freed, one line says what was kept and how to resume; exit 130; and no
+  process of the run is left;
+- SIGTERM to the run's process alone: the same, exit 143;
+- Ctrl-C twice: it leaves at once, and no process of the run is left (the temporary API included);
+- the rerun makes only the rest: every image exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .helpers import manifest_rows, write_table
+
+pytestmark = pytest.mark.slow
+
+IMAGES = 40
+
+
+def start(prompts: str, out: str, tiny_dir: str, prefect_home: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("ifbatch")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS")}
+    env |= {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+    args = [str(exe), "run", prompts, out, "--set", f"tiny.dir={tiny_dir}", "--no-progress"]
+    args += ["--set", "output.manifest_flush_seconds=600", "--set", "output.manifest_part_rows=1000"]  # held back
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+
+
+def images_on_disk(out: str, since: float = 0.0) -> set[str]:
+    """The ids of the image files in the output written since `since` (epoch seconds)."""
+    folder = Path(out, "images")
+    return {p.stem for p in folder.rglob("*.png") if p.stat().st_mtime >= since} if folder.exists() else set()
+
+
+def wait_for_images(proc: subprocess.Popen, out: str, started: float, n: int, timeout: float = 400) -> set[str]:
+    """Wait until this run (started at `started`) has written n image files; the ids of those it wrote."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended first: {proc.communicate()[1][-3000:]}"
+        seen = images_on_disk(out, started)
+        if len(seen) >= n:
+            return seen
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {n} new images in {timeout} s")
+
+
+def session_processes(sid: int) -> list[str]:
+    """The processes still alive in the run's session (the run, its Prefect API, its Ray cluster)."""
+    res = subprocess.run(["ps", "-e", "-o", "sid=,pid=,stat=,args="], capture_output=True, text=True)
+    alive = []
+    for line in res.stdout.splitlines():
+        s, pid, stat, args = (line.split(None, 3) + [""])[:4]
+        if int(s) == sid and not stat.startswith("Z"):
+            alive.append(f"{pid} {args[:100]}")
+    return alive
+
+
+def wait_gone(sid: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while session_processes(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not session_processes(sid), session_processes(sid)
+
+
+def stopped(proc, out: str, signum: int, seen: set[str], code: int, before: int) -> None:
+    """The run ended as a graceful stop should: soon, with its exit code, one line, every image seen finished
+    before the signal recorded, a run record saying `interrupted` with what this run made, the output free."""
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - t0
+    assert proc.returncode == code, err[-3000:]
+    assert took < 20, f"took {took:.0f} s to stop"
+    assert "Error logging to API" not in err and "Traceback" not in err, err[-3000:]
+    recorded = {r["id"] for r in manifest_rows(out) if r["status"] == "ok"}
+    assert seen <= recorded, f"finished before the signal but not recorded: {sorted(seen - recorded)}"
+    line = [x for x in err.splitlines() if x.startswith("ifbatch: interrupted")]
+    assert len(line) == 1 and f"stopped by {signal.Signals(signum).name}" in line[0], err[-3000:]
+    made = len(recorded) - before
+    assert f"{len(recorded)} of {IMAGES} images done and recorded ({made} by this run)" in line[0], line[0]
+    assert f"make the other {IMAGES - len(recorded)}" in line[0]
+    assert "Rerun the same command" in line[0]
+    newest = max(Path(out, "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    record = json.loads(newest.read_text())
+    assert record["status"] == "interrupted" and record["counts"]["done"] == made, record
+    assert not Path(out, ".ifbatch-lease.json").exists()  # the output is free again
+
+
+def test_ctrl_c_and_sigterm_keep_every_finished_image_and_a_second_ctrl_c_leaves_at_once(tiny_dir, tmp_path):
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a red car number {i}" for i in range(IMAGES)]})
+    out, home = str(tmp_path / "out"), tmp_path / "prefect"
+
+    # 1. Ctrl-C on the terminal: SIGINT to the whole foreground group.
+    t, proc = time.time(), start(prompts, out, tiny_dir, home)
+    seen = wait_for_images(proc, out, t, 4)
+    os.killpg(proc.pid, signal.SIGINT)
+    stopped(proc, out, signal.SIGINT, seen, 130, before=0)
+    wait_gone(proc.pid)
+    first = len(manifest_rows(out))
+    assert 4 <= first < IMAGES
+
+    # 2. SIGTERM to the run's process alone (`kill PID`, `timeout`, a scheduler stopping it).
+    t, proc = time.time(), start(prompts, out, tiny_dir, home)
+    seen = wait_for_images(proc, out, t, 4)
+    proc.send_signal(signal.SIGTERM)
+    stopped(proc, out, signal.SIGTERM, seen, 143, before=first)
+    wait_gone(proc.pid)
+    second = len(manifest_rows(out))
+    assert first < second < IMAGES
+
+    # 3. Ctrl-C twice: out at once, nothing left running.
+    t, proc = time.time(), start(prompts, out, tiny_dir, home)
+    wait_for_images(proc, out, t, 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 5 and proc.returncode == 130
+    wait_gone(proc.pid)
+
+    # 4. The rerun makes only the rest; every image once, those recorded before kept.
+    kept = {r["id"]: r["sha256"] for r in manifest_rows(out)}
+    proc = start(prompts, out, tiny_dir, home)
+    so, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    rows = manifest_rows(out)
+    assert len(rows) == IMAGES and all(r["status"] == "ok" for r in rows)
+    assert all(kept[r["id"]] == r["sha256"] for r in rows if r["id"] in kept)
+    assert f"{len(kept)} images already in the manifest are skipped" in so + err

@@ -1,0 +1,66 @@
+"""The stream's side of a terminal Ctrl-C (tasks/stream/interrupt.py, pipeline._records): the first SIGINT or
+SIGTERM lets the records already on their way out come for the grace period, then stops the stream with
+Interrupted, and the signal handlers the process had are back after."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+
+from ifbatch.tasks.stream import interrupt
+from ifbatch.tasks.stream.pipeline import _records
+
+
+class Stream:
+    """A dataset whose record batches come every `every` seconds (what iter_batches yields)."""
+
+    def __init__(self, n: int, every: float):
+        self.n, self.every = n, every
+
+    def iter_batches(self, **_):
+        for i in range(self.n):
+            time.sleep(self.every)
+            yield pa.table({"id": [f"r{i}"]})
+
+
+@pytest.fixture
+def armed(monkeypatch):
+    monkeypatch.setattr(interrupt, "_armed", True)
+    monkeypatch.setattr(interrupt, "GRACE_S", 1.0)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in handlers.items():  # a stopped stream leaves "a second signal exits at once" behind
+        signal.signal(s, h)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_the_first_signal_takes_what_comes_for_the_grace_period_then_stops(armed, signum):
+    before = signal.getsignal(signum)
+    threading.Timer(0.55, os.kill, (os.getpid(), signum)).start()
+    got, t0 = [], time.monotonic()
+    with pytest.raises(interrupt.Interrupted) as e:
+        for records in _records(Stream(1000, 0.1)):
+            got.append(records)
+    took = time.monotonic() - t0
+    assert 1.4 < took < 2.5 and 10 <= len(got) <= 20  # ~5 before the signal, ~10 in the second after it
+    assert e.value.exit_code == 128 + signum and str(e.value) == f"stopped by {signal.Signals(signum).name}"
+    assert signal.getsignal(signum) is not before  # after a stop, a second signal still leaves at once
+
+
+def test_a_stream_that_ends_in_the_grace_period_ends_normally_and_the_handlers_come_back(armed):
+    threading.Timer(0.25, os.kill, (os.getpid(), signal.SIGINT)).start()
+    assert len(list(_records(Stream(5, 0.1)))) == 5  # every record came: nothing to stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert len(list(_records(Stream(3, 0.0)))) == 3 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_unarmed_the_stream_is_read_in_place(monkeypatch):
+    monkeypatch.setattr(interrupt, "_armed", False)
+    threads = threading.active_count()
+    assert [r.column("id")[0].as_py() for r in _records(Stream(3, 0.0))] == ["r0", "r1", "r2"]
+    assert threading.active_count() == threads  # no reader thread: a Prefect Cancel reaches the stream as before
