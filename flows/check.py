@@ -24,7 +24,7 @@ def add_parsers(sub) -> None:
         action="store_true",
         help="record the missing and corrupt images as failed, so that the next `ifbatch run` into OUTPUT makes "
         "exactly those again; a damaged shard is removed and all of its images recorded as failed; orphaned "
-        "shards are removed, orphaned files listed, not deleted",
+        "shards and unfinished writes (*.tmp-<pid>) are removed, orphaned files listed, not deleted",
     )
     v.add_argument("--workers", type=int, default=16, help="images read at once (default 16)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,7 +66,7 @@ def verify_command(args: argparse.Namespace) -> int:
             print(f"ifbatch: cannot repair: {e}", file=sys.stderr)
             return 2
         for uri in fixed.removed:
-            print(f"removed shard {uri}")
+            print(f"removed {uri}")
         if fixed.parts:
             print(
                 f"recorded {fixed.failed} broken images as failed ({', '.join(fixed.parts)}); "

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from .context import RunSummary
 from .outputs.manifest import read_manifest
+from .outputs.records import RUNS_DIR
 from .outputs.shards import read_image
 from .storage import Location
 from .stream.progress import Progress
@@ -69,7 +70,7 @@ def contact_sheet(loc: Location, run_id: str, n: int = 16, thumb: int = 128, col
         draw.text((x + 2, y + thumb + 1), r["id"][:20], fill="black")
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
-    path = loc.path("runs", f"{run_id}-contact-sheet.png")
+    path = loc.path(RUNS_DIR, f"{run_id}-contact-sheet.png")
     loc.write_bytes(path, buf.getvalue())
     return loc.uri(path)
 

@@ -23,11 +23,22 @@ class OutputError(OSError):
 
 def preflight(prompts: str, output: str, cfg: CascadeConfig) -> None:
     """Raise PromptTableError or OutputError when the run could not succeed."""
+    inside(prompts, output, cfg)
     try:
         open_table(prompts, cfg)
     except storage_errors() as e:
         raise PromptTableError(f"cannot read prompt table {prompts!r}: {describe(e, prompts, cfg)}") from None
     check_output(output, cfg)
+
+
+def inside(prompts: str, output: str, cfg: CascadeConfig) -> None:
+    """An output inside the prompts folder would be read as prompts by every later run (its images as Parquet)."""
+    p, o = locate(prompts, cfg.s3), locate(output, cfg.s3)
+    if p.protocol == o.protocol and (o.root.rstrip("/") + "/").startswith(p.root.rstrip("/") + "/"):
+        raise OutputError(
+            f"output {output!r} is inside the prompts folder {prompts!r}: later runs would read its files as "
+            f"prompts; write it elsewhere"
+        )
 
 
 def check_output(output: str, cfg: CascadeConfig) -> None:

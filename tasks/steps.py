@@ -23,7 +23,7 @@ from .outputs.compact import compact
 from .outputs.images import IMAGES_DIR
 from .outputs.loadable import write_image_metadata
 from .outputs.manifest import MANIFEST_DIR, done_ids
-from .outputs.records import versions, write_rejected, write_run_record
+from .outputs.records import RUNS_DIR, versions, write_rejected, write_run_record
 from .outputs.shards import SHARDS_DIR, remove_orphan_shards
 from .outputs.spill import StoreDown, unspill
 from .preflight import OutputError, preflight
@@ -71,6 +71,11 @@ def plan_resume(ctx: RunContext) -> tuple[pa.Table, int]:
                 loc.fs.rm(loc.path(sub), recursive=True)
         log.info("--overwrite: removed earlier manifest, images and shards under %s", ctx.output)
         return rows, 0
+    leftovers = loc.temp_files(IMAGES_DIR, MANIFEST_DIR, RUNS_DIR)  # from writes a full disk or a kill cut short
+    for path in leftovers:
+        loc.fs.rm_file(path)
+    if leftovers:
+        log.info("removed %d unfinished files earlier runs left (%s)", len(leftovers), ", ".join(leftovers[:3]))
     uploaded = unspill(loc)
     if uploaded:
         log.info("wrote %d records an earlier run kept locally while the store was down: %s", len(uploaded), uploaded)

@@ -3,6 +3,7 @@ from the config's `s3.credentials` (a Prefect block's keys: flows/blocks.py), wh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import random
@@ -60,6 +61,9 @@ def transient(e: BaseException) -> bool:
     return False
 
 
+TMP_MARK = ".tmp-"  # a local write's file aside, before the rename that makes it whole
+
+
 @dataclass(frozen=True)
 class Location:
     """A filesystem plus a root path on it; `uri()` gives back full URIs for the manifest."""
@@ -81,12 +85,29 @@ class Location:
             self.retrying(lambda: self.fs.pipe_file(path, data))
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = f"{path}{TMP_MARK}{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, a killed write: no half file stays behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+
+    def temp_files(self, *folders: str) -> list[str]:
+        """Files a local write left aside (`<name>.tmp-<pid>`: killed before it could remove them) under these
+        folders of the output. An S3 output has none (a PUT is whole or absent)."""
+        if self.protocol != "file":
+            return []
+        found = []
+        for folder in folders:
+            base = self.path(folder)
+            for top, _, names in os.walk(base):
+                found += [posixpath.join(top, n) for n in names if TMP_MARK in n]
+        return sorted(found)
 
     def retrying(self, fn, first_wait_s: float = 0.5, max_wait_s: float = 15.0):
         """fn(), retried with exponential backoff and jitter while it fails with a transient store error, for up to

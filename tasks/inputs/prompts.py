@@ -43,13 +43,42 @@ class PromptPlan:
     total: int = 0
 
 
+# Table formats whose folders hold Parquet parts that are not all the table: deleted and overwritten rows stay in
+# old parts until vacuumed. Read as plain Parquet they come back (and their ids then collide).
+TABLE_FORMATS = {"_delta_log": "a Delta Lake table", ".hoodie": "an Apache Hudi table", "metadata": "an Iceberg table"}
+
+
+def _table_format(loc) -> str | None:
+    """What kind of table a prompts folder is, when it is one of TABLE_FORMATS."""
+    for marker, kind in TABLE_FORMATS.items():
+        path = loc.path(marker)
+        if marker == "metadata":  # Iceberg: metadata/*.metadata.json beside data/
+            if loc.fs.glob(f"{path}/*.metadata.json"):
+                return f"{kind} (it has metadata/*.metadata.json)"
+        elif loc.fs.isdir(path):
+            return f"{kind} (it has {marker}/)"
+    return None
+
+
 def _dataset(uri: str, cfg: CascadeConfig) -> pads.Dataset:
     loc = locate(uri, cfg.s3)
     fs = pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
-    if not loc.fs.exists(loc.root):  # a store that cannot be reached or refuses raises its own error here
+    source: str | list[str] = loc.root
+    if any(c in loc.root for c in "*?["):  # a glob, quoted so the shell left it: expanded here
+        source = sorted(loc.fs.glob(loc.root))
+        if not source:
+            raise PromptTableError(f"prompt table {uri!r}: the pattern matches no file")
+    elif not loc.fs.exists(loc.root):  # a store that cannot be reached or refuses raises its own error here
         raise PromptTableError(f"prompt table {uri!r} does not exist")
+    elif loc.fs.isdir(loc.root) and (kind := _table_format(loc)):
+        raise PromptTableError(
+            f"prompt table {uri!r} is {kind}: its Parquet files also hold rows it has deleted or overwritten, so "
+            f"ifbatch does not read them as plain Parquet. Write the table's current rows to Parquet first (for "
+            f"Delta Lake: deltalake.DeltaTable(path).to_pyarrow_table(), then pyarrow.parquet.write_table)"
+        )
     try:
-        ds = pads.dataset(loc.root, format="parquet", filesystem=fs, exclude_invalid_files=False)
+        # partitioning="hive": a folder like seed=5/part-0.parquet gives its rows the column seed = 5
+        ds = pads.dataset(source, format="parquet", filesystem=fs, exclude_invalid_files=False, partitioning="hive")
     except Exception as e:  # pyarrow/fsspec raise many kinds; all mean "cannot read this table"
         raise PromptTableError(f"cannot read prompt table {uri!r} as Parquet: {type(e).__name__}: {e}") from None
     if not ds.files:
@@ -64,6 +93,7 @@ def _check_parts(uri: str, ds: pads.Dataset, cols: dict[str, str], cfg: CascadeC
     if len(ds.files) < 2:
         return
     names = set(ds.schema.names)
+    keys = set(ds.partitioning.schema.names) if getattr(ds, "partitioning", None) else set()  # from folder names
     for frag in ds.get_fragments():
         part = f"{uri!r}, part {frag.path!r}"
         try:
@@ -72,7 +102,7 @@ def _check_parts(uri: str, ds: pads.Dataset, cols: dict[str, str], cfg: CascadeC
             raise PromptTableError(f"prompt table {part}: cannot read it as Parquet: {type(e).__name__}: {e}") from None
         mine = _check_columns(f"{uri!r}, part {frag.path!r}", schema, cfg, quoted=True)
         for theirs in cols.values():
-            if theirs not in schema.names:
+            if theirs not in schema.names and theirs not in keys:
                 raise PromptTableError(
                     f"prompt table {part} has no column {theirs!r}, which the other parts have; every part needs "
                     f"the same columns"
@@ -83,7 +113,7 @@ def _check_parts(uri: str, ds: pads.Dataset, cols: dict[str, str], cfg: CascadeC
                 f"prompt table {part} has column(s) {extra} that the first part lacks, so they would be dropped; "
                 f"every part needs the same columns"
             )
-        for theirs in cols.values():
+        for theirs in (c for c in cols.values() if c not in keys):
             first, here = _base_type(ds.schema.field(theirs).type), _base_type(schema.field(theirs).type)
             if _kind(first) != _kind(here) and not pa.types.is_null(here) and not pa.types.is_null(first):
                 raise PromptTableError(

@@ -52,12 +52,30 @@ def encode_image(pixels: np.ndarray, out: OutputConfig, meta: dict | None = None
             info.add_itxt(KEY, doc)
             kwargs["pnginfo"] = info
         else:
-            exif = Image.Exif()
-            exif[EXIF_DESCRIPTION] = json.dumps(meta, sort_keys=True, ensure_ascii=True)
-            exif[EXIF_SOFTWARE] = SOFTWARE
-            kwargs["exif"] = exif.tobytes()
+            kwargs["exif"] = _exif(meta, JPEG_EXIF_MAX if out.image_format == "jpeg" else None)
     Image.fromarray(pixels).save(buf, format=out.image_format.upper(), **kwargs)
     return buf.getvalue()
+
+
+JPEG_EXIF_MAX = 65_000  # a JPEG's EXIF is one APP1 segment: at most 65,533 bytes
+PROMPT_KEYS = ("prompt", "negative_prompt")
+
+
+def _exif(meta: dict, limit: int | None) -> bytes:
+    """EXIF bytes carrying `meta`. A JPEG holds at most ~64 KB of it; a long non-Latin prompt escaped to ASCII
+    (10,000 emoji: 120 KB) does not fit, so this copy of the prompts is cut (`exif_prompts_cut`: true) until it
+    does; the whole record stays in the manifest (and a shard's .json)."""
+    for keep in (None, 8000, 4000, 2000, 1000, 250, 0):
+        doc = meta
+        if keep is not None:
+            doc = {**meta, **{k: (meta.get(k) or "")[:keep] for k in PROMPT_KEYS}, "exif_prompts_cut": True}
+        exif = Image.Exif()
+        exif[EXIF_DESCRIPTION] = json.dumps(doc, sort_keys=True, ensure_ascii=True)
+        exif[EXIF_SOFTWARE] = SOFTWARE
+        data = exif.tobytes()
+        if limit is None or len(data) <= limit:
+            return data
+    raise ValueError(f"the image's provenance needs {len(data)} bytes of EXIF, more than a JPEG holds ({limit})")
 
 
 def read_provenance(data: bytes) -> dict | None:

@@ -35,6 +35,8 @@ PACKAGES = (
 )
 SECRET = re.compile(r"(secret|token|password|passwd|credential|api_key|access_key)", re.I)
 
+RUNS_DIR = "runs"  # run records, rejected rows, contact sheets
+
 
 def versions() -> dict[str, str | None]:
     out = {}
@@ -65,14 +67,14 @@ def write_rejected(loc: Location, run_id: str, rejected: list[Rejected]) -> str 
     )
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    path = loc.path("runs", f"{run_id}-rejected.parquet")
+    path = loc.path(RUNS_DIR, f"{run_id}-rejected.parquet")
     loc.write_bytes(path, buf.getvalue())
     return loc.uri(path)
 
 
 def write_run_record(loc: Location, run_id: str, record: dict[str, Any]) -> str:
     """Write runs/<run_id>.json; when the store stays down, spill it and raise StoreDown (outputs/spill.py)."""
-    path = loc.path("runs", f"{run_id}.json")
+    path = loc.path(RUNS_DIR, f"{run_id}.json")
     write_or_spill(loc, path, json.dumps(redact(record), indent=1, sort_keys=True, default=str).encode())
     return loc.uri(path)
 
@@ -89,7 +91,7 @@ def measured_costs(loc: Location, cfg: CascadeConfig, lookback: int = 20) -> tup
     """Seconds per image per stage from the newest earlier run into this output that ran under a plan, with the
     same models, steps and batches, and made at least 4 images per GPU: its GPU-seconds per image (GPUs / its
     steady rate) split in the shares its stages' own timings had. None when no such run exists."""
-    runs = loc.path("runs")
+    runs = loc.path(RUNS_DIR)
     if not loc.fs.exists(runs):
         return None
     for path in sorted(loc.fs.glob(f"{runs}/*.json"), reverse=True)[:lookback]:

@@ -7,11 +7,12 @@ before anything else, so that the images those records name count as done.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
 
-from ..storage import Location, storage_errors, store_code
+from ..storage import Location, storage_errors, store_code, transient
 
 ROOT = Path(os.environ.get("IFBATCH_SPILL_DIR", "~/.cache/ifbatch/spill")).expanduser()
 
@@ -60,6 +61,10 @@ class StoreDown(OSError):
         self.spilled = spilled
 
 
+class DiskFull(StoreDown):
+    """A local output's disk (or quota) is full: what the write held was spilled like a store that is down."""
+
+
 def write_or_spill(loc: Location, path: str, data: bytes) -> str:
     """Write `data` to `path` under the output (retrying transient errors up to the deadline); if the store still
     refuses, keep it in the spill folder and raise StoreDown naming it. Returns the path written."""
@@ -68,9 +73,13 @@ def write_or_spill(loc: Location, path: str, data: bytes) -> str:
         return path
     except storage_errors() as e:
         where = spill(loc, path, data)
+        kept = f"it is kept in {spill_dir(loc)} and the next run into {loc.uri(loc.root)} writes it first"
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(
+                f"could not write {loc.uri(path)}: the disk is full ({e.strerror}); free space or write elsewhere, "
+                f"then rerun; {kept}",
+                where,
+            ) from e
         code = store_code(e) or type(e).__name__
-        raise StoreDown(
-            f"could not write {loc.uri(path)} ({code}: {e}; retried for {loc.retry_s:.0f} s, s3.retry_deadline_s); "
-            f"it is kept in {spill_dir(loc)} and the next run into {loc.uri(loc.root)} writes it first",
-            where,
-        ) from e
+        retried = f"; retried for {loc.retry_s:.0f} s, s3.retry_deadline_s" if transient(e) and loc.retry_s else ""
+        raise StoreDown(f"could not write {loc.uri(path)} ({code}: {e}{retried}); {kept}", where) from e

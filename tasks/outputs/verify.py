@@ -20,13 +20,14 @@ import pyarrow.compute as pc
 from ..storage import Location
 from .images import IMAGES_DIR, image_path
 from .loadable import METADATA, write_image_metadata
-from .manifest import RECORD_SCHEMA, read_manifest, write_part
+from .manifest import MANIFEST_DIR, RECORD_SCHEMA, read_manifest, write_part
+from .records import RUNS_DIR
 from .shards import members, orphan_shards, remove_shard, shard_path
 
 
 @dataclass
 class Problem:
-    kind: str  # missing | corrupt | orphan
+    kind: str  # missing | corrupt | orphan | unfinished
     uri: str
     id: str | None = None
     detail: str = ""
@@ -55,6 +56,7 @@ class Report:
         return (
             f"{self.output}: {state}: {self.checked} images checked in {self.seconds:.1f} s; "
             f"{self.count('missing')} missing, {self.count('corrupt')} corrupt, {self.count('orphan')} orphaned"
+            + (f", {self.count('unfinished')} unfinished writes" if self.count("unfinished") else "")
         )
 
 
@@ -115,6 +117,8 @@ def verify(
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
     records = ok.select(["id", "image_uri", "shard", "member", "sha256", "bytes"]).to_pylist()
     files = [r for r in records if not r["shard"]]
+    for path in loc.temp_files(IMAGES_DIR, MANIFEST_DIR, RUNS_DIR):
+        report.problems.append(Problem("unfinished", loc.uri(path), None, "a write cut short: --repair removes it"))
     by_shard: dict[str, list[dict]] = {}
     for r in records:
         if r["shard"]:
@@ -151,7 +155,7 @@ def _orphan_files(loc: Location, named: set[str]) -> list[str]:
 class Repair:
     parts: list[str]  # manifest parts recording the broken images as failed
     failed: int  # images recorded as failed
-    removed: list[str]  # shards removed: damaged (their images are made again) or orphaned; none already gone
+    removed: list[str]  # shards removed (damaged: their images are made again; or orphaned), unfinished writes
 
 
 def repair(loc: Location, report: Report, ok: pa.Table) -> Repair:
@@ -170,6 +174,10 @@ def repair(loc: Location, report: Report, ok: pa.Table) -> Repair:
     parts = _record_failed(loc, ok, broken) if broken else []
     # after the failed records are durable: a crash in between leaves a shard that verify lists
     removed = [u for u in sorted({loc.uri(p) for p in damaged} | set(orphans)) if remove_shard(loc, shard_path(loc, u))]
+    for p in report.problems:  # files a cut-short write left aside: never part of the output
+        if p.kind == "unfinished":
+            loc.fs.rm_file(p.uri.removeprefix("file://"))
+            removed.append(p.uri)
     if broken:
         write_image_metadata(loc)
     return Repair(parts, len(broken), removed)

@@ -53,6 +53,21 @@ def empty_folder(path: Path) -> str:
     return str(path)
 
 
+def delta_table(path: Path) -> str:
+    """A Delta Lake table's folder: its Parquet parts, and the log that says which of them are the table."""
+    parts(path, {"prompt": ["a cat", "an old row, since deleted"]}, {"prompt": ["a cat"]})
+    (path / "_delta_log").mkdir()
+    (path / "_delta_log" / "00000000000000000000.json").write_text('{"protocol": {"minReaderVersion": 1}}\n')
+    return str(path)
+
+
+def iceberg_table(path: Path) -> str:
+    table(path / "data" / "part-0.parquet", {"prompt": ["a cat"]})
+    (path / "metadata").mkdir()
+    (path / "metadata" / "v1.metadata.json").write_text("{}")
+    return str(path)
+
+
 # (case, how to make the prompts (tmp -> path), extra CLI args, words the message must hold)
 REFUSED = [
     ("missing file", lambda t: str(t / "nope.parquet"), [], ["nope.parquet", "does not exist"]),
@@ -128,6 +143,10 @@ REFUSED = [
     ("zero shard samples", None, ["--set", "output.shard_samples=0"], ["output.shard_samples = 0"]),
     ("NaN in config", None, ["--set", "stage_1.guidance_scale=.nan"], ["stage_1.guidance_scale", "nan"]),
     ("output is a file", None, ["@file-output"], ["is a file", "expected a folder"]),
+    ("a Delta Lake table", lambda t: delta_table(t / "delta"), [], ["is a Delta Lake table", "_delta_log", "deleted"]),
+    ("an Iceberg table", lambda t: iceberg_table(t / "ice"), [], ["is an Iceberg table", "metadata.json"]),
+    ("a glob matching nothing", lambda t: str(t / "in" / "*.parquet"), [], ["*.parquet", "matches no file"]),
+    ("output inside the prompts", None, ["@output-inside"], ["is inside the prompts folder", "elsewhere"]),
 ]
 
 
@@ -149,13 +168,29 @@ def test_refused_before_anything_starts(case, make, args, words, tmp_path, capsy
     if "@file-output" in args:
         args, out = [], tmp_path / "out.txt"
         out.write_text("not a folder")
+    inside = ["p", "part-0.parquet"] if "@output-inside" in args else []
+    if inside:  # the prompts folder is the one holding the earlier output
+        args, prompts = [], parts(tmp_path / "out" / "p", {"prompt": ["a"]})
+        prompts, out = str(tmp_path / "out"), tmp_path / "out" / "p" / "images-out"
     code = cli.main(["run", prompts, str(out), "--no-progress", *args])
     err = capsys.readouterr().err
     assert code == 2, err
     for w in words:
         assert w in err, f"{case}: {w!r} not in {err!r}"
     kept = sorted(p.name for p in (tmp_path / "out").rglob("*"))
-    assert earlier.read_bytes() == b"an earlier run's part" and kept == ["manifest", "part-earlier-00000.parquet"]
+    assert earlier.read_bytes() == b"an earlier run's part"
+    assert kept == sorted(["manifest", "part-earlier-00000.parquet", *inside])
+
+
+def test_a_quoted_glob_is_expanded_and_hive_partition_keys_are_columns(tmp_path):
+    cfg = load_config("tiny")
+    for seed in (5, 7):
+        table(tmp_path / "in" / f"seed={seed}" / "part-0.parquet", {"prompt": [f"a cat {seed}", f"a dog {seed}"]})
+    plan = read_prompts(str(tmp_path / "in"), cfg)
+    got = {r["prompt"]: r["seed"] for r in plan.rows.select(["prompt", "seed"]).to_pylist()}
+    assert got == {"a cat 5": 5, "a dog 5": 5, "a cat 7": 7, "a dog 7": 7}
+    plan = read_prompts(str(tmp_path / "in" / "seed=*" / "*.parquet"), cfg)  # as a shell that was told not to
+    assert sorted(plan.rows.column("prompt").to_pylist()) == ["a cat 5", "a cat 7", "a dog 5", "a dog 7"]
 
 
 def test_accepted_string_encodings(tmp_path):

@@ -88,6 +88,30 @@ def test_every_format_carries_its_provenance_whatever_the_prompt(fmt):
     assert read_provenance(encode_image(np.zeros((16, 16, 3), np.uint8), cfg.output)) is None
 
 
+@pytest.mark.parametrize(
+    "prompt, negative", [("😀" * 10_000, ""), ("東京の夜景" * 600, "ぼやけた写真" * 450)], ids=["emoji", "cjk"]
+)
+@pytest.mark.parametrize("fmt", ["jpeg", "webp", "png"])
+def test_a_long_non_latin_prompt_fits_every_format_with_its_whole_record_kept(fmt, prompt, negative, tmp_path):
+    """JPEG keeps EXIF in one 64 KB segment: the escaped prompts are cut in that copy, and say so; the manifest
+    record (and a shard's .json) keep them whole. Pillow used to refuse: `EXIF data is too long`."""
+    cfg = load_config("tiny", [f"output.image_format={fmt}"])
+    meta = {"prompt": prompt, "negative_prompt": negative, "seed": 7, "models": {"stage_1": {"commit": "0123abc"}}}
+    data = encode_image(np.zeros((16, 16, 3), np.uint8), cfg.output, meta)
+    got = read_provenance(data)
+    assert got["seed"] == 7 and got["models"] == meta["models"]
+    if fmt == "jpeg" and got.get("exif_prompts_cut"):  # 10,000 emoji are 120 KB escaped: cut
+        assert prompt.startswith(got["prompt"]) and len(got["prompt"]) >= 1000
+        assert negative.startswith(got["negative_prompt"])
+    else:
+        assert got == meta and not (fmt == "jpeg" and prompt[0] == "😀")
+    _, batch = writer_batch(1)
+    batch["prompt"] = np.array([prompt, prompt], object)
+    (ok, _) = ImageWriter(cfg, str(tmp_path)).__call__(batch).to_pylist()  # the writer's own path, end to end
+    assert ok["status"] == "ok" and ok["prompt"] == prompt  # the manifest keeps it whole
+    assert prompt.startswith(read_provenance(open(ok["image_uri"], "rb").read())["prompt"])
+
+
 def test_verify_checks_an_output_where_it_is_now_after_a_copy(tmp_path):
     """An output copied elsewhere (records name the old place) is checked in its new place."""
     import shutil
