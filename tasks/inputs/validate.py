@@ -28,7 +28,8 @@ from .params import OVERRIDES
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?$", re.I)  # device names on Windows
-CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # C0 controls and DEL, but tab, LF, CR
+CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"  # C0 controls, DEL and C1 controls, but tab, LF, CR
+INVISIBLE = "[\u200b\u200c\u200d\u2060\ufeff\u00ad]"  # zero-width spaces and joiners, BOM, soft hyphen
 CONTROL_RE = re.compile(CONTROL)
 KEEP = ["row", "id", "prompt", "negative_prompt", "seed", "n", *OVERRIDES]  # what an accepted row carries
 
@@ -107,9 +108,11 @@ class Validator:
 
         null = pc.is_null(prompt)
         flag(null, lambda i: f"row {start + i}: prompt is null; a non-empty string is expected")
+        visible = pc.utf8_trim_whitespace(pc.replace_substring_regex(pc.fill_null(prompt, ""), INVISIBLE, ""))
         flag(
-            pc.equal(pc.utf8_trim_whitespace(pc.fill_null(prompt, "")), ""),
-            lambda i: f"row {start + i}: prompt is empty; a non-empty string is expected",
+            pc.equal(visible, ""),
+            lambda i: f"row {start + i}: prompt is empty (blank or invisible characters only); a non-empty string "
+            f"is expected",
         )
         limit = cfg.data.max_prompt_chars
         flag(

@@ -207,6 +207,8 @@ def test_accepted_string_encodings(tmp_path):
 ROWS = [
     ("null prompt", {"prompt": None}, ["row 1", "prompt is null"]),
     ("blank prompt", {"prompt": "   "}, ["row 1", "prompt is empty"]),
+    ("zero-width spaces only", {"prompt": "\u200b\u200b \ufeff"}, ["row 1", "prompt is empty", "invisible"]),
+    ("C1 control in prompt", {"prompt": "a\x85cat"}, ["row 1", "'\\x85'", "position 1"]),
     ("1 MB prompt", {"prompt": "x" * (1 << 20)}, ["row 1", "1,048,576 characters", "data.max_prompt_chars"]),
     ("NUL in prompt", {"prompt": "a\x00cat"}, ["row 1", "prompt", "'\\x00'", "position 1"]),
     ("escape in prompt", {"prompt": "a\x1bcat"}, ["row 1", "'\\x1b'"]),
