@@ -111,8 +111,9 @@ class Validator:
         visible = pc.utf8_trim_whitespace(pc.replace_substring_regex(pc.fill_null(prompt, ""), INVISIBLE, ""))
         flag(
             pc.equal(visible, ""),
-            lambda i: f"row {start + i}: prompt is empty (blank or invisible characters only); a non-empty string "
-            f"is expected",
+            lambda i: (
+                f"row {start + i}: prompt is empty (blank or invisible characters only); a non-empty string is expected"
+            ),
         )
         limit = cfg.data.max_prompt_chars
         flag(
