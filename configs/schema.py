@@ -158,7 +158,13 @@ class OutputConfig(Section):
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
     shard_depth: int = Field(2, ge=0, le=3, description="Levels of 256-way hashed sub-folders under images/.")
-    manifest_part_rows: int = Field(256, ge=1, le=1_000_000, description="Rows per manifest part file.")
+    manifest_part_rows: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="A manifest part is written once this many records are in hand (a threshold: a part holds "
+        "what the last batch brought over it, or fewer when output.manifest_flush_seconds passes first).",
+    )
     manifest_flush_seconds: float = Field(
         30.0, gt=0, le=3600, description="Write a part at least this often; a killed run loses at most these rows."
     )
