@@ -41,6 +41,7 @@ def add_parsers(sub) -> None:
 
 def verify_command(args: argparse.Namespace) -> int:
     from ifbatch.tasks.outputs.lease import Lease, LeaseHeld
+    from ifbatch.tasks.outputs.spill import spill_dir, spilled
     from ifbatch.tasks.outputs.verify import repair, verify
 
     loc = _locate(args.output)
@@ -58,6 +59,13 @@ def verify_command(args: argparse.Namespace) -> int:
     for p in report.problems:
         print(p.line())
     print(report.summary())
+    waiting = spilled(loc)
+    if waiting:  # records of images already written: until a run writes them, those images look orphaned
+        print(
+            f"note: {len(waiting)} files (manifest parts, run records) an earlier run could not write wait in "
+            f"{spill_dir(loc)}; the next run into {args.output} writes them first, and the images they record "
+            f"are then no longer orphans"
+        )
     if args.repair and not report.whole:
         try:  # mends the manifest: not while a run writes into it
             with Lease(loc, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-repair").held():
@@ -100,13 +108,22 @@ def compact_command(args: argparse.Namespace) -> int:
 
 def _locate(output: str):
     from ifbatch.tasks.outputs.manifest import MANIFEST_DIR
+    from ifbatch.tasks.outputs.spill import spill_dir
     from ifbatch.tasks.storage import locate
 
     try:
         loc = locate(output)
         loc.fs.invalidate_cache()
         if not loc.fs.exists(loc.path(MANIFEST_DIR)):
-            print(f"ifbatch: {output!r} has no manifest/ folder: not an ifbatch output", file=sys.stderr)
+            if loc.fs.exists(loc.path("images")) or loc.fs.exists(loc.path("runs")):  # a run that recorded nothing
+                print(
+                    f"ifbatch: {output!r} has images but no manifest/ yet: a run into it ended before it recorded "
+                    f"any (its records may wait in the spill folder {spill_dir(loc)}, if the store was down); "
+                    f"rerun the same command to write them and make the rest",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"ifbatch: {output!r} has no manifest/ folder: not an ifbatch output", file=sys.stderr)
             return None
     except (*storage_errors(), ValueError) as e:
         print(f"ifbatch: cannot read {output!r}: {type(e).__name__}: {e}", file=sys.stderr)

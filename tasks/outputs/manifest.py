@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,6 +40,8 @@ RECORD_SCHEMA = pa.schema(
 # ... and the facts of its run, added once per part: the models (source, commit, dtype) and the run id.
 RUN_FIELDS = [pa.field("models", pa.string()), pa.field("run_id", pa.string())]
 SCHEMA = pa.schema(list(RECORD_SCHEMA) + RUN_FIELDS)
+
+READERS = 16  # manifest parts read at once (resume, verify, compact: a long run writes thousands)
 
 
 def part_paths(loc: Location) -> list[str]:
@@ -85,7 +88,9 @@ def read_manifest(loc: Location, columns: Iterable[str] | None = None) -> pa.Tab
     """All parts, the latest record per id; an empty table with the schema when nothing was written yet."""
     cols = list(columns) if columns else SCHEMA.names
     need = list(dict.fromkeys(["id", "written_at", *cols]))
-    tables = [_read_part(loc, path, need) for path in part_paths(loc)]
+    paths = part_paths(loc)
+    with ThreadPoolExecutor(max_workers=min(READERS, max(1, len(paths)))) as pool:  # parts are I/O: read at once
+        tables = list(pool.map(lambda path: _read_part(loc, path, need), paths))
     if not tables:
         return SCHEMA.empty_table().select(cols)
     return latest_per_id(pa.concat_tables(tables)).select(cols)

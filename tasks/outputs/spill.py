@@ -35,14 +35,20 @@ def spill(loc: Location, path: str, data: bytes) -> Path:
     return target
 
 
+def spilled(loc: Location) -> list[Path]:
+    """What earlier runs kept in the spill folder for this output and no run has written yet, oldest first."""
+    folder = spill_dir(loc)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.rglob("*") if p.is_file() and p.name != "OUTPUT.txt"), key=os.path.getmtime)
+
+
 def unspill(loc: Location) -> list[str]:
     """Upload whatever an earlier run spilled for this output, oldest first, deleting each once it is written;
     returns the paths written."""
     folder = spill_dir(loc)
-    if not folder.is_dir():
-        return []
     written = []
-    for f in sorted((p for p in folder.rglob("*") if p.is_file() and p.name != "OUTPUT.txt"), key=os.path.getmtime):
+    for f in spilled(loc):
         if f.name.endswith(".tmp"):
             f.unlink()
             continue

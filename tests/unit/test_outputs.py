@@ -131,3 +131,27 @@ def test_verify_checks_an_output_where_it_is_now_after_a_copy(tmp_path):
     victim.write_bytes(victim.read_bytes()[:-1])
     report, _ = verify(locate(str(new)))
     assert [(p.kind, p.id, p.uri) for p in report.problems] == [("corrupt", "r1", str(victim))]
+
+
+def test_verify_says_what_an_interrupted_output_is_and_what_waits_in_the_spill_folder(tmp_path, capsys, monkeypatch):
+    from ifbatch.flows import cli
+    from ifbatch.tasks.outputs import spill
+    from ifbatch.tasks.outputs.manifest import write_part
+
+    monkeypatch.setattr(spill, "ROOT", tmp_path / "spill")
+    early = tmp_path / "early"
+    (early / "images" / "ab").mkdir(parents=True)
+    (early / "images" / "ab" / "x.png").write_bytes(b"an image whose record was never written")
+    assert cli.main(["verify", str(early), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has images but no manifest/ yet" in err and "not an ifbatch output" not in err
+    assert str(spill.spill_dir(locate(str(early)))) in err and "rerun the same command" in err
+
+    cfg, batch = writer_batch(2)
+    out = tmp_path / "out"
+    write_part(locate(str(out)), ImageWriter(cfg, str(out))(batch), "run1", "{}", 0)
+    loc = locate(str(out))
+    spill.spill(loc, loc.path("manifest", "part-later.parquet"), b"records the store refused")
+    assert cli.main(["verify", str(out), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "whole" in said and "note: 1 files" in said and str(spill.spill_dir(loc)) in said
