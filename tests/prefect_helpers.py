@@ -67,10 +67,21 @@ def run_records(output: str) -> list[dict]:
 
 
 def ray_actors_alive() -> set[str]:
-    """Ids of the actors alive on the Ray cluster this process is connected to (GCS state: no dashboard needed)."""
+    """Ids of the jobs' actors alive on the Ray cluster this process is connected to (GCS state: no dashboard
+    needed). Detached actors are not a job's: Ray Data's cluster singletons (_StatsActor, ActorLocationTracker,
+    _AutoscalingCoordinatorActor) are made by the first dataset a cluster runs and outlive every job by design."""
     import ray._private.state as state
 
-    return {a for a, info in state.actors().items() if info["State"] == "ALIVE"}
+    return {a for a, info in state.actors().items() if info["State"] == "ALIVE" and not info.get("IsDetached")}
+
+
+def actor_names(ids: set[str]) -> list[str]:
+    """The class names of these actors (for an assertion's message)."""
+    import ray._private.state as state
+
+    return sorted(
+        f"{info.get('ActorClassName') or info.get('Name')} ({a[:8]})" for a, info in state.actors().items() if a in ids
+    )
 
 
 def wait_for_records(out: str, run, timeout: float = 300) -> int:

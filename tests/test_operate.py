@@ -20,6 +20,7 @@ from ifbatch.tasks.storage import locate
 
 from .helpers import SMALL, write_table
 from .prefect_helpers import (
+    actor_names,
     api,
     cancel,
     client,
@@ -342,7 +343,8 @@ def test_cancel_stops_the_run_and_its_actors_and_a_rerun_resumes(server, served,
     deadline = time.monotonic() + 60  # the cluster reclaims a cancelled job's actors and placement groups
     while (ray_actors_alive() - before or ray.available_resources().get("GPU", 0) < 1) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not ray_actors_alive() - before, "the cancelled run's actors are still alive"
+    left = ray_actors_alive() - before
+    assert not left, f"the cancelled run's actors are still alive: {actor_names(left)}"
     assert ray.available_resources().get("GPU", 0) == ray.cluster_resources()["GPU"] == 1
     done = manifest_ids(out)
     assert 0 < len(done) < 12 and len(set(done)) == len(done)
