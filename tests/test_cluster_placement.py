@@ -30,8 +30,12 @@ SHAPE = [4, 4, 2]
 
 @pytest.fixture(scope="module")
 def cluster():
+    """The multi-node cluster, this process its driver. It must be the first cluster this process joins: the
+    session's one-node cluster (conftest.ray_cluster) stays connected once a test asks for it, and a process is
+    the driver of one cluster at a time. (The file's name runs it before every test that asks for it.)"""
     import ray
 
+    assert not ray.is_initialized(), "run before any test that uses the session's ray_cluster (see the docstring)"
     with fake_gpu_cluster(SHAPE, object_store_mb=128, head_cpus=2) as (c, nodes):
         ray.init(address=c.address, logging_level="WARNING")
         try:
