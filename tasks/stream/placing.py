@@ -1,7 +1,7 @@
 """Place a run's stages on the Ray cluster it is connected to: plan (tasks/stream/planner.py) from the cluster's
 GPUs, the cost table or an earlier run's measurements, and the user's explicit settings; reserve the plan's
 placement groups; or say why the stages run as configured. When the costs are estimates (a GPU kind the table has
-not measured), the run's first images are timed and the run re-planned from them (calibration_rows, replan)."""
+not measured), the run's first images are timed and the run re-planned from them (Calibration)."""
 
 from __future__ import annotations
 
