@@ -61,16 +61,16 @@ class ClusterGpus:
         return f"{sizes} GPUs on {len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''}{free}"
 
 
-def cluster_gpus(read_memory: bool = True) -> ClusterGpus:
+def cluster_gpus() -> ClusterGpus:
     """The GPUs of the Ray cluster this process is connected to (alive nodes only): per node, how many, how many
-    are free (whole GPUs no other job holds any of), its CPUs, its GPU kind and, when read_memory, one GPU's memory
-    as the node reads it."""
+    are free (whole GPUs no other job holds any of), its CPUs, its GPU kind and one GPU's memory as the node reads
+    it."""
     import ray
     from ray._private.state import available_resources_per_node
 
     free = available_resources_per_node()
     alive = [n for n in ray.nodes() if n.get("Alive") and int(n.get("Resources", {}).get("GPU", 0))]
-    memory = _gpu_memory_gb([n["NodeID"] for n in alive]) if read_memory else {}
+    memory = _gpu_memory_gb([n["NodeID"] for n in alive])
     nodes = []
     for node in alive:
         res = node["Resources"]
@@ -163,8 +163,7 @@ def assign(p: Plan, nodes: tuple[GpuNode, ...]) -> dict[str, list[str]]:
     return out
 
 
-def _free(nodes: tuple[GpuNode, ...], free: dict[str, int] | None = None) -> str:
-    free = free or {n.node_id: n.gpus for n in nodes}
+def _free(nodes: tuple[GpuNode, ...], free: dict[str, int]) -> str:
     return ", ".join(f"node {n.node_id[:12]} {free[n.node_id]} of {n.total}" for n in nodes)
 
 
