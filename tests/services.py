@@ -180,9 +180,10 @@ def stop_group(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
 
 class FaultyS3Proxy:
     """An HTTP proxy in front of an S3 endpoint that, while `failing` is set, answers every PUT with 500
-    InternalError (a store that refuses writes for a while); everything else passes through unchanged."""
+    InternalError (a store that refuses writes for a while); everything else passes through unchanged, each GET
+    after `delay_s` (a store across a network: AWS S3 answers a small GET in tens of milliseconds)."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, delay_s: float = 0.0):
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -192,12 +193,17 @@ class FaultyS3Proxy:
         proxy = self
         self.failing = threading.Event()
         self.refused = 0
+        self.delay_s = delay_s
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def log_message(self, *args):  # quiet
                 pass
+
+            def setup(self):
+                super().setup()  # headers and body go out as two writes: without NODELAY each answer waits ~40 ms
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def _relay(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -210,6 +216,8 @@ class FaultyS3Proxy:
                     self.end_headers()
                     self.wfile.write(msg)
                     return
+                if self.command == "GET" and proxy.delay_s:
+                    time.sleep(proxy.delay_s)
                 conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
                 conn.request(self.command, self.path, body=body, headers=headers)
