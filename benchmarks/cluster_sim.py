@@ -1,7 +1,7 @@
 """How close ifbatch's plan comes to using every GPU: a cluster simulation on a local Ray cluster with N fake GPUs.
 
 The real pipeline runs: ifbatch's planner and placement groups (tasks/stream/placing.py), its Ray Data stage
-plumbing and object-store hand-off (tasks/stream/pipeline.py, the StageActor batch logic) and its image writer.
+plumbing and object-store hand-off (tasks/stream/ray_data.py, the StageActor batch logic) and its image writer.
 Only each stage's model call is replaced: it waits the cost table's seconds per image x batch, divided by a scale,
 while holding its fake GPU (an flock per GPU id, in 20 ms slices as processes time-slice a GPU), so actors sharing
 one GPU take turns as on a real one. What travels between the fake stages has the real shapes and dtypes (77x4096 fp16
@@ -48,6 +48,7 @@ from ifbatch.tasks.stream import stages as real  # noqa: E402
 from ifbatch.tasks.stream.pipeline import run_pipeline  # noqa: E402
 from ifbatch.tasks.stream.placing import placed  # noqa: E402
 from ifbatch.tasks.stream.planner import model_key  # noqa: E402
+from ifbatch.tasks.stream.ray_data import build_dataset  # noqa: E402
 
 # A GPU shared by several processes time-slices between them at a grain of milliseconds, far finer than a model
 # call. The fake GPU is held in slices of this many seconds, and a process lets waiters in between two of its own
@@ -197,7 +198,10 @@ def simulate(shape: list[int], images: int, scale: float, overrides: list[str], 
             seconds = {s: placement.plan.stages[s].seconds_per_image / scale for s in STAGES}
         actors = make_actors(seconds, lock_dir)
         wall0 = time.time()
-        result = run_pipeline(rows, placement.cfg, locate(out), out, "sim", {}, placement.groups, actors)
+        stream = lambda r: build_dataset(r, placement.cfg, out, placement.groups, actors).iter_batches(  # noqa: E731
+            batch_size=None, batch_format="pyarrow"
+        )
+        result = run_pipeline(rows, placement.cfg, locate(out), "sim", {}, stream)
     if result.failed:
         raise SystemExit(f"{result.failed} simulated rows failed: {result.errors[:3]}")
     ideal = gpus / sum(seconds.values())

@@ -257,6 +257,11 @@ class CascadeConfig(Section):
         0, ge=0, lt=2**63, description="Run seed: rows without a seed get one derived from it and their id."
     )
     device: Device = Field("auto", description="'auto' picks CUDA when available.")
+    executor: Literal["ray", "local"] = Field(
+        "ray",
+        description="What runs the stream: ray (actor pools on a Ray cluster, planned on its GPUs) or local (every "
+        "stage in the run's own process, one batch at a time: tests, a machine without a cluster).",
+    )
     tiny: TinyCascade | None = Field(None, description="Generate a seeded random-weight cascade and load it.")
     text_encoder: TextEncoderConfig = TextEncoderConfig()
     stage_1: Stage1Config = Stage1Config()

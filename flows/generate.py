@@ -11,54 +11,15 @@ from prefect.states import Cancelled as PrefectCancelled
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field
 
-from ifbatch.configs import ConfigError, load_config, preset_names
+from ifbatch.configs import load_config, preset_names
 from ifbatch.configs.schema import CascadeConfig
-from ifbatch.models.loading import ModelLoadError
-from ifbatch.tasks.context import RunContext, RunStopped, RunSummary, StoppedRun
-from ifbatch.tasks.inputs.prompts import PromptTableError
-from ifbatch.tasks.outputs.lease import Lease, LeaseHeld
-from ifbatch.tasks.steps import (
-    generate_rows,
-    plan_resume,
-    preflight_check,
-    publish_artifacts,
-    read_prompt_table,
-    write_records,
-    write_stopped_record,
-)
-from ifbatch.tasks.storage import storage_errors
-from ifbatch.tasks.stream.cluster import ClusterChanged
-from ifbatch.tasks.stream.plan import PlanError
+from ifbatch.tasks.artifacts import LiveProgress
+from ifbatch.tasks.context import RunSummary
+from ifbatch.tasks.run import Run, RunEnded, operator_errors
+from ifbatch.tasks.steps import prefect_step, publish_artifacts
 
 from .blocks import with_block_credentials
 from .gpu_slot import gpu_slot
-
-# Failures an operator can fix from the message alone: logged as one line, the run's state says it too.
-OPERATOR_ERRORS = (
-    ConfigError,
-    PromptTableError,
-    ModelLoadError,
-    PlanError,
-    ClusterChanged,
-    LeaseHeld,
-    *storage_errors(),
-)
-
-
-class Cancelled(Exception):
-    """The reason a cancelled run's record gives (Prefect's Cancel reaches the run as a TerminationSignal)."""
-
-    def __str__(self) -> str:
-        return "the run was cancelled in Prefect"
-
-
-class Stopped(Exception):
-    """Carries a stopped run's report out of _generate."""
-
-    def __init__(self, run: StoppedRun):
-        super().__init__(run.line)
-        self.run = run
-
 
 Preset = Literal[tuple(preset_names())]  # type: ignore[valid-type]  # the dashboard renders a dropdown
 
@@ -110,13 +71,13 @@ def generate(params: GenerateParams):
     log = get_run_logger()
     try:
         summary = _generate(params, log)
-    except Stopped as s:  # generation had started: what was done is recorded, a rerun resumes
+    except RunEnded as s:  # generation had started: what was done is recorded, a rerun resumes
         if s.run.status == "interrupted":  # the user stopped it (Ctrl-C on a terminal)
             log.warning("run %s", s.run.line)
             return PrefectCancelled(message=s.run.line, data=s.run)
         log.error("run stopped: %s", s.run.line)
         return Failed(message=s.run.line, data=s.run)
-    except OPERATOR_ERRORS as e:
+    except operator_errors() as e:
         reason = f"{type(e).__name__}: {e}"
         log.error("run failed: %s", reason)
         return Failed(message=reason)
@@ -129,24 +90,18 @@ def generate(params: GenerateParams):
 
 
 def _generate(params: GenerateParams, log) -> RunSummary:
-    ctx = RunContext(params.model_dump(), params.config())
-    log.info("run %s: preset %s, %s -> %s", ctx.run_id, ctx.cfg.preset, params.prompts, params.output)
-    preflight_check(ctx)
-    with (
-        gpu_slot(ctx.cfg.ray, log, flow_run.id, deployment.id) as ctx.gpu_slot,  # runs on the GPUs queue
-        Lease(ctx.loc, ctx.run_id).held(wait=params.wait, log=log.info),  # one run at a time into an output
-    ):
-        ctx.plan = read_prompt_table(ctx)
-        rows, ctx.skipped = plan_resume(ctx)
-        try:
-            ctx.result, ctx.models, ctx.startup_seconds, ctx.stage_plan = generate_rows(rows, ctx)
-            if ctx.interrupted is not None:
-                raise RunStopped(ctx.interrupted)
-        except RunStopped as e:
-            raise Stopped(write_stopped_record(ctx, e)) from e
-        except TerminationSignal:  # Cancel in Prefect: Ray is down; record what was done, then end Cancelled
-            log.warning("cancelled: %s", write_stopped_record.fn(ctx, RunStopped(Cancelled()), "cancelled").line)
-            raise
-        summary = write_records(ctx)
-    publish_artifacts(summary, ctx)
+    """The run (tasks/run.py), its steps as Prefect tasks, holding the GPU slot of its cluster (deployment runs),
+    ended Cancelled by Prefect's Cancel; then its artifacts."""
+    cfg = params.config()
+    run = Run(
+        params.model_dump(),
+        cfg,
+        log=log,
+        step=prefect_step,
+        slot=lambda ctx: gpu_slot(ctx.cfg.ray, log, flow_run.id, deployment.id),
+        cancels=(TerminationSignal,),
+        listeners=[LiveProgress],
+    )
+    summary = run()
+    publish_artifacts(summary, run.ctx)
     return summary

@@ -82,6 +82,13 @@ class RunSummary:
         return self.failed == 0 and self.rejected == 0
 
 
+class Cancelled(Exception):
+    """The reason a cancelled run's record gives (Prefect's Cancel reaches the run as a TerminationSignal)."""
+
+    def __str__(self) -> str:
+        return "the run was cancelled in Prefect"
+
+
 class RunStopped(RuntimeError):
     """Generation started and then stopped (the store stayed down, a node left): what was done is recorded and a
     rerun resumes. `cause` is the error as the operator should read it."""

@@ -44,7 +44,7 @@ def test_the_first_signal_takes_what_comes_for_the_grace_period_then_stops(armed
     threading.Timer(0.55, os.kill, (os.getpid(), signum)).start()
     got, t0 = [], time.monotonic()
     with pytest.raises(interrupt.Interrupted) as e:
-        for records in _records(Stream(1000, 0.1)):
+        for records in _records(Stream(1000, 0.1).iter_batches()):
             got.append(records)
     took = time.monotonic() - t0
     assert 1.4 < took < 2.5 and 10 <= len(got) <= 20  # ~5 before the signal, ~10 in the second after it
@@ -54,13 +54,14 @@ def test_the_first_signal_takes_what_comes_for_the_grace_period_then_stops(armed
 
 def test_a_stream_that_ends_in_the_grace_period_ends_normally_and_the_handlers_come_back(armed):
     threading.Timer(0.25, os.kill, (os.getpid(), signal.SIGINT)).start()
-    assert len(list(_records(Stream(5, 0.1)))) == 5  # every record came: nothing to stop
+    assert len(list(_records(Stream(5, 0.1).iter_batches()))) == 5  # every record came: nothing to stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    assert len(list(_records(Stream(3, 0.0)))) == 3 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert len(list(_records(Stream(3, 0.0).iter_batches()))) == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_unarmed_the_stream_is_read_in_place(monkeypatch):
     monkeypatch.setattr(interrupt, "_armed", False)
     threads = threading.active_count()
-    assert [r.column("id")[0].as_py() for r in _records(Stream(3, 0.0))] == ["r0", "r1", "r2"]
+    assert [r.column("id")[0].as_py() for r in _records(Stream(3, 0.0).iter_batches())] == ["r0", "r1", "r2"]
     assert threading.active_count() == threads  # no reader thread: a Prefect Cancel reaches the stream as before

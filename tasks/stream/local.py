@@ -1,0 +1,139 @@
+"""The local executor: the same stage classes (stages.py) and writers (writer.py) as the Ray stream, chained in
+this process, one batch at a time at each stage's batch size. For tests, and for a machine without a Ray cluster
+(a laptop, a CI runner): the images are the ones the Ray stream makes from the same batches.
+
+Models load once per executor and stay loaded across its runs (a test session makes many runs)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from ifbatch.configs.schema import STAGES, CascadeConfig
+
+from ..storage import Location
+from .pipeline import PipelineResult
+from .stages import STAGE_ACTORS
+from .writer import ImageWriter, ShardWriter
+
+Batch = dict[str, np.ndarray]
+# What a stage's loaded model depends on (its batch size and replicas do not): a change reloads it.
+MODEL_KEYS = {"device", "tiny", "text_encoder", "stage_1", "stage_2", "stage_3", "safety"}
+PER_CALL = {"batch_size", "replicas", "num_gpus", "num_cpus"}
+
+
+def numpy_batch(table: pa.Table) -> Batch:
+    """An Arrow table as the stage classes take it (Ray Data's batch_format="numpy"): one array per column,
+    strings and lists as object arrays, nullable integers as floats with NaN."""
+    return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+def rebatch(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
+    """The batches cut and joined into batches of `size` rows (the last may be short)."""
+    held: list[Batch] = []
+    count = 0
+    for b in batches:
+        n = len(b["id"])
+        if n == 0:
+            continue
+        held.append(b)
+        count += n
+        while count >= size:
+            joined = _join(held)
+            yield {k: v[:size] for k, v in joined.items()}
+            rest = {k: v[size:] for k, v in joined.items()}
+            count -= size
+            held = [rest] if count else []
+    if count:
+        yield _join(held)
+
+
+def _join(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def retable(tables: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
+    """Arrow record batches cut and joined into tables of `size` rows (the shard writer's input)."""
+    held: pa.Table | None = None
+    for t in tables:
+        held = t if held is None else pa.concat_tables([held, t])
+        while held.num_rows >= size:
+            yield held.slice(0, size)
+            held = held.slice(size)
+    if held is not None and held.num_rows:
+        yield held
+
+
+def _model_key(cfg: CascadeConfig, stage: str) -> str:
+    dump = cfg.model_dump(mode="json", include=MODEL_KEYS)
+    for section in STAGES:
+        for k in PER_CALL:
+            dump.get(section, {}).pop(k, None)
+    return f"{stage}:{json.dumps(dump, sort_keys=True)}"
+
+
+@dataclass
+class LocalSession:
+    """A run in this process: no cluster, no placement; the config as given."""
+
+    cfg: CascadeConfig
+    executor: LocalExecutor
+    name: str = "local"
+    record: dict = field(
+        default_factory=lambda: {"mode": "local", "reason": "executor=local: every stage runs in this process"}
+    )
+    lines: list[str] = field(
+        default_factory=lambda: ["plan: local: every stage runs in this process, one batch at a time (executor=local)"]
+    )
+
+    def phases(self, rows: pa.Table, result: PipelineResult) -> Iterator[pa.Table]:
+        yield rows
+
+    def on_batch(self, result: PipelineResult) -> None:
+        pass
+
+    def said(self) -> list[str]:
+        return []
+
+    def records(self, rows: pa.Table, output: str, run_id: str, models: dict) -> Iterator[pa.Table]:
+        cfg = self.cfg
+        step = cfg.text_encoder.batch_size
+        stream: Iterable[Batch] = (numpy_batch(rows.slice(i, step)) for i in range(0, rows.num_rows, step))
+        for stage in STAGES:
+            stream = map(self.executor.stage(cfg, stage), rebatch(stream, getattr(cfg, stage).batch_size))
+        records: Iterable[pa.Table] = map(ImageWriter(cfg, output, models), rebatch(stream, cfg.stage_3.batch_size))
+        if cfg.output.format != "files":
+            records = map(ShardWriter(cfg, output, run_id), retable(records, cfg.output.shard_samples))
+        yield from records
+
+    def failed(self, error: BaseException) -> BaseException:
+        return error
+
+
+class LocalExecutor:
+    """Runs the stream in this process. actors: the stage classes (default STAGE_ACTORS)."""
+
+    name = "local"
+
+    def __init__(self, actors: dict | None = None):
+        self.actors = actors or STAGE_ACTORS
+        self._loaded: dict[str, tuple[str, object]] = {}  # stage -> (model key, the stage object)
+
+    def stage(self, cfg: CascadeConfig, stage: str):
+        """The stage's object, loaded once for its models and kept while they stay the same."""
+        key = _model_key(cfg, stage)
+        held = self._loaded.get(stage)
+        if held is None or held[0] != key:
+            self._loaded[stage] = (key, self.actors[stage](cfg))
+        return self._loaded[stage][1]
+
+    @contextlib.contextmanager
+    def open(self, cfg: CascadeConfig, explicit: frozenset[str], images: int, loc: Location) -> Iterator[LocalSession]:
+        yield LocalSession(cfg, self)
