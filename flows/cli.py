@@ -52,31 +52,12 @@ def parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("prompts", help="Parquet file, folder of Parquet parts, or s3://bucket/key")
-    run.add_argument("output", help="output folder or s3://bucket/prefix (images/, manifest/, runs/)")
+    run_arguments(run)
     run.add_argument(
-        "--preset",
-        default="tiny",
-        choices=preset_names(),
-        help="model preset (default: tiny, the seeded random-weight cascade that runs on a CPU)",
-    )
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. stage_1.steps=50 (repeatable; see configs/schema.py)",
-    )
-    run.add_argument("--prompt-column", help="name of the prompt column when it is not 'prompt'")
-    run.add_argument(
-        "--ray-address", help="join this Ray cluster ('auto' or ray://host:10001) instead of starting a local one"
-    )
-    run.add_argument("--overwrite", action="store_true", help="delete earlier images and manifest; start over")
-    run.add_argument(
-        "--wait",
+        "--no-prefect",
         action="store_true",
-        help="when another run is writing into OUTPUT, wait for it to end (default: refuse at once, naming it)",
+        help="run without Prefect: no temporary API, no flow run on a dashboard (with --set executor=local, no Ray "
+        "either: every stage in this process)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     run.add_argument(
@@ -108,6 +89,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_arguments(run: argparse.ArgumentParser) -> None:
+    """`ifbatch run`'s arguments, one per field of the flow's parameters (GenerateParams): what the dashboard's form
+    asks, the terminal asks, with the same help."""
+    import typing
+
+    from ifbatch.flows.generate import GenerateParams
+
+    for name, field in GenerateParams.model_fields.items():
+        extra = field.json_schema_extra or {}
+        flag = extra.get("cli") or f"--{name.replace('_', '-')}"
+        help_text = (field.description or "").rstrip(".")
+        if field.is_required():
+            run.add_argument(name, help=help_text)
+        elif field.annotation is bool:
+            run.add_argument(flag, dest=name, action="store_true", help=help_text)
+        elif typing.get_origin(field.annotation) is list:
+            run.add_argument(flag, dest=name, action="append", default=[], metavar=extra.get("metavar"), help=help_text)
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            choices = typing.get_args(field.annotation)
+            help_text += f" (default: {field.default})"
+            run.add_argument(flag, dest=name, default=field.default, choices=choices, help=help_text)
+        else:
+            run.add_argument(flag, dest=name, default=field.default, help=help_text)
+
+
 def _presets() -> int:
     from ifbatch.configs import load_config, preset_names
 
@@ -135,16 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     from ifbatch.flows.generate import GenerateParams
 
     try:
-        params = GenerateParams(
-            prompts=args.prompts,
-            output=args.output,
-            preset=args.preset,
-            overrides=args.overrides,
-            prompt_column=args.prompt_column,
-            ray_address=args.ray_address,
-            overwrite=args.overwrite,
-            wait=args.wait,
-        )
+        params = GenerateParams(**{name: getattr(args, name) for name in GenerateParams.model_fields})
         cfg = params.config()  # refuse bad overrides before anything starts
     except (ConfigError, ValueError) as e:
         print(f"ifbatch: {e}", file=sys.stderr)
@@ -161,9 +158,10 @@ def _run(args: argparse.Namespace) -> int:
 
     with on_terminal():  # Ctrl-C / SIGTERM stop the run gracefully, a second one at once
         try:
-            prefect_api()  # before the filter: the API's process keeps the terminal's own stderr
+            if not args.no_prefect:
+                prefect_api()  # before the filter: the API's process keeps the terminal's own stderr
             with contextlib.nullcontext() if args.verbose else filtered_stderr():
-                return _generate(params, progress_bar=not args.no_progress)
+                return _generate(params, cfg, progress_bar=not args.no_progress, prefect=not args.no_prefect)
         except (KeyboardInterrupt, TerminationSignal) as e:  # before any image was made: nothing to keep
             signum = getattr(e, "signal", signal.SIGINT)
             print(
@@ -174,10 +172,42 @@ def _run(args: argparse.Namespace) -> int:
             return 128 + signum
 
 
-def _generate(params, progress_bar: bool) -> int:
+def _flow_run(params) -> tuple[object, str, bool]:
+    """The run as a Prefect flow run: (its summary or stopped run, the state's message, whether it completed)."""
+    from ifbatch.flows.generate import generate
+
+    state = generate(params, return_state=True)
+    return state.result(raise_on_failure=False), state.message, state.is_completed()
+
+
+def _plain_run(params, cfg) -> tuple[object, str, bool]:
+    """The run without Prefect (tasks/run.py), its log lines on the terminal."""
+    import logging
+
+    from ifbatch.tasks.run import Run, RunEnded, operator_errors
+
+    log = logging.getLogger("ifbatch.run")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False  # the root logger's handlers (a library's) would print each line again
+    try:
+        summary = Run(params.model_dump(), cfg, log=log)()
+    except RunEnded as e:
+        return e.run, e.run.line, False
+    except operator_errors() as e:
+        reason = f"{type(e).__name__}: {e}"
+        log.error("run failed: %s", reason)
+        return None, reason, False
+    message = f"{summary.line}; run record {summary.run_record}"
+    return summary, message, summary.ok
+
+
+def _generate(params, cfg, progress_bar: bool, prefect: bool = True) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ifbatch.flows.generate import generate
     from ifbatch.tasks.context import RunSummary, StoppedRun
     from ifbatch.tasks.stream import progress
 
@@ -197,27 +227,26 @@ def _generate(params, progress_bar: bool) -> int:
         bar.start()
     t0 = time.monotonic()
     try:
-        state = generate(params, return_state=True)
+        summary, message, completed = _flow_run(params) if prefect else _plain_run(params, cfg)
     finally:
         if bar is not None:
             bar.stop()
             stop()
-    summary = state.result(raise_on_failure=False)
     if isinstance(summary, StoppedRun):  # generation started, then stopped (or interrupted): what was done is recorded
         print(f"ifbatch: {summary.line}", file=sys.stderr)
         return summary.exit_code
     if not isinstance(summary, RunSummary):  # the run could not start: bad table, config, model or storage
-        print(f"ifbatch: run failed: {state.message or summary}", file=sys.stderr)
+        print(f"ifbatch: run failed: {message or summary}", file=sys.stderr)
         return 2
-    print(state.message)
+    print(message)
     wall = time.monotonic() - t0
     print(
-        f"wall {wall:.1f} s: flow {summary.seconds:.1f} s, of which Ray start-up and model checks "
+        f"wall {wall:.1f} s: run {summary.seconds:.1f} s, of which start-up (cluster, models, placement) "
         f"{summary.startup_seconds:.1f} s; {summary.rows_per_second:.2f} images/s while generating"
     )
     for err in summary.errors[:5]:
         print(f"  failed {err['id']}: {err['error']}", file=sys.stderr)
-    return 0 if state.is_completed() else 1
+    return 0 if completed else 1
 
 
 def _plan(args: argparse.Namespace) -> int:

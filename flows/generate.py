@@ -25,7 +25,9 @@ Preset = Literal[tuple(preset_names())]  # type: ignore[valid-type]  # the dashb
 
 
 class GenerateParams(BaseModel):
-    """What to generate, from where, to where. Every field shows in the Prefect dashboard's run form."""
+    """What to generate, from where, to where. Every field shows in the Prefect dashboard's run form, and is an
+    argument of `ifbatch run` (flows/cli.py makes them from these fields: required ones positional, `cli` the
+    flag's spelling where it is not the field's name)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -33,7 +35,9 @@ class GenerateParams(BaseModel):
     output: str = Field(description="Output folder or s3://bucket/prefix. Rerunning into it resumes.")
     preset: Preset = Field("tiny", description="Model preset: tiny (random weights, CPU), if-xl, if-l, if-m.")
     overrides: list[str] = Field(
-        default_factory=list, description="Config overrides as key=value, e.g. stage_1.steps=50."
+        default_factory=list,
+        description="Config overrides as key=value, e.g. stage_1.steps=50 (see configs/schema.py).",
+        json_schema_extra={"cli": "--set", "metavar": "KEY=VALUE"},
     )
     prompt_column: str | None = Field(None, description="Name of the prompt column when it is not 'prompt'.")
     ray_address: str | None = Field(

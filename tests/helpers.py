@@ -9,12 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ifbatch.configs.schema import STAGES
+from ifbatch.tasks.inputs.expand import image_id
+from ifbatch.tasks.outputs.images import image_relpath
 from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA, read_manifest
+from ifbatch.tasks.outputs.shards import read_image, sample_key
 from ifbatch.tasks.storage import locate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,3 +86,69 @@ def writer_rows(pixels: np.ndarray, failed: int = 0) -> dict[str, np.ndarray]:
         b[f"seconds_{s}"] = np.array([0.1] * ok + [np.nan] * failed)
         b[f"placement_{s}"] = np.full(n, json.dumps({"node": "n1", "gpus": ["0"]}), object)
     return b
+
+
+def check_outputs(output: str, expect_ids: set[str]) -> list[dict]:
+    loc = locate(output)
+    rows = read_manifest(loc).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(expect_ids)  # exactly one record per row
+    for r in rows:
+        assert r["status"] == "ok", r
+        data = read_image(loc, r)
+        assert sha256(data) == r["sha256"] and (r["width"], r["height"]) == (256, 256)
+        if r["shard"] is None:
+            assert r["image_uri"].endswith(image_relpath(r["id"], load_tiny().output).split("/", 1)[1])
+        else:
+            assert r["image_uri"] is None and r["member"] == f"{sample_key(r['id'])}.png"
+        models = json.loads(r["models"])
+        assert set(models) == {"text_encoder", "stage_1", "stage_2", "stage_3", "safety"}
+        assert models["stage_1"]["dtype"] == "float32" and r["stage_1_steps"] == 4 and r["stage_3_noise_level"] == 100
+        assert r["seconds_stage_3"] > 0 and r["watermarked"] is True
+    return rows
+
+
+def load_tiny():
+    from ifbatch.configs import load_config
+
+    return load_config("tiny")
+
+
+def table_ids(prompts: str) -> list[str]:
+    from ifbatch.tasks.inputs.prompts import read_prompts
+
+    return read_prompts(prompts, load_tiny()).rows.column("id").to_pylist()
+
+
+def shard_samples(output: str) -> list[str]:
+    """The keys of every sample in the output's shards, read with the webdataset library (an s3:// output through
+    fsspec), each image checked against its .json."""
+    import webdataset as wds
+
+    from ifbatch.tasks.outputs.shards import shard_paths
+
+    loc = locate(output)
+    urls = [loc.uri(p) for p in shard_paths(loc)]
+    wds.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(url, mode).open()
+    keys = []
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        assert sample_key(meta["id"]) == sample["__key__"] and sample["txt"].decode() == meta["prompt"]
+        keys.append(sample["__key__"])
+    return keys
+
+
+def image_ids(prompts: str, overrides: list[str]) -> dict[str, tuple[str, int]]:
+    """{image id: (its row's id, the row's seed)} for every image the table asks for."""
+    from ifbatch.configs import load_config
+    from ifbatch.tasks.inputs.prompts import read_prompts
+
+    rows = read_prompts(prompts, load_config("tiny", overrides)).rows.to_pylist()
+    return {image_id(r["id"], k): (r["id"], r["seed"]) for r in rows for k in r["images"]}
+
+
+def part_ids(loc, path):
+    import pyarrow.parquet as pq
+
+    with loc.fs.open(path, "rb") as f:
+        t = pq.read_table(f, columns=["id", "status"]).to_pylist()
+    return [r["id"] for r in t if r["status"] == "ok"]
