@@ -70,3 +70,16 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+LAYERS = ("unit", "run", "e2e")  # the order a whole run takes them: the fastest, most specific failures first
+
+
+def pytest_collection_modifyitems(config, items):
+    """Unit, then run, then end-to-end tests (tests/<layer>/); within a layer, as collected."""
+
+    def layer(item) -> int:
+        parts = item.nodeid.split("/")
+        return LAYERS.index(parts[1]) if len(parts) > 2 and parts[1] in LAYERS else len(LAYERS)
+
+    items.sort(key=layer)

@@ -4,8 +4,8 @@ what was expected; nothing already in the output is touched.
 Refusals (table, config, CLI, output) go through `ifbatch run` in process and must exit 2 before anything starts:
 the run's generation step is replaced by a guard that fails the test if a refused case got that far. Row problems
 reject that row only, with its reason; the exit status of a run with rejected rows (1) is checked end to end by
-tests/test_pipeline.py::test_cli_bad_rows_exit_non_zero, on the same row corpus. Stores that cannot be reached or
-refuse: tests/test_storage_errors.py (they need a server).
+tests/run/test_run.py::test_bad_rows_exit_non_zero, on the same row corpus. Stores that cannot be reached or
+refuse: tests/run/test_storage_errors.py (they need a server).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """An output on a disk that fills up: a real 1 MiB tmpfs. The write that fails for space leaves no half file, the
 error says the disk is full (no retries claimed, no "store down"), what it held is spilled; files a killed write
-left aside are listed by verify and removed by --repair (and by the next run: tests/test_pipeline.py)."""
+left aside are listed by verify and removed by --repair (and by the next run: tests/run/test_run.py)."""
 
 from __future__ import annotations
 

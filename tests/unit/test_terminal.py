@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from .services import SeaweedS3
+from ..services import SeaweedS3
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import yaml
 
 from ifbatch.flows.cli import parser
 
-from .helpers import ROOT
+from ..helpers import ROOT
 
 MANIFEST = ROOT / "deploy" / "kuberay" / "rayjob.yaml"
 

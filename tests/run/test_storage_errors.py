@@ -8,8 +8,8 @@ import pytest
 
 from ifbatch.flows import cli
 
-from .helpers import EXAMPLES
-from .services import SeaweedS3, free_port
+from ..helpers import EXAMPLES
+from ..services import SeaweedS3, free_port
 
 pytestmark = pytest.mark.slow
 

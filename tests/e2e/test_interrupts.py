@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import manifest_rows, write_table
+from ..helpers import manifest_rows, write_table
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import SMALL, manifest_rows, read_bytes, sha256, write_table
+from ..helpers import SMALL, manifest_rows, read_bytes, sha256, write_table
 
 # Library lines that tell a user nothing they can act on; none may reach the terminal of a default run.
 NOISE = (

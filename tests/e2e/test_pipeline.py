@@ -19,8 +19,8 @@ from ifbatch.flows.generate import GenerateParams, generate
 from ifbatch.tasks.outputs.manifest import part_paths, read_manifest
 from ifbatch.tasks.storage import locate
 
-from .conftest import BUCKET
-from .helpers import EXAMPLES, SMALL, check_outputs, cli, part_ids, read_bytes, table_ids, write_table
+from ..conftest import BUCKET
+from ..helpers import EXAMPLES, SMALL, check_outputs, cli, part_ids, read_bytes, table_ids, write_table
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import pytest
 from ifbatch.configs import load_config
 from ifbatch.tasks.inputs.prompts import PromptTableError, default_id, read_prompts
 
-from .helpers import write_table
+from ..helpers import write_table
 
 CFG = load_config("tiny")
 

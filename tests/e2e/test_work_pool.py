@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, write_table
-from .prefect_helpers import api, cancel, manifest_ids, run_records, start, wait_final, wait_for_records
-from .services import PrefectServer, stop_group
+from ..helpers import ROOT, write_table
+from ..prefect_helpers import api, cancel, manifest_ids, run_records, start, wait_final, wait_for_records
+from ..services import PrefectServer, stop_group
 
 pytestmark = pytest.mark.slow
 

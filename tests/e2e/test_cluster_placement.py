@@ -21,7 +21,7 @@ from ifbatch.tasks.stream.cluster import cluster_gpus, release, reserve
 from ifbatch.tasks.stream.placing import Calibration, make_plan
 from ifbatch.tasks.stream.plan import PlanError
 
-from .services import fake_gpu_cluster
+from ..services import fake_gpu_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -220,7 +220,7 @@ def test_ifbatch_plan_counts_the_clusters_nodes_and_free_gpus(cluster):
     all_free()
     c, _ = cluster
     ifbatch = str(Path(sys.executable).with_name("ifbatch"))
-    examples = str(Path(__file__).resolve().parents[1] / "examples" / "prompts.parquet")
+    examples = str(Path(__file__).resolve().parents[2] / "examples" / "prompts.parquet")
     res = subprocess.run(
         [ifbatch, "plan", examples, "--preset", "if-xl", "--ray-address", c.address, "--set", "plan.gpu_memory_gb=48"],
         capture_output=True,

@@ -18,8 +18,8 @@ from ifbatch.configs import load_config
 from ifbatch.tasks.outputs.manifest import read_manifest
 from ifbatch.tasks.storage import locate
 
-from .helpers import SMALL, write_table
-from .prefect_helpers import (
+from ..helpers import SMALL, write_table
+from ..prefect_helpers import (
     actor_names,
     api,
     cancel,
@@ -32,7 +32,7 @@ from .prefect_helpers import (
     wait_final,
     wait_for_records,
 )
-from .services import FaultyS3Proxy, PrefectServer, SeaweedS3, stop_group
+from ..services import FaultyS3Proxy, PrefectServer, SeaweedS3, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -249,7 +249,7 @@ def test_ui_is_served(server):
 
 
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "prefect-run.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "prefect-run.png"
 
 
 def test_run_from_the_dashboard_in_a_real_browser(server, served, tmp_path):
@@ -439,7 +439,7 @@ def test_s3_keys_from_a_prefect_block_reach_the_writers_and_nowhere_else(
 def test_retry_on_a_failed_run_resumes_into_the_same_output(server, served, tmp_path, tiny_dir, ray_cluster, s3_server):
     """A run whose S3 store starts refusing writes mid-run ends Failed; once the store is back, the dashboard's
     Retry reruns it into the same output and makes only the images it had not recorded: every image once."""
-    from .conftest import BUCKET
+    from ..conftest import BUCKET
 
     proxy = FaultyS3Proxy(s3_server.endpoint)
     prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a photo of a cat number {i}" for i in range(8)]})

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import SMALL, manifest_rows, write_table
-from .services import fake_gpu_cluster
+from ..helpers import SMALL, manifest_rows, write_table
+from ..services import fake_gpu_cluster
 
 pytestmark = pytest.mark.slow
 SHAPE = (4, 4, 2)  # fake GPUs per worker node

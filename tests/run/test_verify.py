@@ -1,7 +1,8 @@
-"""A run, then `ifbatch verify` and `ifbatch compact` on its output (image files in a folder, WebDataset shards on
-the SeaweedFS server): the run's records and files are right and open with the standard tools (Hugging Face
-`datasets`, `webdataset`); a deleted image, a truncated image and an orphan are found; --repair plus a rerun
-restores exactly the two broken images (the rerun skips the rest); compaction keeps read_manifest."""
+"""The run layer (the run engine on the local executor): a run, then `ifbatch verify` and `ifbatch compact` on its
+output (image files in a folder, WebDataset shards on the SeaweedFS server): the run's records and files are right
+and open with the standard tools (Hugging Face `datasets`, `webdataset`); a deleted image, a truncated image and an
+orphan are found; --repair plus a rerun restores exactly the two broken images (the rerun skips the rest);
+compaction keeps read_manifest."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from ifbatch.tasks.outputs.manifest import part_paths, read_manifest
 from ifbatch.tasks.outputs.shards import read_image, sample_key, shard_paths, stats_path
 from ifbatch.tasks.storage import locate
 
-from .conftest import BUCKET
-from .helpers import SMALL, cli, read_bytes, sha256, write_table
-from .test_pipeline import _ids, check_outputs, run_flow, shard_samples
+from ..conftest import BUCKET
+from ..helpers import SMALL, check_outputs, cli, read_bytes, sha256, shard_samples, table_ids, write_table
+from .local import run_local
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +32,14 @@ def _path(uri: str) -> str:
 
 
 @pytest.mark.parametrize("where, layout", [("local", "files"), ("s3", "webdataset")])
-def test_verify_repair_rerun_and_compact(where, layout, tmp_path, tiny_dir, ray_cluster, prefect_api):
+def test_verify_repair_rerun_and_compact(where, layout, tmp_path, tiny_dir, s3_server):
     tiny_set = [f"tiny.dir={tiny_dir}", f"output.format={layout}", "output.shard_samples=1"]
     prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:3], "n": [2, 1, 1]})  # 4 images
     out = str(tmp_path / "out") if where == "local" else f"s3://{BUCKET}/verify-{tmp_path.name}"
-    state, first = run_flow(prompts, out, tiny_set)
-    assert state.is_completed(), state.message
+    first = run_local(prompts, out, tiny_set)
+    assert first.ok, first
     assert (first.done, first.failed, first.rejected, first.skipped, first.images) == (4, 0, 0, 0, 4)
-    ids = {image_id(r, k) for r, n in zip(_ids(prompts), (2, 1, 1), strict=True) for k in range(n)}
+    ids = {image_id(r, k) for r, n in zip(table_ids(prompts), (2, 1, 1), strict=True) for k in range(n)}
     check_outputs(out, ids)
     record = json.loads(read_bytes(first.run_record))
     assert record["counts"]["done"] == 4 and record["versions"]["diffusers"] == "0.42.1"
@@ -85,8 +86,8 @@ def test_verify_repair_rerun_and_compact(where, layout, tmp_path, tiny_dir, ray_
     assert res.returncode == 1 and "recorded 2 broken images as failed" in res.stdout, res.stdout + res.stderr
     if layout == "webdataset":  # the damaged shards and the stray one are gone: readers never meet them
         assert f"removed {loc.uri(stray)}" in res.stdout and not loc.fs.exists(cut_at)
-    state, again = run_flow(prompts, out, tiny_set)
-    assert state.is_completed() and (again.done, again.skipped) == (2, 2), state.message
+    again = run_local(prompts, out, tiny_set)
+    assert again.ok and (again.done, again.skipped) == (2, 2), again
     after = {r["id"]: r for r in read_manifest(loc).to_pylist()}
     for r in (gone, cut):
         assert after[r["id"]]["run_id"] == again.run_id  # made again (verify below checks the new files)
@@ -141,7 +142,7 @@ def test_outputs_on_s3_open_with_the_standard_tools(tmp_path, s3_server):
     writer actors' code called directly (the runs above cover files in a folder and shards on S3)."""
     from ifbatch.tasks.outputs.loadable import write_image_metadata
 
-    from .unit.test_shards import write_output
+    from ..unit.test_shards import write_output
 
     out = f"s3://{BUCKET}/load-{tmp_path.name}"
     ids = {r["id"] for r in write_output(out, 3, []).to_pylist()}
