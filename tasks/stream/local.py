@@ -19,7 +19,7 @@ from ifbatch.configs.schema import STAGES, CascadeConfig
 from ..storage import Location
 from .pipeline import PipelineResult
 from .stages import STAGE_ACTORS
-from .writer import ImageWriter, ShardWriter
+from .writer import writer_steps
 
 Batch = dict[str, np.ndarray]
 # What a stage's loaded model depends on (its batch size and replicas do not): a change reloads it.
@@ -104,14 +104,15 @@ class LocalSession:
 
     def records(self, rows: pa.Table, output: str, run_id: str, models: dict) -> Iterator[pa.Table]:
         cfg = self.cfg
-        step = cfg.text_encoder.batch_size
-        stream: Iterable[Batch] = (numpy_batch(rows.slice(i, step)) for i in range(0, rows.num_rows, step))
+        first = cfg.text_encoder.batch_size
+        stream: Iterable[Batch] = (numpy_batch(rows.slice(i, first)) for i in range(0, rows.num_rows, first))
         for stage in STAGES:
             stream = map(self.executor.stage(cfg, stage), rebatch(stream, getattr(cfg, stage).batch_size))
-        records: Iterable[pa.Table] = map(ImageWriter(cfg, output, models), rebatch(stream, cfg.stage_3.batch_size))
-        if cfg.output.format != "files":
-            records = map(ShardWriter(cfg, output, run_id), retable(records, cfg.output.shard_samples))
-        yield from records
+        out: Iterable = stream
+        for writer in writer_steps(cfg, output, run_id, models):  # the output format's writers
+            cut = rebatch if writer.batch_format == "numpy" else retable
+            out = map(writer.cls(**writer.kwargs), cut(out, writer.batch_size))
+        yield from out
 
     def failed(self, error: BaseException) -> BaseException:
         return error

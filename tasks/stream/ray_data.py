@@ -7,6 +7,7 @@ are idempotent). Only manifest records (Arrow, no pixels) come back to the drive
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,10 +22,9 @@ from .pipeline import PipelineResult
 from .placing import Calibration, Placement, placed
 from .ray_session import ray_session
 from .stages import STAGE_ACTORS
-from .writer import ImageWriter, ShardWriter
+from .writer import writer_steps
 
 BLOCK_BYTES = 64 << 10  # see build_dataset
-SHARD_WRITER_CPUS = 0.25
 ACTOR_START_S = 600  # how long a stage's actors may take to start and load their models
 
 
@@ -139,30 +139,23 @@ def build_dataset(
 
 
 def _write(ds, cfg: CascadeConfig, output: str, run_id: str, models: dict):
-    """The writer pool (output.writers actors, sized to the plan): encode each image and write it as a file, or
-    hand it on to the shard writers, which take output.shard_samples images a call and write each batch as a
-    shard (tar assembly and one upload: a quarter of the encoders' count is plenty)."""
+    """The writer pools of the output's format (writer.writer_steps), each sized to its share of output.writers
+    (sized to the plan)."""
     import ray
 
     writers = cfg.output.writers or 1
-    ds = ds.map_batches(
-        ImageWriter,
-        fn_constructor_kwargs=dict(cfg=cfg, output=output, models=models),
-        batch_size=cfg.stage_3.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=writers, max_concurrent_calls_per_actor=2),  # upload || encode
-        num_cpus=cfg.output.writer_cpus,
-    )
-    if cfg.output.format == "files":
-        return ds
-    return ds.map_batches(
-        ShardWriter,
-        fn_constructor_kwargs=dict(cfg=cfg, output=output, run_id=run_id),
-        batch_size=cfg.output.shard_samples,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=max(1, -(-writers // 4))),
-        num_cpus=SHARD_WRITER_CPUS,
-    )
+    for step in writer_steps(cfg, output, run_id, models):
+        ds = ds.map_batches(
+            step.cls,
+            fn_constructor_kwargs=step.kwargs,
+            batch_size=step.batch_size,
+            batch_format=step.batch_format,
+            compute=ray.data.ActorPoolStrategy(
+                size=max(1, math.ceil(writers * step.share)), max_concurrent_calls_per_actor=step.calls
+            ),
+            num_cpus=step.num_cpus,
+        )
+    return ds
 
 
 def in_flight(rows: int, batch_size: int, replicas: int) -> int:

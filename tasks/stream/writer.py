@@ -9,6 +9,8 @@ import hashlib
 import json
 import time
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -207,3 +209,42 @@ class ShardWriter:
         )
         cols = [done[c] if c in done else batch.column(c) for c in RECORD_SCHEMA.names]
         return pa.Table.from_arrays(cols, schema=RECORD_SCHEMA)
+
+
+SHARD_WRITER_CPUS = 0.25
+
+
+@dataclass(frozen=True)
+class WriterStep:
+    """One writer operator of the stream, as every executor runs it: the callable class and its constructor
+    arguments, the batch it takes (rows, numpy or pyarrow), its pool's share of output.writers, CPUs per actor and
+    calls an actor takes at once."""
+
+    cls: type
+    kwargs: dict[str, Any]
+    batch_size: int
+    batch_format: str
+    share: float
+    num_cpus: float
+    calls: int = 1
+
+
+def writer_steps(cfg: CascadeConfig, output: str, run_id: str, models: dict) -> list[WriterStep]:
+    """The writers of the run's output format, in order -- the one place the stream chooses by format. files: the
+    encoders write each image as a file. webdataset: the encoders hand the bytes on to the shard writers, which take
+    output.shard_samples images a call and write each batch as a shard (tar assembly and one upload: a quarter of
+    the encoders' count is plenty)."""
+    steps = [
+        WriterStep(
+            ImageWriter, dict(cfg=cfg, output=output, models=models), cfg.stage_3.batch_size, "numpy", 1.0,
+            cfg.output.writer_cpus, calls=2,  # an upload overlaps the next encode
+        )
+    ]  # fmt: skip
+    if cfg.output.format == "webdataset":
+        steps.append(
+            WriterStep(
+                ShardWriter, dict(cfg=cfg, output=output, run_id=run_id), cfg.output.shard_samples, "pyarrow", 0.25,
+                SHARD_WRITER_CPUS,
+            )
+        )  # fmt: skip
+    return steps
