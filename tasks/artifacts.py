@@ -11,9 +11,9 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from .context import RunSummary
+from .outputs.formats import read_image
 from .outputs.manifest import read_manifest
 from .outputs.records import RUNS_DIR
-from .outputs.shards import read_image
 from .storage import Location
 from .stream.progress import Progress
 

@@ -32,12 +32,12 @@ from .context import Cancelled, RunContext, RunStopped, RunSummary, StoppedRun
 from .inputs.expand import image_count, without_done
 from .inputs.prompts import PromptPlan, PromptTableError, read_prompts
 from .outputs.compact import compact
+from .outputs.formats import FORMATS
 from .outputs.images import IMAGES_DIR
 from .outputs.lease import Lease, LeaseHeld
 from .outputs.loadable import write_image_metadata
 from .outputs.manifest import MANIFEST_DIR, done_ids
 from .outputs.records import RUNS_DIR, versions, write_rejected, write_run_record
-from .outputs.shards import SHARDS_DIR, remove_orphan_shards
 from .outputs.spill import StoreDown, unspill
 from .preflight import OutputError, preflight
 from .storage import storage_errors
@@ -139,7 +139,7 @@ class Run:
         ctx, log = self.ctx, self.log
         loc, rows = ctx.loc, ctx.plan.rows
         if ctx.params.get("overwrite"):
-            for sub in (MANIFEST_DIR, IMAGES_DIR, SHARDS_DIR):
+            for sub in (MANIFEST_DIR, *(fmt.folder for fmt in FORMATS.values())):
                 if loc.fs.exists(loc.path(sub)):
                     loc.fs.rm(loc.path(sub), recursive=True)
             log.info("--overwrite: removed earlier manifest, images and shards under %s", ctx.output)
@@ -152,14 +152,16 @@ class Run:
         uploaded = unspill(loc)
         if uploaded:
             log.info("wrote %d records an earlier run kept while the store was down: %s", len(uploaded), uploaded)
-        orphans = remove_orphan_shards(loc)
-        if orphans:
-            log.info(
-                "removed %d shards no manifest record names (written by a run that ended before recording them; "
-                "their images are made again): %s",
-                len(orphans),
-                ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""),
-            )
+        for fmt in FORMATS.values():
+            orphans = fmt.tidy(loc)  # what a reader would otherwise see twice once the run makes it again
+            if orphans:
+                log.info(
+                    "removed %d %s no manifest record names (written by a run that ended before recording them; "
+                    "their images are made again): %s",
+                    len(orphans),
+                    fmt.folder,
+                    ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""),
+                )
         done = done_ids(loc)
         if len(done) == 0:
             return rows, 0

@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 
 from ifbatch.configs.schema import STAGES
 from ifbatch.tasks.inputs.expand import image_id
+from ifbatch.tasks.outputs.formats import read_image
 from ifbatch.tasks.outputs.images import image_relpath
 from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA, read_manifest
-from ifbatch.tasks.outputs.shards import read_image, sample_key
+from ifbatch.tasks.outputs.shards import sample_key
 from ifbatch.tasks.storage import locate
 
 ROOT = Path(__file__).resolve().parents[1]

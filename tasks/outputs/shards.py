@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..storage import Location
-from .images import image_path
 from .manifest import read_manifest
 
 SHARDS_DIR = "shards"  # under the output root
@@ -102,15 +101,6 @@ def shard_path(loc: Location, uri: str) -> str:
     """Where a recorded shard is in this output: its name under this output's shards/ (a copied or moved output
     is read where it is now)."""
     return loc.path(SHARDS_DIR, uri.rsplit("/", 1)[-1])
-
-
-def read_image(loc: Location, rec: dict) -> bytes:
-    """A recorded image's bytes (rec: a manifest record with image_uri, or shard, offset and bytes): one range
-    read for a shard member."""
-    if rec.get("shard"):
-        start = rec["offset"]
-        return loc.fs.cat_file(shard_path(loc, rec["shard"]), start=start, end=start + rec["bytes"])
-    return loc.fs.cat_file(image_path(loc, rec["image_uri"]))
 
 
 def remove_shard(loc: Location, path: str) -> bool:

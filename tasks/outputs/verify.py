@@ -2,13 +2,13 @@
 its recorded sha256 and size, and every image file, shard and sample belongs to a record. `repair` records the broken
 images as failed, so that the next run makes exactly those.
 
-Images are read in parallel (a thread pool: the work is I/O, and hashlib releases the GIL on large buffers).
+Images are read in parallel (a thread pool: the work is I/O, and hashlib releases the GIL on large buffers). The
+checks of each kind of image are its format's (formats.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,23 +18,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..storage import Location
-from .images import IMAGES_DIR, image_path
-from .loadable import METADATA, write_image_metadata
+from .formats import FORMATS, Problem
+from .images import IMAGES_DIR
+from .loadable import write_image_metadata
 from .manifest import MANIFEST_DIR, RECORD_SCHEMA, read_manifest, write_part
 from .records import RUNS_DIR
-from .shards import members, orphan_shards, remove_shard, shard_path
-
-
-@dataclass
-class Problem:
-    kind: str  # missing | corrupt | orphan | unfinished
-    uri: str
-    id: str | None = None
-    detail: str = ""
-
-    def line(self) -> str:
-        who = f"{self.id}: " if self.id else ""
-        return f"{self.kind:8s} {who}{self.uri}{f' ({self.detail})' if self.detail else ''}"
+from .shards import remove_shard, shard_path
 
 
 @dataclass
@@ -60,52 +49,6 @@ class Report:
         )
 
 
-def _check_file(loc: Location, rec: dict) -> list[Problem]:
-    path = image_path(loc, rec["image_uri"])
-    uri = loc.uri(path)
-    try:
-        data = loc.fs.cat_file(path)
-    except FileNotFoundError:
-        return [Problem("missing", uri, rec["id"])]
-    problem = _compare(data, rec, uri)
-    return [problem] if problem else []
-
-
-def _compare(data: bytes, rec: dict, uri: str) -> Problem | None:
-    size = rec.get("bytes")
-    if size is not None and len(data) != size:
-        return Problem("corrupt", uri, rec["id"], f"{len(data)} bytes, the manifest says {size}")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != rec["sha256"]:
-        return Problem("corrupt", uri, rec["id"], f"sha256 {digest[:12]}..., the manifest says {rec['sha256'][:12]}...")
-    return None
-
-
-def _check_shard(loc: Location, path: str, recs: list[dict]) -> list[Problem]:
-    """Read a shard once; check each recorded member, list the samples in it that no record names."""
-    uri = loc.uri(path)
-    try:
-        data = loc.fs.cat_file(path)
-    except FileNotFoundError:
-        return [Problem("missing", f"{uri}#{r['member']}", r["id"], "the shard is missing") for r in recs]
-    found = {name: (offset, size) for name, offset, size in members(data)}
-    problems = []
-    for r in recs:
-        where = f"{uri}#{r['member']}"
-        if r["member"] not in found:
-            problems.append(Problem("missing", where, r["id"], "not in the shard (truncated?)"))
-            continue
-        offset, size = found[r["member"]]
-        problem = _compare(data[offset : offset + size], r, where)
-        if problem is not None:
-            problems.append(problem)
-    keys = {r["member"].split(".", 1)[0] for r in recs}
-    for name in sorted(found):
-        if name.split(".", 1)[0] not in keys:
-            problems.append(Problem("orphan", f"{uri}#{name}", None, "a sample no record names"))
-    return problems
-
-
 def verify(
     loc: Location, workers: int = 16, progress: Callable[[int, int], None] | None = None
 ) -> tuple[Report, pa.Table]:
@@ -116,19 +59,13 @@ def verify(
     manifest = read_manifest(loc)
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
     records = ok.select(["id", "image_uri", "shard", "member", "sha256", "bytes"]).to_pylist()
-    files = [r for r in records if not r["shard"]]
     for path in loc.temp_files(IMAGES_DIR, MANIFEST_DIR, RUNS_DIR):
         report.problems.append(Problem("unfinished", loc.uri(path), None, "a write cut short: --repair removes it"))
-    by_shard: dict[str, list[dict]] = {}
-    for r in records:
-        if r["shard"]:
-            by_shard.setdefault(shard_path(loc, r["shard"]), []).append(r)
-    for path in _orphan_files(loc, {image_path(loc, u) for u in manifest.column("image_uri").to_pylist() if u}):
-        report.problems.append(Problem("orphan", loc.uri(path)))
-    for path in orphan_shards(loc, set(by_shard)):
-        report.problems.append(Problem("orphan", loc.uri(path), None, "a shard no record names"))
-    jobs = [(1, lambda r=r: _check_file(loc, r)) for r in files]
-    jobs += [(len(recs), lambda p=p, recs=recs: _check_shard(loc, p, recs)) for p, recs in by_shard.items()]
+    jobs = []
+    for fmt in FORMATS.values():  # each record is checked by the format that holds it (an output may hold both)
+        held = [r for r in records if fmt.holds(r)]
+        report.problems += fmt.orphans(loc, manifest)
+        jobs += fmt.checks(loc, held)
     done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for (n, _), problems in zip(jobs, pool.map(lambda job: job[1](), jobs), strict=True):
@@ -140,15 +77,6 @@ def verify(
     report.problems.sort(key=lambda p: (p.kind, p.uri))
     report.seconds = time.monotonic() - t0
     return report, ok
-
-
-def _orphan_files(loc: Location, named: set[str]) -> list[str]:
-    base = loc.path(IMAGES_DIR)
-    loc.fs.invalidate_cache(base)
-    files = loc.fs.find(base) if loc.fs.exists(base) else []
-    index = loc.path(IMAGES_DIR, METADATA)
-    # a local write in flight (or killed in flight) is not an image yet; the metadata table is the output's own
-    return sorted(p for p in set(files) - named if ".tmp-" not in p and p != index)
 
 
 @dataclass

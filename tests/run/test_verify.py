@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from ifbatch.tasks.inputs.expand import image_id
+from ifbatch.tasks.outputs.formats import read_image
 from ifbatch.tasks.outputs.manifest import part_paths, read_manifest
-from ifbatch.tasks.outputs.shards import read_image, sample_key, shard_paths, stats_path
+from ifbatch.tasks.outputs.shards import sample_key, shard_paths, stats_path
 from ifbatch.tasks.storage import locate
 
 from ..conftest import BUCKET

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pytest
 
 from ifbatch.configs import load_config
+from ifbatch.tasks.outputs.formats import read_image
 from ifbatch.tasks.outputs.loadable import write_image_metadata
 from ifbatch.tasks.outputs.manifest import read_manifest, write_part
 from ifbatch.tasks.outputs.shards import (
     Sample,
     build_shard,
     members,
-    read_image,
     remove_orphan_shards,
     sample_key,
     shard_paths,
@@ -152,3 +152,34 @@ def test_a_files_output_opens_with_datasets_imagefolder(failed, tmp_path):
         assert (row["seed"], row["prompt"], row["stage_1_steps"]) == (records[row["id"]]["seed"], "p", 4)
     report, _ = verify(loc)
     assert report.whole  # the metadata table is the output's own, not an orphan
+
+
+def test_an_output_whose_format_changed_between_runs_is_checked_image_by_image_by_its_format(tmp_path):
+    """Three images as files, then (the format changed) three more as shards into the same output: each record is
+    read, checked and counted by the format that holds it; a deleted file and a deleted shard are each found."""
+    from ifbatch.tasks.outputs.formats import FORMATS, format_of
+
+    out = str(tmp_path / "out")
+    loc = locate(out)
+    pixels = np.random.default_rng(5).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    for k, (fmt, run) in enumerate([("files", "run1"), ("webdataset", "run2")]):
+        cfg = load_config("tiny", [f"output.format={fmt}", "output.shard_samples=3"])
+        rows = writer_rows(pixels)
+        rows["id"] = np.array([f"{fmt}-{i}" for i in range(3)], object)
+        records = ImageWriter(cfg, out)(rows)
+        if fmt == "webdataset":
+            records = ShardWriter(cfg, out, run)(records)
+        write_part(loc, records, run, "{}", k)
+    manifest = read_manifest(loc).to_pylist()
+    assert sorted(format_of(r).name for r in manifest) == ["files"] * 3 + ["webdataset"] * 3
+    assert all(hashlib.sha256(read_image(loc, r)).hexdigest() == r["sha256"] for r in manifest)
+    report, _ = verify(loc)
+    assert report.whole and report.checked == 6, [p.line() for p in report.problems]
+    by_id = {r["id"]: r for r in manifest}
+    loc.fs.rm_file(by_id["files-1"]["image_uri"])
+    loc.fs.rm_file(by_id["webdataset-0"]["shard"])
+    report, _ = verify(loc)
+    assert sorted(p.id for p in report.problems if p.kind == "missing") == [
+        "files-1", "webdataset-0", "webdataset-1", "webdataset-2",
+    ]  # fmt: skip
+    assert set(FORMATS) == {"files", "webdataset"}

@@ -1,0 +1,153 @@
+"""The output formats, one class each: `files` (an image file per record under images/) and `webdataset` (records
+point into tar shards under shards/). Everything that meets an output's images goes through them: verify (checks
+and orphans), resume (what a killed run left that readers would see twice), --overwrite (what to delete) and
+reading an image. (The stream's writers of each format: stream/writer.py writer_steps.) An output may hold
+records of both kinds, when its format changed between runs: each record is held by the format it names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..storage import Location
+from .images import IMAGES_DIR, image_path
+from .loadable import METADATA
+from .shards import SHARDS_DIR, members, orphan_shards, recorded_shards, remove_orphan_shards, shard_path
+
+Check = tuple[int, Callable[[], list["Problem"]]]  # (images it covers, the check)
+
+
+@dataclass
+class Problem:
+    kind: str  # missing | corrupt | orphan | unfinished
+    uri: str
+    id: str | None = None
+    detail: str = ""
+
+    def line(self) -> str:
+        who = f"{self.id}: " if self.id else ""
+        return f"{self.kind:8s} {who}{self.uri}{f' ({self.detail})' if self.detail else ''}"
+
+
+def compare(data: bytes, rec: dict, uri: str) -> Problem | None:
+    """The image's bytes against its record's size and sha256."""
+    size = rec.get("bytes")
+    if size is not None and len(data) != size:
+        return Problem("corrupt", uri, rec["id"], f"{len(data)} bytes, the manifest says {size}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != rec["sha256"]:
+        return Problem("corrupt", uri, rec["id"], f"sha256 {digest[:12]}..., the manifest says {rec['sha256'][:12]}...")
+    return None
+
+
+class Files:
+    name = "files"
+    folder = IMAGES_DIR
+
+    def holds(self, rec: dict) -> bool:
+        return not rec.get("shard")
+
+    def read(self, loc: Location, rec: dict) -> bytes:
+        return loc.fs.cat_file(image_path(loc, rec["image_uri"]))
+
+    def checks(self, loc: Location, recs: list[dict]) -> list[Check]:
+        return [(1, lambda r=r: self._check(loc, r)) for r in recs]
+
+    def _check(self, loc: Location, rec: dict) -> list[Problem]:
+        path = image_path(loc, rec["image_uri"])
+        uri = loc.uri(path)
+        try:
+            data = loc.fs.cat_file(path)
+        except FileNotFoundError:
+            return [Problem("missing", uri, rec["id"])]
+        problem = compare(data, rec, uri)
+        return [problem] if problem else []
+
+    def orphans(self, loc: Location, manifest: pa.Table) -> list[Problem]:
+        """Image files no record names (listed, not removed: a rerun overwrites any it makes again)."""
+        named = {image_path(loc, u) for u in manifest.column("image_uri").to_pylist() if u}
+        base = loc.path(IMAGES_DIR)
+        loc.fs.invalidate_cache(base)
+        files = loc.fs.find(base) if loc.fs.exists(base) else []
+        index = loc.path(IMAGES_DIR, METADATA)
+        # a local write in flight (or killed in flight) is not an image yet; the metadata table is the output's own
+        return [Problem("orphan", loc.uri(p)) for p in sorted(set(files) - named) if ".tmp-" not in p and p != index]
+
+    def tidy(self, loc: Location) -> list[str]:
+        """Before a resumed run: nothing (an unrecorded file is overwritten when its image is made again)."""
+        return []
+
+
+class WebDataset:
+    name = "webdataset"
+    folder = SHARDS_DIR
+
+    def holds(self, rec: dict) -> bool:
+        return bool(rec.get("shard"))
+
+    def read(self, loc: Location, rec: dict) -> bytes:
+        """One range read of the member's bytes."""
+        start = rec["offset"]
+        return loc.fs.cat_file(shard_path(loc, rec["shard"]), start=start, end=start + rec["bytes"])
+
+    def checks(self, loc: Location, recs: list[dict]) -> list[Check]:
+        """Each shard read once, for all of its records."""
+        by_shard: dict[str, list[dict]] = {}
+        for r in recs:
+            by_shard.setdefault(shard_path(loc, r["shard"]), []).append(r)
+        return [(len(rs), lambda p=p, rs=rs: self._check(loc, p, rs)) for p, rs in by_shard.items()]
+
+    def _check(self, loc: Location, path: str, recs: list[dict]) -> list[Problem]:
+        """Read a shard once; check each recorded member, list the samples in it that no record names."""
+        uri = loc.uri(path)
+        try:
+            data = loc.fs.cat_file(path)
+        except FileNotFoundError:
+            return [Problem("missing", f"{uri}#{r['member']}", r["id"], "the shard is missing") for r in recs]
+        found = {name: (offset, size) for name, offset, size in members(data)}
+        problems = []
+        for r in recs:
+            where = f"{uri}#{r['member']}"
+            if r["member"] not in found:
+                problems.append(Problem("missing", where, r["id"], "not in the shard (truncated?)"))
+                continue
+            offset, size = found[r["member"]]
+            problem = compare(data[offset : offset + size], r, where)
+            if problem is not None:
+                problems.append(problem)
+        keys = {r["member"].split(".", 1)[0] for r in recs}
+        for name in sorted(found):
+            if name.split(".", 1)[0] not in keys:
+                problems.append(Problem("orphan", f"{uri}#{name}", None, "a sample no record names"))
+        return problems
+
+    def orphans(self, loc: Location, manifest: pa.Table) -> list[Problem]:
+        """Shards that hold no ok image (--repair removes them)."""
+        ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
+        return [
+            Problem("orphan", loc.uri(p), None, "a shard no record names")
+            for p in orphan_shards(loc, recorded_shards(ok, loc))
+        ]
+
+    def tidy(self, loc: Location) -> list[str]:
+        """Before a resumed run: remove the shards no record names (a reader of shards/*.tar would see their
+        images twice once the run makes them again)."""
+        return remove_orphan_shards(loc)
+
+
+FORMATS: dict[str, Files | WebDataset] = {f.name: f for f in (Files(), WebDataset())}
+
+
+def format_of(rec: dict) -> Files | WebDataset:
+    """The format that holds a record's image."""
+    return next(f for f in FORMATS.values() if f.holds(rec))
+
+
+def read_image(loc: Location, rec: dict) -> bytes:
+    """A recorded image's bytes, wherever its format keeps them."""
+    return format_of(rec).read(loc, rec)
