@@ -137,21 +137,20 @@ def _run(args: argparse.Namespace) -> int:
         os.environ[VERBOSE_ENV] = "1"
     from prefect.exceptions import TerminationSignal
 
-    from ifbatch.configs import ConfigError
     from ifbatch.flows.generate import GenerateParams
+    from ifbatch.tasks.run import USER_ERRORS
 
     try:
         params = GenerateParams(**{name: getattr(args, name) for name in GenerateParams.model_fields})
         cfg = params.config()  # refuse bad overrides before anything starts
-    except (ConfigError, ValueError) as e:
+    except (*USER_ERRORS, ValueError) as e:  # ValueError: pydantic's, for a parameter
         print(f"ifbatch: {e}", file=sys.stderr)
         return 2
-    from ifbatch.tasks.inputs.prompts import PromptTableError
-    from ifbatch.tasks.preflight import OutputError, preflight
+    from ifbatch.tasks.preflight import preflight
 
     try:
         preflight(params.prompts, params.output, cfg)  # the table's columns, the output writable: before Prefect
-    except (PromptTableError, OutputError) as e:
+    except USER_ERRORS as e:
         print(f"ifbatch: {e}", file=sys.stderr)
         return 2
     from .terminal import filtered_stderr, on_terminal, prefect_api
@@ -250,13 +249,13 @@ def _generate(params, cfg, progress_bar: bool, prefect: bool = True) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from ifbatch.configs import ConfigError, load_config
+    from ifbatch.configs import load_config
     from ifbatch.configs.costs import load_costs
     from ifbatch.configs.loader import override_keys
     from ifbatch.tasks.inputs.expand import image_count
-    from ifbatch.tasks.inputs.prompts import PromptTableError, read_prompts
+    from ifbatch.tasks.inputs.prompts import read_prompts
+    from ifbatch.tasks.run import USER_ERRORS
     from ifbatch.tasks.stream.cluster import DEFAULT_KIND
-    from ifbatch.tasks.stream.plan import PlanError
     from ifbatch.tasks.stream.planner import plan
 
     extra = [f"data.prompt_column={args.prompt_column}"] if args.prompt_column else []
@@ -277,7 +276,7 @@ def _plan(args: argparse.Namespace) -> int:
             memory_gb=cfg.plan.gpu_memory_gb or (cluster.memory_gb if cluster else None),
         )
         table = read_prompts(args.prompts, cfg)
-    except (ConfigError, PlanError, PromptTableError, ValueError) as e:
+    except (*USER_ERRORS, ValueError) as e:
         print(f"ifbatch: {e}", file=sys.stderr)
         return 2
     images = image_count(table.rows)
