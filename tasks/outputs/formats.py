@@ -82,6 +82,11 @@ class Files:
         """Before a resumed run: nothing (an unrecorded file is overwritten when its image is made again)."""
         return []
 
+    def unit(self, loc: Location, ok: pa.Table, broken: dict[str, Problem], problems: list[Problem]) -> list[str]:
+        """What `verify --repair` removes with the broken images: nothing (a file is its own unit; an orphaned
+        file is listed, not removed)."""
+        return []
+
 
 class WebDataset:
     name = "webdataset"
@@ -138,6 +143,17 @@ class WebDataset:
         """Before a resumed run: remove the shards no record names (a reader of shards/*.tar would see their
         images twice once the run makes them again)."""
         return remove_orphan_shards(loc)
+
+    def unit(self, loc: Location, ok: pa.Table, broken: dict[str, Problem], problems: list[Problem]) -> list[str]:
+        """What `verify --repair` removes with the broken images: a damaged shard whole (its other images are added
+        to `broken`, to be made again) and every orphaned shard. Returns their paths."""
+        shard_of = dict(zip(ok.column("id").to_pylist(), ok.column("shard").to_pylist(), strict=True))
+        damaged = {shard_path(loc, shard_of[i]) for i in broken if shard_of.get(i)}
+        for i, shard in shard_of.items():  # every image of a damaged shard goes with it
+            if shard and i not in broken and shard_path(loc, shard) in damaged:
+                broken[i] = Problem("missing", loc.uri(shard_path(loc, shard)), i, "in a damaged shard, removed")
+        orphans = [p.uri for p in problems if p.kind == "orphan" and p.id is None and p.uri.endswith(".tar")]
+        return sorted(damaged | {shard_path(loc, u) for u in orphans})
 
 
 FORMATS: dict[str, Files | WebDataset] = {f.name: f for f in (Files(), WebDataset())}

@@ -23,7 +23,7 @@ from .images import IMAGES_DIR
 from .loadable import write_image_metadata
 from .manifest import MANIFEST_DIR, RECORD_SCHEMA, read_manifest, write_part
 from .records import RUNS_DIR
-from .shards import remove_shard, shard_path
+from .shards import remove_shard
 
 
 @dataclass
@@ -88,20 +88,18 @@ class Repair:
 
 def repair(loc: Location, report: Report, ok: pa.Table) -> Repair:
     """Record each missing or corrupt image as failed (a manifest part of its own, after every other part), so that
-    the next run into this output regenerates exactly those. A damaged shard is the unit of repair: every image in
-    it is recorded as failed and the shard removed, so that readers of shards/ never meet the damage or, after the
-    rerun, a second copy of a sample; orphaned shards are removed too. Orphaned files are listed, not deleted: a
-    rerun overwrites any it makes again. Rewrites images/metadata.parquet."""
+    the next run into this output regenerates exactly those. What else goes is the format's (formats.py: `unit`):
+    for WebDataset a damaged shard is the unit of repair -- every image in it is recorded as failed and the shard
+    removed, so that readers of shards/ never meet the damage or, after the rerun, a second copy of a sample --
+    and orphaned shards are removed too; orphaned files are listed, not deleted (a rerun overwrites any it makes
+    again). Rewrites images/metadata.parquet."""
     broken = {p.id: p for p in report.problems if p.id is not None}
-    shard_of = dict(zip(ok.column("id").to_pylist(), ok.column("shard").to_pylist(), strict=True))
-    damaged = {shard_path(loc, shard_of[i]) for i in broken if shard_of.get(i)}
-    for i, shard in shard_of.items():  # every image of a damaged shard goes with it
-        if shard and i not in broken and shard_path(loc, shard) in damaged:
-            broken[i] = Problem("missing", loc.uri(shard_path(loc, shard)), i, "in a damaged shard, removed")
-    orphans = [p.uri for p in report.problems if p.kind == "orphan" and p.id is None and p.uri.endswith(".tar")]
+    doomed: list[str] = []
+    for fmt in FORMATS.values():
+        doomed += fmt.unit(loc, ok, broken, report.problems)  # adds to `broken` what goes with a broken image
     parts = _record_failed(loc, ok, broken) if broken else []
-    # after the failed records are durable: a crash in between leaves a shard that verify lists
-    removed = [u for u in sorted({loc.uri(p) for p in damaged} | set(orphans)) if remove_shard(loc, shard_path(loc, u))]
+    # after the failed records are durable: a crash in between leaves a file that verify lists
+    removed = [loc.uri(p) for p in sorted(set(doomed)) if remove_shard(loc, p)]
     for p in report.problems:  # files a cut-short write left aside: never part of the output
         if p.kind == "unfinished":
             loc.fs.rm_file(p.uri.removeprefix("file://"))
