@@ -153,3 +153,15 @@ def part_ids(loc, path):
     with loc.fs.open(path, "rb") as f:
         t = pq.read_table(f, columns=["id", "status"]).to_pylist()
     return [r["id"] for r in t if r["status"] == "ok"]
+
+
+def each_image_once(output: str, prompts: str) -> list[dict]:
+    """Every image of the table is in the output, checked (check_outputs), and recorded ok exactly once in the
+    manifest parts themselves (read_manifest would hide a second record)."""
+    rows = check_outputs(output, set(table_ids(prompts)))
+    loc = locate(output)
+    from ifbatch.tasks.outputs.manifest import part_paths
+
+    raw_ok = [i for p in part_paths(loc) for i in part_ids(loc, p)]
+    assert sorted(raw_ok) == sorted(table_ids(prompts)), "an image was recorded twice, or not at all"
+    return rows

@@ -5,6 +5,7 @@ manifest parts as they come -- once `output.manifest_part_rows` records are in h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -123,6 +124,15 @@ def run_pipeline(
     return result
 
 
+@contextlib.contextmanager
+def _setting(event: threading.Event) -> Iterator[None]:
+    """Set `event` when the block is left, however."""
+    try:
+        yield
+    finally:
+        event.set()
+
+
 def _records(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
     """The stream's record batches. On a terminal run (interrupt.arm) they are taken on a thread of their own, so
     that the first Ctrl-C or SIGTERM is seen at once: the records already on their way out are taken for
@@ -132,17 +142,20 @@ def _records(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
         yield from batches
         return
     out: queue.Queue = queue.Queue()
+    stop = threading.Event()
 
     def pump() -> None:
         try:
             for b in batches:
                 out.put(("records", b))
+                if stop.is_set():  # the run stopped: make no more (the local executor computes in this thread)
+                    return
             out.put(("end", None))
         except BaseException as e:  # handed to the driver's thread, which raises it
             out.put(("error", e))
 
     threading.Thread(target=pump, name="ifbatch-stream", daemon=True).start()
-    with interrupt.stop_switch() as switch:
+    with interrupt.stop_switch() as switch, _setting(stop):
         deadline = None
         while True:
             if switch.on and deadline is None:

@@ -54,7 +54,9 @@ def nightly(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(server, nightly, ray_cluster, tiny_dir, tmp_path_factory):
-    """`ifbatch serve` in the background, as an operator runs it."""
+    """`ifbatch serve` in the background, as an operator runs it. Its deployments' default runs (the schedule's, the
+    browser's) use the local executor, in the run's own process; the tests that need Ray (Cancel, the dashboard run,
+    S3 keys) pass their own overrides and the tests' cluster."""
     folder = tmp_path_factory.mktemp("serve")
     log = open(folder / "serve.log", "wb")
     env = {
@@ -77,6 +79,8 @@ def served(server, nightly, ray_cluster, tiny_dir, tmp_path_factory):
             ray_cluster,
             "--set",
             f"tiny.dir={tiny_dir}",
+            "--set",
+            "executor=local",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -127,7 +131,8 @@ def test_scheduled_deployment_runs_by_itself(server, served, nightly):
     assert read_manifest(locate(nightly[1])).num_rows == 2
 
 
-def test_dashboard_run_completes_with_artifacts(server, served, tmp_path, tiny_dir, ray_cluster):
+def test_dashboard_run_completes_with_artifacts(server, served, tmp_path, tiny_dir):
+    """The run's artifacts are Prefect's, whatever runs the stream: the run uses the local executor."""
     prompts = write_table(tmp_path / "p.parquet", {"prompt": ["a cat *wearing* a [hat](http://x)", *SMALL[:3]]})
     out = str(tmp_path / "out")
     with api(server):
@@ -136,8 +141,7 @@ def test_dashboard_run_completes_with_artifacts(server, served, tmp_path, tiny_d
                 "prompts": prompts,
                 "output": out,
                 "preset": "tiny",
-                "overrides": [f"tiny.dir={tiny_dir}"],
-                "ray_address": ray_cluster,
+                "overrides": [f"tiny.dir={tiny_dir}", "executor=local"],
             }
         )
         assert run.state.is_completed(), run.state.message
@@ -317,10 +321,12 @@ def wait_for_run_with_output(server, out: str, timeout: float = 400, final: bool
 
 
 def tiny_params(prompts: str, out: str, tiny_dir, ray_cluster, *overrides: str) -> dict:
-    """A run of the tiny cascade on the tests' cluster, in batches of 2 with a manifest part per batch: slow and
-    fine-grained enough that a test can act while it runs."""
+    """A run of the tiny cascade on the tests' cluster (ray_cluster None: in the run's own process, executor=local),
+    in batches of 2 with a manifest part per batch: slow and fine-grained enough that a test can act while it runs."""
     batches = [f"{s}.batch_size=2" for s in ("text_encoder", "stage_1", "stage_2", "stage_3")]
     sets = [f"tiny.dir={tiny_dir}", "output.manifest_part_rows=2", *batches, *overrides]
+    if ray_cluster is None:
+        return {"prompts": prompts, "output": out, "preset": "tiny", "overrides": [*sets, "executor=local"]}
     return {"prompts": prompts, "output": out, "preset": "tiny", "overrides": sets, "ray_address": ray_cluster}
 
 
@@ -361,19 +367,18 @@ def test_cancel_stops_the_run_and_its_actors_and_a_rerun_resumes(server, served,
     assert last["counts"]["skipped"] == len(done) and last["counts"]["done"] == 12 - len(done)
 
 
-def test_two_runs_triggered_at_once_take_turns_on_the_gpus(server, served, tmp_path, tiny_dir, ray_cluster):
-    """Both runs complete; the second takes the cluster's GPU slot only once the first has written its records."""
+def test_two_runs_triggered_at_once_take_turns_on_the_gpus(server, served, tmp_path, tiny_dir):
+    """Both runs complete; the second takes the machine's GPU slot only once the first has written its records.
+    (The slot is Prefect's, whatever runs the stream: the runs use the local executor.)"""
     from ifbatch.flows.gpu_slot import slot_name
 
     prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:2]})
     outs = [str(tmp_path / "a"), str(tmp_path / "b")]
     with api(server):
-        runs = [start(tiny_params(prompts, out, tiny_dir, ray_cluster), timeout=0) for out in outs]
+        runs = [start(tiny_params(prompts, out, tiny_dir, None), timeout=0) for out in outs]
         finals = [wait_final(r.id) for r in runs]
         with client() as c:
-            limit = c.read_global_concurrency_limit_by_name(
-                slot_name(load_config("tiny", [f"ray.address={ray_cluster}"]).ray)
-            )
+            limit = c.read_global_concurrency_limit_by_name(slot_name(load_config("tiny").ray))
     assert all(f.state.is_completed() for f in finals), [f.state for f in finals]
     first, second = sorted((run_records(o)[-1] for o in outs), key=lambda r: r["gpu_slot"]["acquired_at"])
     assert first["gpu_slot"]["name"] == second["gpu_slot"]["name"] == limit.name and limit.limit == 1
@@ -436,9 +441,10 @@ def test_s3_keys_from_a_prefect_block_reach_the_writers_and_nowhere_else(
     assert not leaks, f"the secret appears in {leaks}"
 
 
-def test_retry_on_a_failed_run_resumes_into_the_same_output(server, served, tmp_path, tiny_dir, ray_cluster, s3_server):
+def test_retry_on_a_failed_run_resumes_into_the_same_output(server, served, tmp_path, tiny_dir, s3_server):
     """A run whose S3 store starts refusing writes mid-run ends Failed; once the store is back, the dashboard's
-    Retry reruns it into the same output and makes only the images it had not recorded: every image once."""
+    Retry reruns it into the same output and makes only the images it had not recorded: every image once. (Retry
+    is Prefect's, whatever runs the stream: the run uses the local executor.)"""
     from ..conftest import BUCKET
 
     proxy = FaultyS3Proxy(s3_server.endpoint)
@@ -447,7 +453,7 @@ def test_retry_on_a_failed_run_resumes_into_the_same_output(server, served, tmp_
     sets = [f"s3.endpoint_url={proxy.endpoint}", "s3.retry_deadline_s=3"]
     try:
         with api(server):
-            run = start(tiny_params(prompts, out, tiny_dir, ray_cluster, *sets), timeout=0)
+            run = start(tiny_params(prompts, out, tiny_dir, None, *sets), timeout=0)
             wait_for_records(out, run)
             proxy.failing.set()  # from here every PUT fails
             failed = wait_final(run.id)
