@@ -358,8 +358,8 @@ def test_cancel_stops_the_run_and_its_actors_and_a_rerun_resumes(server, served,
     assert stopped["status"] == "cancelled" and stopped["counts"]["done"] == len(done)
     assert not locate(out).fs.exists(locate(out).path(".ifbatch-lease.json"))  # the output is free again
 
-    with api(server):
-        again = start(params)
+    with api(server):  # (resume is the run engine's whatever runs the stream: the rerun runs it locally)
+        again = start(tiny_params(prompts, out, tiny_dir, None))
     assert again.state.is_completed(), again.state.message
     ids = manifest_ids(out)
     assert len(ids) == 12 == len(set(ids))
@@ -450,7 +450,7 @@ def test_retry_on_a_failed_run_resumes_into_the_same_output(server, served, tmp_
     proxy = FaultyS3Proxy(s3_server.endpoint)
     prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a photo of a cat number {i}" for i in range(8)]})
     out = f"s3://{BUCKET}/retry-{tmp_path.name}"
-    sets = [f"s3.endpoint_url={proxy.endpoint}", "s3.retry_deadline_s=3"]
+    sets = [f"s3.endpoint_url={proxy.endpoint}", "s3.retry_deadline_s=1"]
     try:
         with api(server):
             run = start(tiny_params(prompts, out, tiny_dir, None, *sets), timeout=0)

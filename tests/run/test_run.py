@@ -178,7 +178,7 @@ def test_a_store_failing_every_put_mid_run_stops_it_and_the_rerun_resumes(tmp_pa
     prompts = write_table(tmp_path / "p.parquet", {"prompt": cats})
     out = f"s3://{BUCKET}/faulty-{tmp_path.name}"
     sets = [
-        *tiny_set, f"s3.endpoint_url={proxy.endpoint}", "s3.retry_deadline_s=3", "output.manifest_part_rows=2",
+        *tiny_set, f"s3.endpoint_url={proxy.endpoint}", "s3.retry_deadline_s=1", "output.manifest_part_rows=2",
         *SMALL_BATCHES,
     ]  # fmt: skip
     args = local_args(prompts, out, sets)
@@ -205,9 +205,9 @@ def test_a_store_failing_every_put_mid_run_stops_it_and_the_rerun_resumes(tmp_pa
         proxy.stop()
 
 
-@pytest.mark.parametrize("fault", ["s3 frozen 25 s", "s3 restarted"])
+@pytest.mark.parametrize("fault", ["s3 frozen 12 s", "s3 restarted"])
 def test_a_store_fault_mid_run_leaves_every_image_exactly_once(fault, tmp_path, tiny_set, s3_server):
-    """Mid-run (after the first manifest part): the S3 server's processes stopped (SIGSTOP) for 25 s, or the server
+    """Mid-run (after the first manifest part): the S3 server's processes stopped (SIGSTOP) for 12 s, or the server
     stopped and started again on the same data. Writes wait and retry within s3.retry_deadline_s: the run
     completes, every image exactly once with its sha256. (A stage actor killed mid-run: tests/e2e, on Ray.)"""
     cats = [f"a photo of a cat number {i}" for i in range(16)]
@@ -217,10 +217,10 @@ def test_a_store_fault_mid_run_leaves_every_image_exactly_once(fault, tmp_path, 
     run = start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_a_part(run, out)
     assert run.poll() is None, "the run ended before the fault"
-    if fault == "s3 frozen 25 s":
+    if fault == "s3 frozen 12 s":
         os.killpg(s3_server.proc.pid, signal.SIGSTOP)
         try:
-            time.sleep(25)
+            time.sleep(12)
         finally:
             os.killpg(s3_server.proc.pid, signal.SIGCONT)
     else:
