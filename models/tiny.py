@@ -287,3 +287,38 @@ def ensure_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:
     if tiny_ready(directory, seed):
         return Path(os.path.expanduser(str(directory)))
     return build_tiny_cascade(directory, seed)
+
+
+def build_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """A seeded random-weight CLIP (CLIPModel + CLIPProcessor, 64 px images, the tiny cascade's CLIP tokenizer),
+    saved like a hub repo and loaded back through models.loading like real weights. Same seed, same bytes."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    target = Path(os.path.expanduser(str(directory)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    quiet_progress_bars()
+    tokenizer = _clip_tokenizer()
+    small = dict(hidden_size=CLIP_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            **small,
+        ),
+        vision_config=dict(image_size=64, patch_size=16, **small),
+        projection_dim=16,
+    )
+    _seeded(seed, 7)
+    model = CLIPModel(config).eval()
+    images = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        model.save_pretrained(tmp)
+        CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        os.makedirs(tmp)
+    return target

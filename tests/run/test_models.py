@@ -218,3 +218,29 @@ def test_compiled_stages_give_the_same_images_on_short_batches(tiny_cfg, cascade
     np.testing.assert_allclose(x1, batch.stage_1[:3], atol=1e-3)
     np.testing.assert_allclose(x2, batch.stage_2[:3], atol=1e-3)
     assert np.abs(x3.astype(int) - eager3.astype(int)).max() <= 2
+
+
+def test_tiny_clip_scores_each_image_against_its_prompt_through_the_real_loading_code(tmp_path):
+    """The scorer for best-of-k (issue 22, first step): a seeded random-weight CLIP saved like a hub repo and loaded
+    back through models.loading; one score per image, the same whatever its batch; same seed, same bytes."""
+    from ifbatch.models.loading import ModelLoadError
+    from ifbatch.models.scorer import ClipScorer
+    from ifbatch.models.tiny import build_tiny_clip
+
+    a, b = build_tiny_clip(tmp_path / "a", seed=0), build_tiny_clip(tmp_path / "b", seed=0)
+    other = build_tiny_clip(tmp_path / "c", seed=1)
+    weights = [(d / "model.safetensors").read_bytes() for d in (a, b, other)]
+    assert weights[0] == weights[1] != weights[2]
+    scorer = ClipScorer(str(a), device="cpu")
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    prompts = ["a photo of a cat", "a red car", "a castle in the snow"]
+    scores = scorer(images, prompts)
+    assert scores.shape == (3,) and scores.dtype == np.float32 and np.all(np.abs(scores) <= 100)
+    alone = np.array([scorer(images[i : i + 1], prompts[i : i + 1])[0] for i in range(3)])
+    np.testing.assert_allclose(alone, scores, atol=1e-3)  # a score does not depend on its batch mates
+    assert scorer(images[:1], ["a dog"])[0] != scores[0]  # the prompt matters
+    assert scorer.record["source"] == str(a) and scorer.record["dtype"] == "float32"
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        scorer(images, prompts[:2])
+    with pytest.raises(ModelLoadError, match="scorer"):
+        ClipScorer(str(tmp_path / "missing"), device="cpu")
