@@ -11,6 +11,7 @@ the stream itself.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -22,7 +23,7 @@ from .local import LocalExecutor
 from .pipeline import PipelineResult
 from .ray_data import RayExecutor
 
-EXECUTORS = ("ray", "local")
+EXECUTORS = typing.get_args(CascadeConfig.model_fields["executor"].annotation)  # the config's choices
 
 
 class Session(Protocol):
