@@ -200,7 +200,7 @@ def _plain_run(params, cfg) -> tuple[object, str, bool]:
         reason = f"{type(e).__name__}: {e}"
         log.error("run failed: %s", reason)
         return None, reason, False
-    message = f"{summary.line}; run record {summary.run_record}"
+    message = summary.report
     return summary, message, summary.ok
 
 

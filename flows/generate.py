@@ -85,7 +85,7 @@ def generate(params: GenerateParams):
         reason = f"{type(e).__name__}: {e}"
         log.error("run failed: %s", reason)
         return Failed(message=reason)
-    message = f"{summary.line}; run record {summary.run_record}"
+    message = summary.report
     if not summary.ok:
         log.error("rows did not complete: %s", message)
         return Failed(message=message, data=summary)

@@ -78,6 +78,11 @@ class RunSummary:
         )
 
     @property
+    def report(self) -> str:
+        """The line a finished run ends with: its counts and where its run record is."""
+        return f"{self.line}; run record {self.run_record}"
+
+    @property
     def ok(self) -> bool:
         return self.failed == 0 and self.rejected == 0
 
