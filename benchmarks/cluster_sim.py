@@ -41,13 +41,13 @@ sys.path.insert(0, str(ROOT))
 
 from ifbatch.configs import load_config  # noqa: E402
 from ifbatch.configs.costs import load_costs  # noqa: E402
-from ifbatch.configs.schema import STAGES  # noqa: E402
+from ifbatch.configs.schema import CASCADE  # noqa: E402
 from ifbatch.tasks.inputs.prompts import read_prompts  # noqa: E402
 from ifbatch.tasks.storage import locate  # noqa: E402
 from ifbatch.tasks.stream import stages as real  # noqa: E402
 from ifbatch.tasks.stream.pipeline import run_pipeline  # noqa: E402
 from ifbatch.tasks.stream.placing import placed  # noqa: E402
-from ifbatch.tasks.stream.planner import model_key  # noqa: E402
+from ifbatch.tasks.stream.planner import candidates, model_key  # noqa: E402
 from ifbatch.tasks.stream.ray_data import build_dataset  # noqa: E402
 
 # A GPU shared by several processes time-slices between them at a grain of milliseconds, far finer than a model
@@ -58,9 +58,9 @@ from ifbatch.tasks.stream.ray_data import build_dataset  # noqa: E402
 SLICE_S = 0.02
 
 
-def make_actors(seconds: dict[str, float], lock_dir: str) -> dict[str, type]:
+def make_actors(seconds: dict[str, float], lock_dir: str, k: int = 0) -> dict[str, type]:
     """Stage actors whose model call waits `seconds[stage]` per image on their fake GPU (classes built here are
-    pickled by value into the Ray workers)."""
+    pickled by value into the Ray workers). k: candidates per image when the run chooses (best of k), else 0."""
 
     def occupy(total: float) -> None:
         import ray
@@ -87,8 +87,21 @@ def make_actors(seconds: dict[str, float], lock_dir: str) -> dict[str, type]:
             e = np.zeros((n, 77, 4096), np.float16)
             f = np.zeros(n, bool)
             return {"prompt_embeds": e, "negative_embeds": e.copy(), "truncated": f, "negative_truncated": f.copy()}
+        if stage == "stage_1" and k:
+            return {
+                "candidates_1": np.zeros((n, k, 3, 64, 64), np.float16),
+                "candidate_seeds": np.zeros((n, k), np.int64),
+            }
         if stage == "stage_1":
             return {"image_1": np.zeros((n, 3, 64, 64), np.float16)}
+        if stage == "scorer":
+            return {
+                "image_1": np.zeros((n, 3, 64, 64), np.float16),
+                "candidate": np.zeros(n, np.int16),
+                "candidate_seed": np.zeros(n, np.int64),
+                "candidate_scores": np.zeros((n, k), np.float32),
+                "filtered": np.zeros(n, bool),
+            }
         if stage == "stage_2":
             return {"image_2": np.zeros((n, 3, 256, 256), np.float16)}
         return {
@@ -187,25 +200,28 @@ def simulate(shape: list[int], images: int, scale: float, overrides: list[str], 
     quiet_libraries()
     cfg = load_config("if-xl", overrides)
     costs = load_costs()
-    table_seconds = {s: costs.cost("H200", s, model_key(cfg, s)).seconds_per_image for s in STAGES}
+    k = cfg.data.candidates_per_image
+    table_seconds = {
+        s: costs.cost("H200", s, model_key(cfg, s)).seconds_per_image * candidates(cfg, s) for s in cfg.stages
+    }
     out = tempfile.mkdtemp(dir=tmp)
     rows = read_prompts(prompts_table(f"{out}/prompts.parquet", images), cfg).rows
     lock_dir = tempfile.mkdtemp(dir=tmp)
     gpus = sum(shape)
     with cluster(shape), placed(cfg, frozenset(), images, None) as placement:
-        seconds = {s: table_seconds[s] / scale for s in STAGES}
+        seconds = {s: table_seconds[s] / scale for s in cfg.stages}
         if placement.plan is not None:
-            seconds = {s: placement.plan.stages[s].seconds_per_image / scale for s in STAGES}
-        actors = make_actors(seconds, lock_dir)
+            seconds = {s: placement.plan.stages[s].seconds_per_image / scale for s in cfg.stages}
+        actors = make_actors(seconds, lock_dir, k if cfg.chooses else 0)
         wall0 = time.time()
-        stream = lambda r: build_dataset(r, placement.cfg, out, placement.groups, actors).iter_batches(  # noqa: E731
+        stream = lambda r, stop: build_dataset(r, placement.cfg, out, placement.groups, actors).iter_batches(  # noqa: E731
             batch_size=None, batch_format="pyarrow"
         )
         result = run_pipeline(rows, placement.cfg, locate(out), "sim", {}, stream)
     if result.failed:
         raise SystemExit(f"{result.failed} simulated rows failed: {result.errors[:3]}")
     ideal = gpus / sum(seconds.values())
-    packing = _packing(lock_dir)
+    packing = _packing(lock_dir, [s for s in cfg.stages if s != "text_encoder"])
     batches = _batches(lock_dir, placement.cfg)
     t20, t80 = _window(result)
     return dict(
@@ -243,7 +259,7 @@ def _busy(lock_dir: str, a: float, b: float, gpus: int) -> float:
 def _batches(lock_dir: str, cfg) -> dict[str, list[int]]:
     """Per diffusion stage: [calls, calls with fewer rows than its batch size]. With blocks of one batch each
     there is at most one short call per stage (the table's remainder)."""
-    out = {s: [0, 0] for s in STAGES[1:]}
+    out = {s: [0, 0] for s in CASCADE[1:]}
     for log in Path(lock_dir).glob("calls-*.log"):
         for line in log.read_text().splitlines():
             stage, n = line.split()[:2]
@@ -253,7 +269,7 @@ def _batches(lock_dir: str, cfg) -> dict[str, list[int]]:
     return out
 
 
-def _packing(lock_dir: str) -> str:
+def _packing(lock_dir: str, stages: list[str]) -> str:
     """Which stages' actors share which fake GPU (each actor wrote its GPU ids when it started): 'one of each'
     when every GPU holds exactly one actor of each diffusion stage."""
     per_gpu: dict[str, list[str]] = {}
@@ -261,7 +277,7 @@ def _packing(lock_dir: str) -> str:
         a = json.loads(f.read_text())
         for g in a["gpus"]:
             per_gpu.setdefault(g, []).append(a["stage"])
-    ok = all(sorted(s for s in held if s != "text_encoder") == list(STAGES[1:]) for held in per_gpu.values())
+    ok = all(sorted(s for s in held if s != "text_encoder") == sorted(stages) for held in per_gpu.values())
     if ok:
         return f"one of each on {len(per_gpu)} GPUs"
     return "uneven: " + "; ".join(f"GPU {g}: {sorted(held)}" for g, held in sorted(per_gpu.items()))
@@ -284,7 +300,7 @@ def main() -> None:
     args = p.parse_args()
     costs = load_costs()
     cfg = load_config("if-xl")
-    total = sum(costs.cost("H200", s, model_key(cfg, s)).seconds_per_image for s in STAGES)
+    total = sum(costs.cost("H200", s, model_key(cfg, s)).seconds_per_image for s in CASCADE)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         shapes = [[int(g) for g in s.split(",")] for s in args.shapes] or [[n] for n in args.gpus]
@@ -317,7 +333,7 @@ def main() -> None:
 
 def _print_row(n, scale, plan, preset, flush=False) -> None:
     st = plan["plan"].get("stages", {})
-    replicas = "/".join(str(st[s]["replicas"]) for s in STAGES[1:]) + f", {st['text_encoder']['replicas']}"
+    replicas = "/".join(str(st[s]["replicas"]) for s in CASCADE[1:]) + f", {st['text_encoder']['replicas']}"
     pre = f"{100 * preset['steady'] / preset['ideal']:.0f}% / {100 * preset['busy']:.0f}%" if preset else "-"
     short = " / ".join(f"{b} of {a}" for a, b in plan["batches"].values())
     print(

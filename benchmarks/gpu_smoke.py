@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from ifbatch.configs import load_config
-from ifbatch.configs.schema import STAGES
+from ifbatch.configs.schema import CASCADE
 from ifbatch.models.encode import TextEncoder
 from ifbatch.models.loading import torch_dtype
 from ifbatch.models.params import StageParams
@@ -74,7 +74,7 @@ def main() -> None:
     args = parse()
     cfg = load_config("tiny" if args.tiny else "if-xl", ["device=cpu"] if args.tiny else ["device=cuda"])
     device = torch.device(cfg.device)
-    dtypes = {k: torch_dtype(getattr(cfg, k).dtype) for k in STAGES}
+    dtypes = {k: torch_dtype(getattr(cfg, k).dtype) for k in CASCADE}
     t0 = time.perf_counter()
     parts = random_components(0, real_size=not args.tiny, device=str(device), dtypes=dtypes)
     pipes = pipelines(parts)
@@ -134,7 +134,7 @@ def main() -> None:
         f"### {name}, {dt.date.today().isoformat()}, {'tiny' if args.tiny else 'real-size'} cascade",
         "",
         f"torch {torch.__version__}; steps {steps}; dtypes "
-        f"{'/'.join(getattr(cfg, k).dtype for k in STAGES)}; "
+        f"{'/'.join(getattr(cfg, k).dtype for k in CASCADE)}; "
         f"models built in {build_s:.0f} s. Command: `python benchmarks/gpu_smoke.py{' --tiny' if args.tiny else ''}`",
         "",
         "| batch | stage | s / image | peak GB |",

@@ -14,10 +14,13 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
 TimestepPreset = Literal["fast27", "smart27", "smart50", "smart100", "smart185", "super27", "super40", "super100"]
 
-# The cascade's stages, in order; each is also its config section's name, and the one name it has everywhere
-# (manifest columns, placement, per-stage timings, actor pools).
-STAGES = ("text_encoder", "stage_1", "stage_2", "stage_3")
-DIFFUSION_STAGES = STAGES[1:]
+# A run's stages, in order; each is also its config section's name, and the one name it has everywhere
+# (manifest columns, placement, per-stage timings, actor pools). The scorer runs only when it has something to
+# choose or filter (CascadeConfig.stages: best of k, data.min_clip_score).
+STAGES = ("text_encoder", "stage_1", "scorer", "stage_2", "stage_3")
+CASCADE = ("text_encoder", "stage_1", "stage_2", "stage_3")  # the stages of a run that does not choose
+DIFFUSION_STAGES = CASCADE[1:]
+CANDIDATE_STAGES = ("stage_1", "scorer")  # their work grows with data.candidates_per_image
 
 # Sub-directories of a generated tiny cascade, laid out like the real hub repos.
 TINY_LAYOUT = {
@@ -26,6 +29,7 @@ TINY_LAYOUT = {
     "stage_2": "IF-II",
     "stage_3": "x4-upscaler",
     "safety": "IF-I",
+    "scorer": "clip",
 }
 
 
@@ -108,6 +112,21 @@ class Stage3Config(DiffusionStage):
     batch_size: int = Field(2, ge=1, le=1024)
 
 
+class ScorerConfig(ModelRef, Execution):
+    """CLIP image-text similarity (100 x cosine): picks the best of a row's stage I candidates at 64 px, filters
+    under data.min_clip_score, and scores every final image (the manifest's clip_score)."""
+
+    source: str | None = Field(
+        "openai/clip-vit-large-patch14",
+        min_length=1,
+        description="CLIP repo (transformers CLIPModel + CLIPProcessor) or a directory laid out like it; null = no "
+        "scores (then data.candidates_per_image must be 1 and data.min_clip_score null).",
+    )
+    variant: str | None = Field(None, description="Weight file variant; the OpenAI CLIP repos have none.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per CLIP call.")
+    num_gpus: float = Field(0.1, ge=0, le=8)
+
+
 class SafetyConfig(Section):
     checker: bool = Field(True, description="Run IF's safety checker; results are per-row flags, images are kept.")
     watermark: bool = Field(True, description="Stamp IF's watermark on the final images.")
@@ -144,6 +163,21 @@ class DataConfig(Section):
     )
     images_column: str = Field(
         "n", min_length=1, description="Optional per-row column of images per prompt (overrides images_per_prompt)."
+    )
+    candidates_per_image: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Best of k: stage I makes k candidates of each image (candidate 0 with the image's seed, the "
+        "others with seeds derived from it), the scorer keeps the one that best matches the prompt, and only that "
+        "one is upscaled. 1 = no choice (the images of a run without it).",
+    )
+    min_clip_score: float | None = Field(
+        None,
+        ge=-100,
+        le=100,
+        description="Images whose best 64 px candidate scores under this are recorded as status 'filtered' and not "
+        "upscaled (done: a rerun does not make them again). null = keep every image.",
     )
     max_prompt_chars: int = Field(
         10_000,
@@ -267,6 +301,7 @@ class CascadeConfig(Section):
     stage_1: Stage1Config = Stage1Config()
     stage_2: Stage2Config = Stage2Config()
     stage_3: Stage3Config = Stage3Config()
+    scorer: ScorerConfig = ScorerConfig()
     safety: SafetyConfig = SafetyConfig()
     data: DataConfig = DataConfig()
     output: OutputConfig = OutputConfig()
@@ -290,9 +325,37 @@ class CascadeConfig(Section):
             data[section] = part
         return data
 
+    @model_validator(mode="after")
+    def _scorer_for_choices(self) -> CascadeConfig:
+        if self.scorer.source is None and self.chooses:
+            raise ValueError(
+                f"data.candidates_per_image = {self.data.candidates_per_image} and data.min_clip_score = "
+                f"{self.data.min_clip_score} need a scorer, but scorer.source is null; set scorer.source (a CLIP "
+                f"repo or directory), or candidates_per_image=1 and min_clip_score=null"
+            )
+        return self
+
     @property
     def safety_source(self) -> str:
         return self.safety.source or self.stage_1.source
+
+    @property
+    def chooses(self) -> bool:
+        """Whether the scorer stage runs: best of k, or a score filter."""
+        return self.data.candidates_per_image > 1 or self.data.min_clip_score is not None
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this run has, in order (the scorer only when it chooses)."""
+        return tuple(s for s in STAGES if s != "scorer" or self.chooses)
+
+    def rows_per_call(self, stage: str) -> int:
+        """Rows a stage takes per call: its batch_size counts images, and stage I and the scorer see
+        data.candidates_per_image images per row."""
+        size = getattr(self, stage).batch_size
+        if stage in CANDIDATE_STAGES:
+            return max(1, size // self.data.candidates_per_image)
+        return size
 
 
 RunConfig = CascadeConfig  # the whole run's configuration; the cascade is most of it

@@ -16,13 +16,25 @@ from ifbatch.configs.schema import CascadeConfig
 
 from .encode import TextEncoder
 from .safety import Safety
+from .scorer import ClipScorer
 from .stage_1 import Stage1
 from .stage_2 import Stage2
 from .stage_3 import Stage3
 from .tiny import ensure_tiny_cascade
 
 # The runner of each stage, in the order of configs.schema.STAGES (tests check they agree).
-RUNNERS = {"text_encoder": TextEncoder, "stage_1": Stage1, "stage_2": Stage2, "stage_3": Stage3}
+RUNNERS = {
+    "text_encoder": TextEncoder,
+    "stage_1": Stage1,
+    "scorer": ClipScorer,
+    "stage_2": Stage2,
+    "stage_3": Stage3,
+}
+
+
+def loaded(cfg: CascadeConfig) -> list[str]:
+    """The stages whose models a run loads: every one but a scorer whose source is null (no scores)."""
+    return [name for name in RUNNERS if name != "scorer" or cfg.scorer.source is not None]
 
 
 @dataclass
@@ -48,9 +60,9 @@ def resolve_cascade(cfg: CascadeConfig) -> tuple[CascadeConfig, dict[str, dict]]
     the same revision. Returns the pinned config and what each model is (for the manifest and run record)."""
     prepare(cfg)
     pinned, record = {}, {}
-    for name, runner in RUNNERS.items():
+    for name in loaded(cfg):
         section = getattr(cfg, name)
-        r = runner.resolve(section)
+        r = RUNNERS[name].resolve(section)
         record[name] = r.record()
         if r.commit:
             pinned[name] = section.model_copy(update={"revision": r.commit})
@@ -66,8 +78,10 @@ class Cascade:
     def __init__(self, cfg: CascadeConfig):
         prepare(cfg)
         self.cfg = cfg
-        self.runners = {name: runner(getattr(cfg, name), cfg.device) for name, runner in RUNNERS.items()}
-        self.encoder, self.stage_1, self.stage_2, self.stage_3 = self.runners.values()
+        self.runners = {name: RUNNERS[name](getattr(cfg, name), cfg.device) for name in loaded(cfg)}
+        self.encoder, self.stage_1, self.stage_2, self.stage_3 = (
+            self.runners[s] for s in ("text_encoder", "stage_1", "stage_2", "stage_3")
+        )
         self.safety = Safety(cfg.safety, cfg.safety_source, cfg.stage_3.dtype, cfg.device)
 
     def models(self) -> dict[str, dict]:

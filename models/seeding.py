@@ -19,3 +19,9 @@ def derive_seed(seed: int, salt: str) -> int:
 def generators(seeds: Sequence[int], stage: str) -> list[torch.Generator]:
     """One CPU generator per row. CPU generators make the noise identical on every device and node."""
     return [torch.Generator("cpu").manual_seed(derive_seed(int(s), stage)) for s in seeds]
+
+
+def candidate_seed(seed: int, index: int) -> int:
+    """The stage I seed of a row's candidate `index` (best of k): candidate 0 is the row's own seed (so k = 1 makes
+    the images of a run without candidates), the others are derived from it."""
+    return int(seed) if index == 0 else derive_seed(int(seed), f"candidate:{index}")

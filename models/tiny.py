@@ -259,8 +259,12 @@ def pipelines(c: dict[str, object]) -> dict[str, object]:
     }
 
 
+TINY_FORMAT = 2  # what a built cascade holds; a cache of another format is built again (2: the scorer's clip/)
+
+
 def build_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Write IF-I/, IF-II/ and x4-upscaler/ under `directory` (atomically: a half-built cascade never appears)."""
+    """Write IF-I/, IF-II/, x4-upscaler/ and the scorer's clip/ under `directory` (atomically: a half-built cascade
+    never appears)."""
     target = Path(os.path.expanduser(str(directory)))
     target.parent.mkdir(parents=True, exist_ok=True)
     quiet_progress_bars()  # no "Writing model shards" bars
@@ -268,7 +272,8 @@ def build_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         for name, pipe in pipes.items():
             pipe.save_pretrained(f"{tmp}/{name}")
-        (Path(tmp) / "TINY_CASCADE.json").write_text(json.dumps({"seed": seed, "format": 1}))
+        build_tiny_clip(Path(tmp) / "clip", seed)
+        (Path(tmp) / "TINY_CASCADE.json").write_text(json.dumps({"seed": seed, "format": TINY_FORMAT}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -279,7 +284,10 @@ def build_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:
 def tiny_ready(directory: str | os.PathLike, seed: int = 0) -> bool:
     """Whether `directory` already holds a cascade built from `seed`."""
     marker = Path(os.path.expanduser(str(directory))) / "TINY_CASCADE.json"
-    return marker.is_file() and json.loads(marker.read_text()).get("seed") == seed
+    if not marker.is_file():
+        return False
+    made = json.loads(marker.read_text())
+    return made.get("seed") == seed and made.get("format") == TINY_FORMAT
 
 
 def ensure_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:

@@ -90,6 +90,7 @@ def counts_table(s: RunSummary) -> list[dict[str, Any]]:
             ("rows in table", s.total),
             ("images asked for", s.images),
             ("done", s.done),
+            ("of them filtered (data.min_clip_score)", s.filtered),
             ("rejected", s.rejected),
             ("failed", s.failed),
             ("skipped by resume", s.skipped),
@@ -100,6 +101,15 @@ def counts_table(s: RunSummary) -> list[dict[str, Any]]:
     ]
     if s.plan.get("images_per_second"):
         rows.append({"what": "images/s the plan estimated", "value": round(s.plan["images_per_second"], 3)})
+        k, kept = s.plan.get("candidates_per_image") or 1, s.done - s.filtered
+        per_kept = s.plan["gpus"] * s.seconds / kept if kept and s.seconds else None
+        rows.append(
+            {
+                "what": f"GPU-s per kept image, {k} candidate{'s' if k > 1 else ''} an image (planned / this run)",
+                "value": f"{s.plan['gpu_seconds_per_image']:.2f} / {'-' if per_kept is None else f'{per_kept:.2f}'}"
+                + (f" ({s.plan['cost_vs_one_candidate']:.2f}x k = 1)" if k > 1 else ""),
+            }
+        )
     for stage, sec in s.stage_seconds_per_image.items():
         rows.append({"what": f"{stage} s/image", "value": f"{sec:.3f} ({100 * sec / total_stage:.0f}%)"})
     return rows

@@ -69,11 +69,17 @@ class RunSummary:
     steady_rows_per_second: float = 0.0  # between 20% and 80% of the rows done
     plan: dict = field(default_factory=dict)  # the run record's plan: its estimate is plan["images_per_second"]
     images: int = 0  # images the valid rows ask for (images_per_prompt or a row's n); done/failed/skipped count these
+    filtered: int = 0  # of done: recorded as filtered (best candidate under data.min_clip_score), not upscaled
 
     @property
     def line(self) -> str:
+        done = (
+            f"{self.done} images done ({self.filtered} filtered under data.min_clip_score)"
+            if self.filtered
+            else (f"{self.done} images done")
+        )
         return (
-            f"{self.done} images done, {self.failed} failed, {self.skipped} skipped (already done) of {self.images} "
+            f"{done}, {self.failed} failed, {self.skipped} skipped (already done) of {self.images} "
             f"images from {self.total} rows, {self.rejected} rows rejected"
         )
 

@@ -197,12 +197,12 @@ class Run:
                 for line in session.lines:
                     log.info("%s", line)
                 ctx.startup_seconds, ctx.stage_plan = time.monotonic() - t0, session.record
-                stream = lambda phase: session.records(phase, ctx.output, ctx.run_id, ctx.models)  # noqa: E731
+                stream = lambda phase, stop: session.records(phase, ctx.output, ctx.run_id, ctx.models, stop)  # noqa: E731
                 try:
                     for phase in session.phases(rows, ctx.result):
                         run_pipeline(
                             phase, session.cfg, ctx.loc, ctx.run_id, ctx.models, stream,
-                            result=ctx.result, on_batch=session.on_batch, total=images,
+                            result=ctx.result, on_batch=session.on_batch, total=images, in_process=session.in_process,
                         )  # fmt: skip
                         for line in session.said():
                             log.info("%s", line)
@@ -251,6 +251,7 @@ class Run:
             failed=result.failed,
             rejected=len(plan.rejected),
             skipped=ctx.skipped,
+            filtered=result.filtered,
         )
         seconds = ctx.seconds
         record = dict(
@@ -295,7 +296,9 @@ class Run:
             **self._facts(),
             status=status,
             reason=reason,
-            counts=dict(images=images, done=result.done, failed=result.failed, skipped=ctx.skipped),
+            counts=dict(
+                images=images, done=result.done, failed=result.failed, skipped=ctx.skipped, filtered=result.filtered
+            ),
             seconds=ctx.seconds,
             plan=ctx.stage_plan,
             manifest_parts=result.parts,

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ifbatch.configs.schema import STAGES
+from ifbatch.configs.schema import CASCADE
 from ifbatch.tasks.inputs.expand import image_id
 from ifbatch.tasks.outputs.formats import read_image
 from ifbatch.tasks.outputs.images import image_relpath
@@ -83,7 +83,7 @@ def writer_rows(pixels: np.ndarray, failed: int = 0) -> dict[str, np.ndarray]:
     for f in RECORD_SCHEMA:
         if f.name.startswith("stage_"):
             b[f.name] = np.full(n, None if f.name.endswith("timesteps") else 4, object)
-    for s in STAGES:
+    for s in CASCADE:
         b[f"seconds_{s}"] = np.array([0.1] * ok + [np.nan] * failed)
         b[f"placement_{s}"] = np.full(n, json.dumps({"node": "n1", "gpus": ["0"]}), object)
     return b
@@ -102,7 +102,8 @@ def check_outputs(output: str, expect_ids: set[str]) -> list[dict]:
         else:
             assert r["image_uri"] is None and r["member"] == f"{sample_key(r['id'])}.png"
         models = json.loads(r["models"])
-        assert set(models) == {"text_encoder", "stage_1", "stage_2", "stage_3", "safety"}
+        assert set(models) == {"text_encoder", "stage_1", "scorer", "stage_2", "stage_3", "safety"}
+        assert r["clip_score"] is not None and r["candidate"] == 0 and r["candidate_seed"] == r["seed"]
         assert models["stage_1"]["dtype"] == "float32" and r["stage_1_steps"] == 4 and r["stage_3_noise_level"] == 100
         assert r["seconds_stage_3"] > 0 and r["watermarked"] is True
     return rows

@@ -1,6 +1,7 @@
 """The manifest: Parquet parts under <output>/manifest/, each written only after every image it names is durable.
 
-A row is done when an `ok` record for its id exists. Parts are an append-only log named by run and sequence;
+A row is done when an `ok` record for its id exists, or a `filtered` one (its best candidate scored under
+data.min_clip_score: a rerun does not make it again). Parts are an append-only log named by run and sequence;
 `read_manifest` keeps the latest record per id (a failed row that later succeeded shows once, as ok).
 """
 
@@ -32,6 +33,8 @@ RECORD_SCHEMA = pa.schema(
         ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("bytes", pa.int64()),
         ("nsfw", pa.bool_()), ("watermark_detected", pa.bool_()), ("watermarked", pa.bool_()),
         ("truncated", pa.bool_()), ("negative_truncated", pa.bool_()),
+        ("clip_score", pa.float32()), ("candidate", pa.int16()), ("candidate_seed", pa.int64()),
+        ("candidate_scores", pa.list_(pa.float32())),
         *param_fields(),
         *[(f"seconds_{stage}", pa.float64()) for stage in STAGES], ("seconds_write", pa.float64()),
         ("placement", pa.string()), ("written_at", pa.string()),
@@ -109,7 +112,10 @@ def latest_per_id(t: pa.Table) -> pa.Table:
     return t.take(pc.take(rows, pc.sort_indices(rows))).drop_columns(["_pos"])
 
 
+DONE = ("ok", "filtered")  # the statuses a rerun does not make again
+
+
 def done_ids(loc: Location) -> pa.Array:
-    """The ids with an `ok` record."""
+    """The ids with an `ok` or `filtered` record."""
     t = read_manifest(loc, ["id", "status"])
-    return t.filter(pc.equal(t.column("status"), "ok")).column("id").combine_chunks()
+    return t.filter(pc.is_in(t.column("status"), pa.array(DONE))).column("id").combine_chunks()

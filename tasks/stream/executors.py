@@ -5,12 +5,13 @@ and two ways to run it (datatrove's executors are the model):
 - `local` (local.py): the same classes chained in this process; for tests and for a machine without a cluster.
 
 An executor's `open(cfg, explicit, images, loc)` is a context manager giving a session for one run (a Session):
-the config the stream runs with, the plan it keeps in the run record, and `records(rows, output, run_id, models)`,
-the stream itself.
+the config the stream runs with, the plan it keeps in the run record, and `records(rows, output, run_id, models,
+stop)`, the stream itself (it makes no more once `stop` is set).
 """
 
 from __future__ import annotations
 
+import threading
 import typing
 from collections.abc import Iterator
 from typing import Protocol
@@ -35,7 +36,12 @@ class Session(Protocol):
     def phases(self, rows: pa.Table, result: PipelineResult) -> Iterator[pa.Table]: ...
     def on_batch(self, result: PipelineResult) -> None: ...
     def said(self) -> list[str]: ...
-    def records(self, rows: pa.Table, output: str, run_id: str, models: dict) -> Iterator[pa.Table]: ...
+
+    in_process: bool  # the stream computes on the driver's thread (the local executor)
+
+    def records(
+        self, rows: pa.Table, output: str, run_id: str, models: dict, stop: threading.Event
+    ) -> Iterator[pa.Table]: ...
     def failed(self, error: BaseException) -> BaseException: ...
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -22,8 +23,14 @@ from .stages import STAGE_ACTORS
 from .writer import writer_steps
 
 Batch = dict[str, np.ndarray]
-# What a stage's loaded model depends on (its batch size and replicas do not): a change reloads it.
-MODEL_KEYS = {"device", "tiny", "text_encoder", "stage_1", "stage_2", "stage_3", "safety"}
+# What a stage's loaded object depends on (its batch size and replicas do not): a change reloads it.
+MODEL_KEYS = {
+    "device": True,
+    "tiny": True,
+    **{stage: True for stage in STAGES},
+    "safety": True,
+    "data": {"candidates_per_image", "min_clip_score"},  # what stage I and the scorer make
+}
 PER_CALL = {"batch_size", "replicas", "num_gpus", "num_cpus"}
 
 
@@ -71,6 +78,14 @@ def retable(tables: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
         yield held
 
 
+def _until(stop: threading.Event, items: Iterable) -> Iterator:
+    """`items` until `stop` is set."""
+    for item in items:
+        if stop.is_set():
+            return
+        yield item
+
+
 def _model_key(cfg: CascadeConfig, stage: str) -> str:
     dump = cfg.model_dump(mode="json", include=MODEL_KEYS)
     for section in STAGES:
@@ -86,6 +101,7 @@ class LocalSession:
     cfg: CascadeConfig
     executor: LocalExecutor
     name: str = "local"
+    in_process: bool = True  # the stream computes on the driver's thread (pipeline._records waits for it)
     record: dict = field(
         default_factory=lambda: {"mode": "local", "reason": "executor=local: every stage runs in this process"}
     )
@@ -102,16 +118,20 @@ class LocalSession:
     def said(self) -> list[str]:
         return []
 
-    def records(self, rows: pa.Table, output: str, run_id: str, models: dict) -> Iterator[pa.Table]:
+    def records(
+        self, rows: pa.Table, output: str, run_id: str, models: dict, stop: threading.Event
+    ) -> Iterator[pa.Table]:
+        """The chain, lazily: each stage and writer is called on its input cut to its batch size, and no call is
+        made once `stop` is set (the one running finishes)."""
         cfg = self.cfg
         first = cfg.text_encoder.batch_size
         stream: Iterable[Batch] = (numpy_batch(rows.slice(i, first)) for i in range(0, rows.num_rows, first))
-        for stage in STAGES:
-            stream = map(self.executor.stage(cfg, stage), rebatch(stream, getattr(cfg, stage).batch_size))
+        for stage in cfg.stages:
+            stream = map(self.executor.stage(cfg, stage), _until(stop, rebatch(stream, cfg.rows_per_call(stage))))
         out: Iterable = stream
         for writer in writer_steps(cfg, output, run_id, models):  # the output format's writers
             cut = rebatch if writer.batch_format == "numpy" else retable
-            out = map(writer.cls(**writer.kwargs), cut(out, writer.batch_size))
+            out = map(writer.cls(**writer.kwargs), _until(stop, cut(out, writer.batch_size)))
         yield from out
 
     def failed(self, error: BaseException) -> BaseException:

@@ -24,14 +24,17 @@ from ..storage import Location
 from . import interrupt
 from .progress import Progress, report
 
-# rows -> the stream's record batches (an executor session's `records`, bound to the run's output and models)
-Stream = Callable[[pa.Table], Iterable[pa.Table]]
+# (rows, stop) -> the stream's record batches (an executor session's `records`, bound to the run's output and
+# models). `stop` is set when the driver stops taking records (a stopped run, an error): a stream that computes in
+# this process makes no more after its current step.
+Stream = Callable[[pa.Table, threading.Event], Iterable[pa.Table]]
 
 
 @dataclass
 class PipelineResult:
-    done: int = 0
+    done: int = 0  # ok and filtered: recorded, not to be made again
     failed: int = 0
+    filtered: int = 0  # of done: under data.min_clip_score
     parts: list[str] = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed per-row seconds
@@ -59,10 +62,12 @@ class PipelineResult:
         return (w[3] - w[1]) / (w[2] - w[0])
 
     def add(self, records: pa.Table) -> None:
-        ok = pc.equal(records.column("status"), "ok")
+        status = records.column("status")
+        ok = pc.is_in(status, pa.array(["ok", "filtered"]))
         done = pc.sum(ok).as_py() or 0
         self.done += done
         self.failed += records.num_rows - done
+        self.filtered += pc.sum(pc.equal(status, "filtered")).as_py() or 0
         if len(self.errors) < 20 and done < records.num_rows:
             failed = records.filter(pc.invert(ok)).select(["id", "error"]).slice(0, 20 - len(self.errors))
             self.errors += failed.to_pylist()
@@ -82,12 +87,14 @@ def run_pipeline(
     result: PipelineResult | None = None,
     on_batch: Callable[[PipelineResult], None] | None = None,
     total: int | None = None,
+    in_process: bool = False,
 ) -> PipelineResult:
     """Generate every row of `rows` (already validated, resume-filtered) through `stream` and write manifest parts
     (records of the models `models`, under `run_id`). `result` is
     filled as the rows come (so that a caller knows what was done when the stream fails); a result passed in from
     an earlier phase of the same run is added to. on_batch: called with the result after each batch of records.
-    total: the images of the whole run, for progress (default: those of `rows`)."""
+    total: the images of the whole run, for progress (default: those of `rows`). in_process: the stream computes in
+    this process (the local executor), so a stopped run waits for its current step before it goes on."""
     result = PipelineResult() if result is None else result
     if rows.num_rows == 0:
         return result
@@ -106,7 +113,7 @@ def run_pipeline(
         last_flush = time.monotonic()
 
     try:
-        for records in _records(iter(stream(rows))):
+        for records in _records(lambda stop: stream(rows, stop), in_process):
             pending.append(records)
             result.add(records)
             result.marks.append((time.monotonic() - t0, result.done + result.failed))
@@ -133,44 +140,54 @@ def _setting(event: threading.Event) -> Iterator[None]:
         event.set()
 
 
-def _records(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
+def _records(stream: Callable[[threading.Event], Iterable[pa.Table]], in_process: bool) -> Iterator[pa.Table]:
     """The stream's record batches. On a terminal run (interrupt.arm) they are taken on a thread of their own, so
     that the first Ctrl-C or SIGTERM is seen at once: the records already on their way out are taken for
     interrupt.GRACE_S more seconds (each is a finished image), then Interrupted is raised and the caller's
-    `finally` writes them to the manifest."""
+    `finally` writes them to the manifest.
+
+    in_process: the stream's thread computes (the local executor's models run on it). Once the driver leaves, that
+    thread stops at its current step and is waited for: a process must not exit while a thread of its own is inside
+    torch (its thread pools are torn down under it: `terminate called without an active exception`, SIGABRT)."""
+    stop = threading.Event()
     if not interrupt.armed():
-        yield from batches
+        with _setting(stop):
+            yield from stream(stop)
         return
     out: queue.Queue = queue.Queue()
-    stop = threading.Event()
 
     def pump() -> None:
         try:
-            for b in batches:
+            for b in stream(stop):
                 out.put(("records", b))
-                if stop.is_set():  # the run stopped: make no more (the local executor computes in this thread)
+                if stop.is_set():  # the run stopped: make no more
                     return
             out.put(("end", None))
         except BaseException as e:  # handed to the driver's thread, which raises it
             out.put(("error", e))
 
-    threading.Thread(target=pump, name="ifbatch-stream", daemon=True).start()
-    with interrupt.stop_switch() as switch, _setting(stop):
-        deadline = None
-        while True:
-            if switch.on and deadline is None:
-                deadline = time.monotonic() + interrupt.GRACE_S
-            if deadline is not None and time.monotonic() >= deadline:
-                raise interrupt.Interrupted(switch.signum)
-            wait = 0.2 if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                kind, value = out.get(timeout=wait)
-            except queue.Empty:
-                if deadline is not None:
-                    raise interrupt.Interrupted(switch.signum) from None
-                continue
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
+    thread = threading.Thread(target=pump, name="ifbatch-stream", daemon=True)
+    thread.start()
+    try:
+        with interrupt.stop_switch() as switch, _setting(stop):
+            deadline = None
+            while True:
+                if switch.on and deadline is None:
+                    deadline = time.monotonic() + interrupt.GRACE_S
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise interrupt.Interrupted(switch.signum)
+                wait = 0.2 if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    kind, value = out.get(timeout=wait)
+                except queue.Empty:
+                    if deadline is not None:
+                        raise interrupt.Interrupted(switch.signum) from None
+                    continue
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+    finally:
+        if in_process:  # (a Ray stream's thread only waits on the cluster: nothing of it runs here)
+            thread.join()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ifbatch.configs.schema import CascadeConfig
+from ifbatch.configs.schema import CANDIDATE_STAGES, CascadeConfig
 
 PLANNED = ("replicas", "num_gpus", "num_cpus", "batch_size")  # what a plan sets per stage
 
@@ -54,6 +54,25 @@ class Plan:
     writer_rate: float = 0.0  # images/s one writer sustains (the cost table's, for the image format); 0: unknown
     writers_short: str = ""  # why the pool is smaller than the headroom asks for, when it is
     notes: tuple[str, ...] = ()  # what the plan changed to fit (a smaller batch)
+    candidates: int = 1  # best of k: stage I and the scorer's seconds per image are k candidates'
+
+    @property
+    def gpu_seconds_per_image(self) -> float:
+        """GPU-seconds the plan spends per image out (kept, or filtered after the scorer)."""
+        return self.gpus / self.images_per_second
+
+    @property
+    def candidate_cost(self) -> float:
+        """How many times a run with one candidate an image (k = 1) the plan's GPU-seconds per image are: the
+        stages' seconds with stage I's and the scorer's taken once, on the same GPUs (ideal)."""
+        if self.candidates == 1:
+            return 1.0
+        once = sum(
+            s.seconds_per_image / (self.candidates if name in CANDIDATE_STAGES else 1)
+            for name, s in self.stages.items()
+            if name != "scorer"
+        )
+        return self.seconds_per_image / once
 
     @property
     def shared_gpus(self) -> int:
@@ -148,6 +167,9 @@ class Plan:
             "costs_from": self.costs_from,
             "estimated": self.estimated,
             "images_per_second": self.images_per_second,
+            "candidates_per_image": self.candidates,
+            "gpu_seconds_per_image": self.gpu_seconds_per_image,
+            "cost_vs_one_candidate": self.candidate_cost,
             "bottleneck": self.bottleneck,
             "writers": self.writers,
             "writer_images_per_second": self.writer_rate,
@@ -182,6 +204,12 @@ class Plan:
             out.append(
                 f"writers: {self.writers} (~{self.writer_rate:g} images/s each): {pool:.2f} images/s, "
                 f"{pool / self.stage_rate:.1f}x the GPUs' rate{'; ' + self.writers_short if self.writers_short else ''}"
+            )
+        if self.candidates > 1:
+            out.append(
+                f"best of {self.candidates}: stage I and the scorer make and score {self.candidates} candidates an "
+                f"image, only the best is upscaled: {self.gpu_seconds_per_image:.2f} GPU-s per kept image, "
+                f"{self.candidate_cost:.2f}x one candidate an image"
             )
         out += [f"note: {n}" for n in self.notes]
         if self.estimated:

@@ -18,6 +18,10 @@ placement group, reserved costliest stage first, with fractions that admit no ot
 just over half a GPU (two cannot share one), the next just over half of what is left, and so on. On N free GPUs
 every GPU then holds exactly one bundle of each stage, whatever order the actors start in.
 
+Best of k (data.candidates_per_image): stage I and the scorer make k candidates of every image, so their seconds
+per image are k times their cost; the scorer's CLIP also scores every final image, so stage III's memory holds its
+weights too.
+
 A stage whose `replicas` or `num_gpus` the user set (`--set stage_3.replicas=4`) is placed as set, on whole GPUs
 reserved first; the planner spreads the other stages over the GPUs left. A `batch_size` or `num_cpus` the user
 set is kept. `plan.mode: manual` turns the planner off (the config's placement as written).
@@ -30,7 +34,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from ifbatch.configs.costs import CostTable, StageCost
-from ifbatch.configs.schema import STAGES, TINY_LAYOUT, CascadeConfig
+from ifbatch.configs.loader import ConfigError
+from ifbatch.configs.schema import CANDIDATE_STAGES, TINY_LAYOUT, CascadeConfig
 from ifbatch.models.params import PARAMS, StageParams
 
 from .plan import GpuGroup, Plan, PlanError, StagePlan
@@ -51,6 +56,24 @@ def _steps_ratio(cfg: CascadeConfig, stage: str) -> float:
         return 1.0
     section = getattr(cfg, stage)
     return StageParams.of(section).steps / StageParams.of(type(section)()).steps
+
+
+def candidates(cfg: CascadeConfig, stage: str) -> int:
+    """Images a stage makes or scores per image out: k for stage I and the scorer (best of k), else 1."""
+    return cfg.data.candidates_per_image if stage in CANDIDATE_STAGES else 1
+
+
+def scorer_cost(cfg: CascadeConfig, costs: CostTable, kind: str) -> tuple[StageCost | None, str]:
+    """The scorer's cost, and a note when it is costed as the default CLIP (a CLIP the table has not measured);
+    (None, "") when the run has no scorer."""
+    if cfg.scorer.source is None:
+        return None, ""
+    try:
+        return costs.cost(kind, "scorer", model_key(cfg, "scorer")), ""
+    except ConfigError:
+        default = type(cfg.scorer)().source
+        note = f"scorer {cfg.scorer.source!r} is not in the cost table: costed as {default}"
+        return costs.cost(kind, "scorer", default), note
 
 
 def model_key(cfg: CascadeConfig, stage: str) -> str:
@@ -126,17 +149,21 @@ def plan(
             f"GPU kind {kind!r} is not in the cost table and its memory could not be read on the node; set "
             f"plan.gpu_memory_gb (e.g. --set plan.gpu_memory_gb=48), or add {kind} to the table's gpus"
         )
-    table: dict[str, StageCost] = {s: costs.cost(kind, s, model_key(cfg, s)) for s in STAGES}
-    sections = {s: getattr(cfg, s) for s in STAGES}
+    run_stages = cfg.stages  # the scorer only when the run chooses
+    scorer, scorer_note = scorer_cost(cfg, costs, kind)
+    table: dict[str, StageCost] = {
+        s: scorer if s == "scorer" else costs.cost(kind, s, model_key(cfg, s)) for s in run_stages
+    }
+    sections = {s: getattr(cfg, s) for s in run_stages}
     is_set = lambda stage, key: f"{stage}.{key}" in explicit  # noqa: E731
-    batch = {s: sections[s].batch_size if is_set(s, "batch_size") else table[s].batch_size for s in STAGES}
-    seconds = {s: table[s].seconds_per_image * _steps_ratio(cfg, s) for s in STAGES}
+    batch = {s: sections[s].batch_size if is_set(s, "batch_size") else table[s].batch_size for s in run_stages}
+    seconds = {s: table[s].seconds_per_image * _steps_ratio(cfg, s) * candidates(cfg, s) for s in run_stages}
     if measured:
         seconds |= {s: v for s, v in measured.items() if s in seconds and v > 0}
     total = sum(seconds.values())
     cap = MEMORY_HEADROOM * memory
 
-    hand = [s for s in STAGES if any(is_set(s, k) for k in BY_HAND)]
+    hand = [s for s in run_stages if any(is_set(s, k) for k in BY_HAND)]
     for s in hand:
         g = sections[s].num_gpus if is_set(s, "num_gpus") else 1.0
         if g < 1 or g != int(g):
@@ -147,7 +174,7 @@ def plan(
     hand_gpus = {s: (sections[s].num_gpus if is_set(s, "num_gpus") else 1.0) for s in hand}
     used_by_hand = sum(int(hand_gpus[s]) * sections[s].replicas for s in hand)
     shared = gpus - used_by_hand
-    planned = [s for s in STAGES if s not in hand]
+    planned = [s for s in run_stages if s not in hand]
     if planned and shared < 1:
         taken = ", ".join(f"{s}: {sections[s].replicas} x {hand_gpus[s]:g} GPU" for s in hand)
         raise PlanError(
@@ -155,11 +182,15 @@ def plan(
             f"take {used_by_hand} of the cluster's {gpus} GPUs, leaving none for {', '.join(planned)}"
         )
 
-    def mem(s: str) -> float:
-        return table[s].weights_gb + table[s].activations_gb * batch[s] / table[s].batch_size
+    def weights(s: str) -> float:
+        final_scores = scorer.weights_gb if s == "stage_3" and scorer is not None else 0.0  # every final image's
+        return table[s].weights_gb + final_scores
 
-    notes = []
-    for s in STAGES:  # a stage too large for one GPU at its batch runs at the largest batch that fits
+    def mem(s: str) -> float:
+        return weights(s) + table[s].activations_gb * batch[s] / table[s].batch_size
+
+    notes = [scorer_note] if scorer_note else []
+    for s in run_stages:  # a stage too large for one GPU at its batch runs at the largest batch that fits
         if mem(s) <= cap * (hand_gpus.get(s, 1.0)):
             continue
         if s in hand or is_set(s, "batch_size") or table[s].activations_gb == 0:
@@ -168,10 +199,10 @@ def plan(
                 f"{memory:g} GB; give it a smaller batch (--set {s}.batch_size=...)"
             )
         per_image = table[s].activations_gb / table[s].batch_size
-        fits = math.floor((cap - table[s].weights_gb) / per_image)
+        fits = math.floor((cap - weights(s)) / per_image)
         if fits < 1:
             raise PlanError(
-                f"{s} needs {table[s].weights_gb + per_image:.1f} GB at batch 1, more than {MEMORY_HEADROOM:.0%} of "
+                f"{s} needs {weights(s) + per_image:.1f} GB at batch 1, more than {MEMORY_HEADROOM:.0%} of "
                 f"a {kind}'s {memory:g} GB: it cannot run on this GPU"
             )
         notes.append(f"{s} runs at batch {fits}, not {batch[s]}: {mem(s):.3g} GB would not fit a {memory:g} GB GPU")
@@ -195,7 +226,7 @@ def plan(
         by_cost = sorted(g.stages, key=lambda s: -seconds[s])
         fractions |= dict(zip(by_cost, forcing_fractions(len(by_cost)), strict=True))
     stages = {}
-    for s in STAGES:
+    for s in run_stages:
         if s in hand:
             replicas, share_gpu = sections[s].replicas, hand_gpus[s]
         else:
@@ -221,6 +252,7 @@ def plan(
         costs_from=measured_by or how.source,
         estimated=how.estimated and not measured,
         notes=tuple(notes),
+        candidates=cfg.data.candidates_per_image,
     )
     return _with_writers(p, cfg, costs, "output.writers" in explicit, cpus_per_gpu)
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ifbatch.configs.schema import STAGES, CascadeConfig
+from ifbatch.configs.schema import CascadeConfig
 
 from ..inputs.expand import image_count
 from ..storage import Location
@@ -37,6 +38,7 @@ class RaySession:
     calibration: Calibration
     actors: dict | None = None  # the stage classes (default STAGE_ACTORS; the cluster simulation's stand-ins)
     name: str = "ray"
+    in_process: bool = False  # the driver's stream thread only waits on the cluster
 
     @property
     def cfg(self) -> CascadeConfig:
@@ -71,7 +73,11 @@ class RaySession:
         lines, self.calibration.lines = self.calibration.lines, []
         return lines
 
-    def records(self, rows: pa.Table, output: str, run_id: str, models: dict) -> Iterator[pa.Table]:
+    def records(
+        self, rows: pa.Table, output: str, run_id: str, models: dict, stop: threading.Event
+    ) -> Iterator[pa.Table]:
+        """The stream's records (`stop` is not needed: the driver only waits on the cluster, and the actors end with
+        the session)."""
         ds = build_dataset(rows, self.placement.cfg, output, self.placement.groups, self.actors, models, run_id)
         return ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
@@ -123,10 +129,14 @@ def build_dataset(
     ctx.wait_for_min_actors_s = ACTOR_START_S
     step = cfg.text_encoder.batch_size
     images = image_count(rows)
-    ds = ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
+    # from_blocks reads the blocks' metadata here, in the driver. from_arrow runs a task of 1 CPU for it, which
+    # waits for ever once the placement groups (reserved before this) leave less than a whole CPU free on every
+    # node: measured on a 2-CPU node, best of k's fifth stage took it to 0.75 CPU free and the run hung.
+    ds = ray.data.from_blocks([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
     actors = actors or STAGE_ACTORS
-    for stage in STAGES:
+    for stage in cfg.stages:
         sc = getattr(cfg, stage)
+        rows_per_call = cfg.rows_per_call(stage)
         where = {}
         if groups and stage in groups:
             where["scheduling_strategy"] = PlacementGroupSchedulingStrategy(groups[stage])
@@ -134,7 +144,9 @@ def build_dataset(
         # yet (ray#64090 adds per-actor placement groups to map_batches); the pin keeps it working until then.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-            ds = _map_stage(ds, actors[stage], cfg, sc, where, in_flight(images, sc.batch_size, sc.replicas))
+            ds = _map_stage(
+                ds, actors[stage], cfg, sc, rows_per_call, where, in_flight(images, rows_per_call, sc.replicas)
+            )
     return _write(ds, cfg, output, run_id, models or {})
 
 
@@ -167,7 +179,7 @@ def in_flight(rows: int, batch_size: int, replicas: int) -> int:
     return 2 if rows >= 4 * batch_size * replicas else 1
 
 
-def _map_stage(ds, actor, cfg: CascadeConfig, sc, where: dict, tasks_per_actor: int):
+def _map_stage(ds, actor, cfg: CascadeConfig, sc, rows_per_call: int, where: dict, tasks_per_actor: int):
     import ray
 
     # Two calls per actor at once, the stage's own work one at a time (Ray Data's documented mode for GPU
@@ -177,7 +189,7 @@ def _map_stage(ds, actor, cfg: CascadeConfig, sc, where: dict, tasks_per_actor: 
     return ds.map_batches(
         actor,
         fn_constructor_kwargs={"cfg": cfg},
-        batch_size=sc.batch_size,
+        batch_size=rows_per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
             size=sc.replicas, max_tasks_in_flight_per_actor=tasks_per_actor, max_concurrent_calls_per_actor=2

@@ -1,10 +1,12 @@
-"""Ray Data stage actors: each holds one loaded cascade stage and maps batches of rows (numpy dicts).
+"""Ray Data stage actors: each holds one loaded cascade stage (or the scorer) and maps batches of rows (numpy
+dicts).
 
-Rows carry an `error` column: a row that failed upstream passes through untouched, a batch that raises is
-retried row by row so that one bad row never sinks its batch mates. Rows are grouped on their resolved stage
-parameters (columns `stage_N_*`, worked out when the table was read) and run with exactly those. Embeddings and
-images travel between stages as fp16 (fp32 for fp32 stages) numpy through the object store, never through the
-driver. Each stage adds `seconds_<stage>` and `placement_<stage>` (node, GPU ids, actor, placement group; JSON).
+Rows carry an `error` column: a row that failed upstream passes through untouched (as does a row the scorer
+`filtered`), a batch that raises is retried row by row so that one bad row never sinks its batch mates. Rows are
+grouped on their resolved stage parameters (columns `stage_N_*`, worked out when the table was read) and run with
+exactly those. Embeddings and images travel between stages as fp16 (fp32 for fp32 stages) numpy through the object
+store, never through the driver. Each stage adds `seconds_<stage>` and `placement_<stage>` (node, GPU ids, actor,
+placement group; JSON).
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ class StageActor:
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["id"])
         errors = batch["error"].copy() if "error" in batch else np.array([""] * n, dtype=object)
-        todo = [i for i in range(n) if not errors[i]]
+        filtered = batch.get("filtered", np.zeros(n, bool))
+        todo = [i for i in range(n) if not errors[i] and not filtered[i]]
         results: dict[int, dict[str, np.ndarray]] = {}
         t0 = time.perf_counter()
         for params, idx in self.groups(batch, todo).items():
@@ -121,7 +124,10 @@ class StageActor:
 
 
 def _seeds(batch: Batch, idx: list[int]) -> list[int]:
-    return [int(batch["seed"][i]) for i in idx]
+    """The seeds stages II and III run with: the chosen candidate's (best of k), else the row's. Then a run with
+    `seed` = a record's candidate_seed and k = 1 makes that record's image again."""
+    seeds = batch["candidate_seed"] if "candidate_seed" in batch else batch["seed"]
+    return [int(seeds[i]) for i in idx]
 
 
 class EncodeStage(StageActor):
@@ -153,6 +159,9 @@ class EncodeStage(StageActor):
 
 
 class Stage1Stage(StageActor):
+    """64 px images. When the run chooses (best of k, a score filter: cfg.chooses) each row leaves with its k
+    candidates (`candidates_1`, `candidate_seeds`) for the scorer, made stage_1.batch_size images a call."""
+
     name = "stage_1"
 
     def __init__(self, cfg: CascadeConfig):
@@ -160,17 +169,75 @@ class Stage1Stage(StageActor):
 
         self.runner = Stage1(cfg.stage_1, cfg.device)
         self.runner.warm_up(*self.runner.example(cfg.text_encoder.max_length))
+        self.k = cfg.data.candidates_per_image if cfg.chooses else 0
+        self.size = cfg.stage_1.batch_size
 
     def compute(self, batch, idx, params):
-        return {
-            "image_1": self.runner(
-                batch["prompt_embeds"][idx], batch["negative_embeds"][idx], _seeds(batch, idx), params
-            )
-        }
+        if not self.k:
+            seeds = _seeds(batch, idx)
+            return {"image_1": self.runner(batch["prompt_embeds"][idx], batch["negative_embeds"][idx], seeds, params)}
+        from ifbatch.models.seeding import candidate_seed
+
+        k, b = self.k, self.size
+        seeds = np.array([[candidate_seed(s, j) for j in range(k)] for s in _seeds(batch, idx)], dtype=np.int64)
+        pe, ne = (np.repeat(batch[c][idx], k, axis=0) for c in ("prompt_embeds", "negative_embeds"))
+        flat = [int(s) for s in seeds.reshape(-1)]
+        out = np.concatenate(
+            [self.runner(pe[i : i + b], ne[i : i + b], flat[i : i + b], params) for i in range(0, len(flat), b)]
+        )
+        return {"candidates_1": out.reshape(len(idx), k, *out.shape[1:]), "candidate_seeds": seeds}
 
     def empty_outputs(self, batch, n):
         s = self.runner.size
-        return {"image_1": np.zeros((n, 3, s, s), dtype=np.float16)}
+        if not self.k:
+            return {"image_1": np.zeros((n, 3, s, s), dtype=np.float16)}
+        return {
+            "candidates_1": np.zeros((n, self.k, 3, s, s), dtype=np.float16),
+            "candidate_seeds": np.zeros((n, self.k), dtype=np.int64),
+        }
+
+
+class ScoreStage(StageActor):
+    """Best of k at 64 px: scores each row's candidates against its prompt with CLIP, keeps the best (`image_1`;
+    the first on a tie) with its index, seed and every candidate's score; a row whose best scores under
+    data.min_clip_score is `filtered` (no later stage makes it)."""
+
+    name = "scorer"
+    drops = ("candidates_1", "candidate_seeds")
+
+    def __init__(self, cfg: CascadeConfig):
+        from ifbatch.models.scorer import ClipScorer
+
+        self.scorer = ClipScorer(cfg.scorer, cfg.device)
+        self.k = cfg.data.candidates_per_image
+        self.floor = cfg.data.min_clip_score
+
+    def compute(self, batch, idx, params):
+        from ifbatch.models.scorer import to_pixels
+
+        candidates = batch["candidates_1"][idx]  # (n, k, 3, s, s) in [-1, 1]
+        n, k = candidates.shape[:2]
+        prompts = [str(batch["prompt"][i]) for i in idx for _ in range(k)]
+        scores = self.scorer(to_pixels(candidates.reshape(n * k, *candidates.shape[2:])), prompts).reshape(n, k)
+        best, rows = scores.argmax(axis=1), np.arange(n)
+        floor = -np.inf if self.floor is None else self.floor
+        return {
+            "image_1": candidates[rows, best],
+            "candidate": best.astype(np.int16),
+            "candidate_seed": batch["candidate_seeds"][idx][rows, best],
+            "candidate_scores": scores,
+            "filtered": scores[rows, best] < floor,
+        }
+
+    def empty_outputs(self, batch, n):
+        c = batch["candidates_1"]
+        return {
+            "image_1": np.zeros((n, *c.shape[2:]), dtype=c.dtype),
+            "candidate": np.zeros(n, np.int16),
+            "candidate_seed": np.zeros(n, np.int64),
+            "candidate_scores": np.full((n, self.k), np.nan, np.float32),
+            "filtered": np.zeros(n, bool),
+        }
 
 
 class Stage2Stage(StageActor):
@@ -219,6 +286,11 @@ class Stage3Stage(StageActor):
         if self.runner.compiled:
             self.runner.warm_up(*self.runner.example(_unet_sample_size(cfg.stage_2)))
         self.safety = Safety(cfg.safety, cfg.safety_source, cfg.stage_3.dtype, cfg.device)
+        self.scorer = None
+        if cfg.scorer.source is not None:  # every final image's clip_score, so that any output can be filtered
+            from ifbatch.models.scorer import ClipScorer
+
+            self.scorer = ClipScorer(cfg.scorer, cfg.device)
 
     def compute(self, batch, idx, params):
         images = self.runner(
@@ -230,8 +302,12 @@ class Stage3Stage(StageActor):
         )
         safe = self.safety(images)
         flag = lambda xs: np.array([-1 if x is None else int(x) for x in xs], dtype=np.int8)  # noqa: E731
+        prompts = [str(batch["prompt"][i]) for i in idx]
         return {
             "image": safe.images,
+            "clip_score": np.full(len(idx), np.nan, np.float32)
+            if self.scorer is None
+            else self.scorer(safe.images, prompts),
             "nsfw": flag(safe.nsfw),
             "watermark_detected": flag(safe.watermark_detected),
             "watermarked": np.array(safe.watermarked),
@@ -241,6 +317,7 @@ class Stage3Stage(StageActor):
         s = 4 * batch["image_2"].shape[-1]  # the x4 upscaler
         return {
             "image": np.zeros((n, s, s, 3), dtype=np.uint8),
+            "clip_score": np.full(n, np.nan, np.float32),
             "nsfw": np.full(n, -1, np.int8),
             "watermark_detected": np.full(n, -1, np.int8),
             "watermarked": np.zeros(n, bool),
@@ -251,6 +328,7 @@ class Stage3Stage(StageActor):
 STAGE_ACTORS: dict[str, type[StageActor]] = {
     "text_encoder": EncodeStage,
     "stage_1": Stage1Stage,
+    "scorer": ScoreStage,
     "stage_2": Stage2Stage,
     "stage_3": Stage3Stage,
 }

@@ -53,7 +53,11 @@ def _placement(batch: dict[str, np.ndarray], n: int) -> list[str]:
 
 
 def provenance(batch: dict[str, np.ndarray], i: int, models: dict) -> dict:
-    """How row i's image was made, as stored in the file itself (outputs/images.py) and read back by anyone."""
+    """How row i's image was made, as stored in the file itself (outputs/images.py) and read back by anyone. Of a
+    best-of-k image also the chosen candidate and its stage I seed (which stages II and III ran with)."""
+    chosen = {}
+    if "candidate" in batch:
+        chosen = {"candidate": int(batch["candidate"][i]), "candidate_seed": int(batch["candidate_seed"][i])}
     return {
         "id": str(batch["id"][i]),
         "prompt_id": str(batch["prompt_id"][i]),
@@ -63,7 +67,30 @@ def provenance(batch: dict[str, np.ndarray], i: int, models: dict) -> dict:
         "seed": int(batch["seed"][i]),
         "params": {f.name: cell(batch[f.name][i]) for f in param_fields()},
         "models": models,
+        **chosen,
     }
+
+
+def _choices(batch: dict[str, np.ndarray], status: list[str]) -> dict[str, pa.Array]:
+    """The best-of-k columns: the final image's clip_score; the chosen candidate, its seed and every candidate's
+    64 px score. A run that did not choose made candidate 0 with the row's seed and scored no candidate; a failed
+    row has none of them."""
+    n = len(status)
+    failed = np.array([s == "failed" for s in status])
+    final = np.asarray(batch["clip_score"], np.float32) if "clip_score" in batch else np.full(n, np.nan, np.float32)
+    if "candidate" in batch:
+        index, seed = np.asarray(batch["candidate"], np.int16), np.asarray(batch["candidate_seed"], np.int64)
+        scores = np.asarray(batch["candidate_scores"], np.float32).reshape(n, -1)
+        listed = pa.array([None if f else list(r) for r, f in zip(scores, failed, strict=True)], pa.list_(pa.float32()))
+    else:
+        index, seed = np.zeros(n, np.int16), np.asarray(batch["seed"], np.int64)
+        listed = pa.nulls(n, pa.list_(pa.float32()))
+    return dict(
+        clip_score=pa.array(final, mask=np.isnan(final) | np.array([s != "ok" for s in status])),  # of a made image
+        candidate=pa.array(index, mask=failed),
+        candidate_seed=pa.array(seed, mask=failed),
+        candidate_scores=listed,
+    )
 
 
 class ImageWriter:
@@ -80,6 +107,7 @@ class ImageWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])
         errors = batch.get("error", np.array([""] * n, dtype=object))
+        filtered = batch.get("filtered", np.zeros(n, bool))
         status, error = ["ok"] * n, [None] * n
         uri, width, height, sha, size, seconds = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n, [0.0] * n
         payload, meta = [None] * n, [None] * n
@@ -87,6 +115,9 @@ class ImageWriter:
             t0 = time.perf_counter()
             if errors[i]:
                 status[i], error[i] = "failed", str(errors[i])
+                continue
+            if filtered[i]:  # under data.min_clip_score: recorded, not made
+                status[i] = "filtered"
                 continue
             try:
                 pixels = batch["image"][i]
@@ -103,7 +134,12 @@ class ImageWriter:
             except Exception as e:
                 status[i], error[i] = "failed", f"write: {type(e).__name__}: {e}"[:2000]
             seconds[i] = time.perf_counter() - t0
-        columns = {c: pa.array(batch[c], RECORD_SCHEMA.field(c).type, from_pandas=True) for c in COPIED}  # NaN: null
+        columns = {  # NaN: null; a stage the run did not have (the scorer) has no seconds
+            c: pa.array(batch[c], RECORD_SCHEMA.field(c).type, from_pandas=True)
+            if c in batch or not c.startswith("seconds_")
+            else pa.nulls(n, pa.float64())
+            for c in COPIED
+        }
         columns |= dict(
             status=status,
             error=error,
@@ -118,6 +154,7 @@ class ImageWriter:
             nsfw=_flags(batch["nsfw"]),
             watermark_detected=_flags(batch["watermark_detected"]),
             watermarked=batch["watermarked"].astype(bool),
+            **_choices(batch, status),
             seconds_write=seconds,
             placement=_placement(batch, n),
             written_at=[_now()] * n,
@@ -184,7 +221,7 @@ class ShardWriter:
                     run_id=self.run_id,
                     samples=len(rows),
                     ok=len(rows),
-                    failed=(n - len(ok)) if g == 0 else 0,  # the batch's failed rows, recorded beside its first shard
+                    failed=status.count("failed") if g == 0 else 0,  # the batch's failed rows, beside its first shard
                     bytes=len(data),
                     seconds=round(time.perf_counter() - t0, 6),
                     written_at=_now(),

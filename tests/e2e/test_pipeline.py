@@ -64,16 +64,20 @@ def test_manual_placement_follows_the_config_and_auto_plans_the_gpu(tmp_path, ti
         p = json.loads(r["placement"])
         assert p["stage_1"]["gpus"] == ["0"] and p["stage_3"]["gpus"] == ["0"] and p["stage_2"]["gpus"] == []
         assert not any("pg" in s for s in p.values())
-    state, summary = run_flow(prompts, str(tmp_path / "auto"), tiny_set)
+    # auto, with best of 2: the scorer is a stage of its own, planned and placed like the others
+    state, summary = run_flow(prompts, str(tmp_path / "auto"), [*tiny_set, "data.candidates_per_image=2"])
     assert state.is_completed(), state.message
     record = json.loads(read_bytes(summary.run_record))
     assert record["plan"]["mode"] == "auto" and record["plan"]["gpus"] == 1
+    assert record["plan"]["candidates_per_image"] == 2 and record["plan"]["cost_vs_one_candidate"] > 1
     assert {s: v["replicas"] for s, v in record["plan"]["stages"].items()} == dict.fromkeys(STAGES, 1)
     groups = set()
     for r in read_manifest(locate(str(tmp_path / "auto"))).to_pylist():
         p = json.loads(r["placement"])
         assert all(p[s]["gpus"] == ["0"] for s in STAGES), p
         groups |= {p[s]["pg"] for s in STAGES}
+        assert len(r["candidate_scores"]) == 2 and r["candidate_scores"][r["candidate"]] == max(r["candidate_scores"])
+        assert r["clip_score"] is not None and r["seconds_scorer"] > 0
     assert len(groups) == len(STAGES)  # one placement group per stage
 
 

@@ -221,8 +221,9 @@ def test_compiled_stages_give_the_same_images_on_short_batches(tiny_cfg, cascade
 
 
 def test_tiny_clip_scores_each_image_against_its_prompt_through_the_real_loading_code(tmp_path):
-    """The scorer for best-of-k (issue 22, first step): a seeded random-weight CLIP saved like a hub repo and loaded
-    back through models.loading; one score per image, the same whatever its batch; same seed, same bytes."""
+    """The scorer of best of k: a seeded random-weight CLIP saved like a hub repo and loaded back through
+    models.loading; one score per image, the same whatever its batch; same seed, same bytes."""
+    from ifbatch.configs.schema import ScorerConfig
     from ifbatch.models.loading import ModelLoadError
     from ifbatch.models.scorer import ClipScorer
     from ifbatch.models.tiny import build_tiny_clip
@@ -231,7 +232,7 @@ def test_tiny_clip_scores_each_image_against_its_prompt_through_the_real_loading
     other = build_tiny_clip(tmp_path / "c", seed=1)
     weights = [(d / "model.safetensors").read_bytes() for d in (a, b, other)]
     assert weights[0] == weights[1] != weights[2]
-    scorer = ClipScorer(str(a), device="cpu")
+    scorer = ClipScorer(ScorerConfig(source=str(a), dtype="float32", batch_size=2), device="cpu")
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     prompts = ["a photo of a cat", "a red car", "a castle in the snow"]
     scores = scorer(images, prompts)
@@ -243,4 +244,4 @@ def test_tiny_clip_scores_each_image_against_its_prompt_through_the_real_loading
     with pytest.raises(ValueError, match="3 images but 2 prompts"):
         scorer(images, prompts[:2])
     with pytest.raises(ModelLoadError, match="scorer"):
-        ClipScorer(str(tmp_path / "missing"), device="cpu")
+        ClipScorer(ScorerConfig(source=str(tmp_path / "missing")), device="cpu")

@@ -12,14 +12,14 @@ import pytest
 
 from ifbatch.configs import load_config
 from ifbatch.configs.costs import load_costs
-from ifbatch.configs.schema import STAGES
+from ifbatch.configs.schema import CASCADE
 from ifbatch.tasks.stream.cluster import ClusterGpus, GpuNode, assign
 from ifbatch.tasks.stream.pipeline import PipelineResult
 from ifbatch.tasks.stream.placing import Calibration, make_plan
 from ifbatch.tasks.stream.planner import MEMORY_HEADROOM, PlanError, plan
 
 COSTS = load_costs()
-H200 = {s: COSTS.cost("H200", s, getattr(load_config("if-xl"), s).source) for s in STAGES}
+H200 = {s: COSTS.cost("H200", s, getattr(load_config("if-xl"), s).source) for s in CASCADE}
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,7 @@ def test_a_kind_the_table_did_not_measure_is_planned_as_an_estimate(kind, memory
     p = plan(load_config("if-xl"), COSTS, 8, kind, memory_gb=memory)
     assert p.estimated and "estimate" in p.costs_from and p.kind == kind
     assert p.memory_gb == (memory or COSTS.gpus[kind].memory_gb)
-    for s in STAGES:
+    for s in CASCADE:
         assert p.stages[s].seconds_per_image == pytest.approx(H200[s].seconds_per_image * factor)
     assert any("the costs are estimates" in line and "re-plans" in line for line in p.lines(10))
     measured = plan(load_config("if-xl"), COSTS, 8, kind, memory_gb=memory, measured={"stage_3": 9.0}, measured_by="x")
@@ -48,12 +48,12 @@ def test_stages_that_do_not_fit_one_gpu_are_split_over_gpus_in_the_ratio_of_thei
     cfg = load_config("if-xl")
     p = plan(cfg, COSTS, 8, "L4", memory_gb=memory)
     assert fits(p, memory) and len(p.groups) == groups and p.shared_gpus == 8
-    assert sorted(s for g in p.groups for s in g.stages) == sorted(STAGES)  # each stage in exactly one group
-    mem = {s: H200[s].weights_gb + H200[s].activations_gb for s in STAGES}
+    assert sorted(s for g in p.groups for s in g.stages) == sorted(CASCADE)  # each stage in exactly one group
+    mem = {s: H200[s].weights_gb + H200[s].activations_gb for s in CASCADE}
     cap = MEMORY_HEADROOM * memory
     for k in range(1, groups):  # no split into fewer groups fits
-        for labels in itertools.product(range(k), repeat=len(STAGES)):
-            assert any(sum(mem[s] for s, lab in zip(STAGES, labels, strict=True) if lab == i) > cap for i in range(k))
+        for labels in itertools.product(range(k), repeat=len(CASCADE)):
+            assert any(sum(mem[s] for s, lab in zip(CASCADE, labels, strict=True) if lab == i) > cap for i in range(k))
     sec = [g.seconds_per_image for g in p.groups]
     best = max(
         min(n / c for n, c in zip(deal, sec, strict=True))
@@ -71,10 +71,13 @@ def test_stages_that_do_not_fit_one_gpu_are_split_over_gpus_in_the_ratio_of_thei
 
 
 def test_a_stage_too_large_for_the_gpu_at_its_batch_runs_at_a_smaller_one():
-    p = plan(load_config("if-xl"), COSTS, 4, "T4")  # 16 GB: stage III's batch of 4 needs 18 GB
+    p = plan(load_config("if-xl", ["scorer.source=null"]), COSTS, 4, "T4")  # 16 GB: stage III's batch 4 needs 18 GB
     s3 = p.stages["stage_3"]
     assert s3.batch_size == math.floor((0.9 * 16 - 1.8) / (16.2 / 4)) == 3 and fits(p, 16)
     assert any("stage_3 runs at batch 3, not 4" in n for n in p.notes)
+    # with the default scorer, stage III also holds CLIP's 0.86 GB to score every final image: one image less
+    p = plan(load_config("if-xl"), COSTS, 4, "T4")
+    assert p.stages["stage_3"].batch_size == math.floor((0.9 * 16 - 1.8 - 0.86) / (16.2 / 4)) == 2 and fits(p, 16)
 
 
 def place(p, nodes: list[GpuNode]) -> dict[tuple[str, int], list[str]]:
@@ -146,7 +149,7 @@ def test_hand_placed_stages_and_gpus_partly_taken_place_too():
     assert sum(1 for v in held.values() if v == ["stage_3"]) == 4 and p.shared_gpus == 7
     assert not any(held[("node2", i)] for i in range(2))  # nothing on the GPUs another job holds
     for v in held.values():
-        assert v in ([], ["stage_3"]) or sorted(v) in (sorted(STAGES[1:3]), sorted(STAGES[:3]))
+        assert v in ([], ["stage_3"]) or sorted(v) in (sorted(CASCADE[1:3]), sorted(CASCADE[:3]))
     # two whole GPUs per replica must be on one node: nodes of 1 GPU cannot hold them, and say so at once
     with pytest.raises(PlanError, match=r"stage_3: 2 replicas of 2 whole GPUs each do not fit .* on one node"):
         assign(plan(cfg, COSTS, 6, "H200", explicit=keys), tuple(nodes_of([1] * 6)))

@@ -46,6 +46,7 @@ def test_tiny_preset_points_every_model_at_the_generated_cascade():
     assert c.text_encoder.source == c.stage_1.source == c.safety_source == "/somewhere/tc/IF-I"
     assert (c.stage_2.source, c.stage_3.source) == ("/somewhere/tc/IF-II", "/somewhere/tc/x4-upscaler")
     assert c.stage_1.dtype == "float32" and c.stage_1.variant is None
+    assert c.scorer.source == "/somewhere/tc/clip"  # the tiny CLIP built with the cascade
 
 
 def test_overrides_are_typed():
@@ -77,6 +78,19 @@ def test_bad_values_are_refused_by_name(override, must_say):
 def test_a_stage_needs_steps_or_timesteps():
     with pytest.raises(ConfigError, match="stage_1.*'steps'.*'timesteps'"):
         load_config("if-xl", ["stage_1.steps=null"])
+
+
+def test_best_of_k_needs_a_scorer_and_adds_its_stage():
+    c = load_config("if-xl")
+    assert c.stages == ("text_encoder", "stage_1", "stage_2", "stage_3") and c.rows_per_call("stage_1") == 8
+    c = load_config("if-xl", ["data.candidates_per_image=4"])
+    assert c.stages == ("text_encoder", "stage_1", "scorer", "stage_2", "stage_3")
+    assert (c.rows_per_call("stage_1"), c.rows_per_call("scorer"), c.rows_per_call("stage_2")) == (2, 16, 4)
+    assert load_config("if-xl", ["data.min_clip_score=20"]).stages == c.stages  # a filter alone scores too
+    with pytest.raises(ConfigError, match=r"candidates_per_image = 4 .* need a scorer, but scorer.source is null"):
+        load_config("if-xl", ["data.candidates_per_image=4", "scorer.source=null"])
+    with pytest.raises(ConfigError, match=r"data.candidates_per_image.*65.*less than or equal to 64"):
+        load_config("if-xl", ["data.candidates_per_image=65"])
 
 
 def test_unknown_preset_lists_the_known_ones():

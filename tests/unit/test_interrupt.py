@@ -22,10 +22,26 @@ class Stream:
     def __init__(self, n: int, every: float):
         self.n, self.every = n, every
 
-    def iter_batches(self, **_):
+    def __call__(self, stop: threading.Event):
         for i in range(self.n):
             time.sleep(self.every)
             yield pa.table({"id": [f"r{i}"]})
+
+
+class Computing:
+    """A stream that computes on its own thread (the local executor): each step takes `every` seconds, none starts
+    once `stop` is set. `running` says whether a step is under way."""
+
+    def __init__(self, every: float):
+        self.every, self.running, self.steps = every, False, 0
+
+    def __call__(self, stop: threading.Event):
+        while not stop.is_set():
+            self.running = True
+            time.sleep(self.every)
+            self.steps += 1
+            self.running = False
+            yield pa.table({"id": [f"r{self.steps}"]})
 
 
 @pytest.fixture
@@ -44,7 +60,7 @@ def test_the_first_signal_takes_what_comes_for_the_grace_period_then_stops(armed
     threading.Timer(0.55, os.kill, (os.getpid(), signum)).start()
     got, t0 = [], time.monotonic()
     with pytest.raises(interrupt.Interrupted) as e:
-        for records in _records(Stream(1000, 0.1).iter_batches()):
+        for records in _records(Stream(1000, 0.1), in_process=False):
             got.append(records)
     took = time.monotonic() - t0
     assert 1.4 < took < 2.5 and 10 <= len(got) <= 20  # ~5 before the signal, ~10 in the second after it
@@ -54,14 +70,35 @@ def test_the_first_signal_takes_what_comes_for_the_grace_period_then_stops(armed
 
 def test_a_stream_that_ends_in_the_grace_period_ends_normally_and_the_handlers_come_back(armed):
     threading.Timer(0.25, os.kill, (os.getpid(), signal.SIGINT)).start()
-    assert len(list(_records(Stream(5, 0.1).iter_batches()))) == 5  # every record came: nothing to stop
+    assert len(list(_records(Stream(5, 0.1), in_process=False))) == 5  # every record came: nothing to stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    assert len(list(_records(Stream(3, 0.0).iter_batches()))) == 3
+    assert len(list(_records(Stream(3, 0.0), in_process=False))) == 3
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_unarmed_the_stream_is_read_in_place(monkeypatch):
     monkeypatch.setattr(interrupt, "_armed", False)
     threads = threading.active_count()
-    assert [r.column("id")[0].as_py() for r in _records(Stream(3, 0.0).iter_batches())] == ["r0", "r1", "r2"]
+    assert [r.column("id")[0].as_py() for r in _records(Stream(3, 0.0), in_process=False)] == ["r0", "r1", "r2"]
     assert threading.active_count() == threads  # no reader thread: a Prefect Cancel reaches the stream as before
+
+
+def test_a_stream_computing_here_finishes_its_step_before_the_run_goes_on(armed):
+    """The local executor's thread runs torch: once stopped, the driver waits for its current step (a process that
+    exits with a thread inside torch aborts: `terminate called without an active exception`), and no step starts
+    after the stop."""
+    stream = Computing(every=0.7)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # in the second step
+    with pytest.raises(interrupt.Interrupted):
+        for _ in _records(stream, in_process=True):
+            pass
+    assert not stream.running and not [t for t in threading.enumerate() if t.name == "ifbatch-stream"]
+    steps = stream.steps
+    time.sleep(1.0)
+    assert stream.steps == steps  # nothing after the stop
+
+    stream = Computing(every=0.3)  # a driver that leaves for its own reasons (a write failed) waits the same way
+    records = _records(stream, in_process=True)
+    next(records)
+    records.close()
+    assert not stream.running and not [t for t in threading.enumerate() if t.name == "ifbatch-stream"]

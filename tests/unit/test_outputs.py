@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ifbatch.configs import load_config
-from ifbatch.configs.schema import STAGES
+from ifbatch.configs.schema import CASCADE
 from ifbatch.tasks.outputs.images import encode_image, image_relpath, read_provenance
 from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA
 from ifbatch.tasks.storage import locate
@@ -74,7 +74,7 @@ def test_the_writer_records_ok_and_failed_rows_columnar(tmp_path):
         None,
     )
     assert bad["seconds_stage_3"] is None  # NaN (not run) is recorded as null
-    assert set(json.loads(bad["placement"])) == set(STAGES)
+    assert set(json.loads(bad["placement"])) == set(CASCADE)
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])

@@ -8,7 +8,7 @@ import pytest
 
 from ifbatch.configs import ConfigError, load_config
 from ifbatch.configs.costs import load_costs
-from ifbatch.configs.schema import STAGES
+from ifbatch.configs.schema import CASCADE
 from ifbatch.flows.cli import main
 from ifbatch.tasks.stream.planner import PlanError, forcing_fractions, plan
 
@@ -18,7 +18,7 @@ COSTS = load_costs()
 
 
 def table_costs(cfg):
-    return {s: COSTS.cost("H200", s, getattr(cfg, s).source) for s in STAGES}
+    return {s: COSTS.cost("H200", s, getattr(cfg, s).source) for s in CASCADE}
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 3, 4, 8, 16])
@@ -28,8 +28,9 @@ def test_plan_numbers_are_the_cost_tables_arithmetic(gpus):
     total = sum(x.seconds_per_image for x in c.values())
     p = plan(cfg, COSTS, gpus, "H200")
     assert p.images_per_second == pytest.approx(gpus / total)
-    assert p.memory_needed_gb == pytest.approx(sum(x.weights_gb + x.activations_gb for x in c.values()))
-    for s in STAGES:
+    clip = COSTS.cost("H200", "scorer", cfg.scorer.source).weights_gb  # stage III scores every final image
+    assert p.memory_needed_gb == pytest.approx(sum(x.weights_gb + x.activations_gb for x in c.values()) + clip)
+    for s in CASCADE:
         # the text encoder's whole load is a sliver of one GPU: one actor; every diffusion stage one per GPU
         assert p.stages[s].replicas == (1 if s == "text_encoder" else gpus)
         assert p.stages[s].batch_size == c[s].batch_size and not p.stages[s].by_hand
@@ -42,6 +43,24 @@ def test_plan_numbers_are_the_cost_tables_arithmetic(gpus):
     assert applied.stage_3.steps == cfg.stage_3.steps  # only placement and batches change
     record = p.record()
     assert record["stages"]["stage_1"]["replicas"] == gpus and record["images_per_second"] == p.images_per_second
+
+
+def test_best_of_k_costs_k_times_stage_one_and_the_scorer_and_says_so_per_kept_image():
+    one = plan(load_config("if-xl"), COSTS, 8, "H200")
+    four = plan(load_config("if-xl", ["data.candidates_per_image=4"]), COSTS, 8, "H200")
+    clip = COSTS.cost("H200", "scorer", "openai/clip-vit-large-patch14")
+    assert "scorer" not in one.stages and four.stages["scorer"].seconds_per_image == pytest.approx(
+        4 * clip.seconds_per_image
+    )
+    assert four.stages["stage_1"].seconds_per_image == pytest.approx(4 * one.stages["stage_1"].seconds_per_image)
+    assert four.stages["stage_3"].seconds_per_image == one.stages["stage_3"].seconds_per_image  # the winner only
+    assert four.candidate_cost == pytest.approx(four.seconds_per_image / one.seconds_per_image)
+    assert four.gpu_seconds_per_image == pytest.approx(8 / four.images_per_second)
+    assert 1 < four.candidate_cost < 4 and one.candidate_cost == 1.0
+    said = "\n".join(four.lines(100))
+    assert "best of 4: stage I and the scorer make and score 4 candidates an image" in said
+    assert f"{four.gpu_seconds_per_image:.2f} GPU-s per kept image, {four.candidate_cost:.2f}x" in said
+    assert four.record()["candidates_per_image"] == 4 and four.record()["cost_vs_one_candidate"] == four.candidate_cost
 
 
 def test_more_steps_cost_proportionally_more():
@@ -61,7 +80,7 @@ def test_reserved_costliest_first_every_gpu_gets_one_of_each_stage(gpus):
             g = next(i for i in range(gpus) if free[i] + 1e-9 >= p.stages[stage].num_gpus)
             free[g] -= p.stages[stage].num_gpus
             holds[g].append(stage)
-    assert all(sorted(h) == sorted(STAGES) for h in holds)
+    assert all(sorted(h) == sorted(CASCADE) for h in holds)
 
 
 def test_fractions_leave_no_room_for_a_second_of_any_stage():
@@ -78,9 +97,9 @@ def test_what_no_plan_can_be_made_for_is_named():
         plan(load_config("if-xl"), COSTS, 2, "MI999")
     with pytest.raises(PlanError, match=r"text_encoder needs 9.5 GB at batch 1.*8 GB: it cannot run on this GPU"):
         plan(load_config("if-xl"), COSTS, 8, "H200", memory_gb=8)
-    with pytest.raises(PlanError, match=r"need 53.1 GB .* cannot be split over 1 GPU\(s\) of 40 GB"):
+    with pytest.raises(PlanError, match=r"need 54.0 GB .* cannot be split over 1 GPU\(s\) of 40 GB"):
         plan(load_config("if-xl"), COSTS, 1, "H200", memory_gb=40)
-    with pytest.raises(PlanError, match=r"stage_3 needs 34.2 GB at batch 8, more than 90% of a H200's 24 GB"):
+    with pytest.raises(PlanError, match=r"stage_3 needs 35.1 GB at batch 8, more than 90% of a H200's 24 GB"):
         keys = frozenset({"stage_3.batch_size"})
         plan(load_config("if-xl", ["stage_3.batch_size=8"]), COSTS, 8, "H200", explicit=keys, memory_gb=24)
     with pytest.raises(PlanError, match="at least one GPU"):
