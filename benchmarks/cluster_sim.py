@@ -265,7 +265,7 @@ def _batches(lock_dir: str, cfg) -> dict[str, list[int]]:
             stage, n = line.split()[:2]
             if stage in out:
                 out[stage][0] += 1
-                out[stage][1] += int(n) < getattr(cfg, stage).batch_size
+                out[stage][1] += int(n) < cfg.rows_per_call(stage)  # (best of k: batch_size // k rows)
     return out
 
 

@@ -101,8 +101,10 @@ def counts_table(s: RunSummary) -> list[dict[str, Any]]:
     ]
     if s.plan.get("images_per_second"):
         rows.append({"what": "images/s the plan estimated", "value": round(s.plan["images_per_second"], 3)})
+        # this run's: its GPUs' seconds per image out in steady state, spread over the images it kept
         k, kept = s.plan.get("candidates_per_image") or 1, s.done - s.filtered
-        per_kept = s.plan["gpus"] * s.seconds / kept if kept and s.seconds else None
+        steady = s.steady_rows_per_second
+        per_kept = s.plan["gpus"] / steady * s.done / kept if kept and steady else None
         rows.append(
             {
                 "what": f"GPU-s per kept image, {k} candidate{'s' if k > 1 else ''} an image (planned / this run)",

@@ -51,3 +51,26 @@ def test_cluster_simulation_prints_its_table_with_the_plans_packing(tmp_path):
     # Every stage call is a full batch but the table's remainder: 16 images are one short stage I call (of 32),
     # one stage II call of 16, four stage III calls of 4 (blocks of 2-3 rows used to give stage III 4 + 2).
     assert row["plan"]["batches"] == {"stage_1": [1, 1], "stage_2": [1, 0], "stage_3": [4, 0]}
+
+
+def test_best_of_k_benchmark_prints_the_cost_per_kept_image_from_the_table_and_the_simulation(tmp_path):
+    """k = 1 and 2 on one fake GPU, a small table: the table's figures are the planner's, and the simulated stream
+    holds its GPU for what the table says an image costs (k candidates at stage I, one upscale), no more."""
+    out = tmp_path / "bok.json"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "best_of_k.py"),
+            *("--ks", "1", "2", "--images", "16", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| 1 | 1.50 | 0.000 | 5.30 | 1.00 |" in res.stdout and "| 2 | 3.00 | 0.004 | 6.81 | 1.28 |" in res.stdout
+    import json
+
+    figures = json.loads(out.read_text())
+    for t, s in zip(figures["table"], figures["simulation"], strict=True):
+        assert abs(s["busy_seconds"] / t["gpu_seconds"] - 1) < 0.1, (t, s)

@@ -50,6 +50,18 @@ def test_the_summary_shows_the_plans_estimate_beside_the_measured_rate():
     assert "| stage_3: 2 x 0.51 GPU, batch 4, s/image | 2.870 | 3.100 (in the actor) |" in md
     rows = {r["what"]: r["value"] for r in counts_table(s)}
     assert rows["images/s the plan estimated"] == round(p.images_per_second, 3)
+    assert (
+        rows["GPU-s per kept image, 1 candidate an image (planned / this run)"]
+        == f"{2 / p.images_per_second:.2f} / 5.71"
+    )
+    four = plan(load_config("if-xl", ["data.candidates_per_image=4"]), load_costs(), 2, "H200")
+    best = RunSummary(**{**s.__dict__, "plan": four.record(), "filtered": 10})  # 30 of 40 kept
+    rows = {r["what"]: r["value"] for r in counts_table(best)}
+    assert rows["of them filtered (data.min_clip_score)"] == 10
+    planned, measured = f"{four.gpu_seconds_per_image:.2f}", f"{2 / 0.35 * 40 / 30:.2f}"
+    assert rows["GPU-s per kept image, 4 candidates an image (planned / this run)"] == (
+        f"{planned} / {measured} ({four.candidate_cost:.2f}x k = 1)"
+    )
     none = RunSummary(**{**s.__dict__, "plan": {"mode": "none", "reason": "the Ray cluster has no GPUs"}})
     assert plan_markdown(none) == ["No plan (none): the Ray cluster has no GPUs."]
 
