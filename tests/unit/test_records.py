@@ -33,6 +33,7 @@ def test_the_newest_comparable_run_gives_gpu_seconds_split_by_its_stage_shares(t
     assert measured_costs(loc, cfg) is None  # no runs/ yet
     write(tmp_path, record("20261101T000000Z-a", cfg))
     write(tmp_path, record("20261102T000000Z-b", load_config("if-xl", ["stage_1.steps=50"])))  # other work
+    write(tmp_path, record("20261102T120000Z-k", load_config("if-xl", ["data.candidates_per_image=4"])))  # as well
     write(tmp_path, record("20261103T000000Z-c", cfg, done=4))  # too few images for 2 GPUs
     (tmp_path / "runs" / "20261104T000000Z-d.json").write_text("{not json")  # damaged: not a measurement
     costs, by = measured_costs(loc, cfg)
