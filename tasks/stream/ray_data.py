@@ -11,7 +11,7 @@ import math
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -39,6 +39,7 @@ class RaySession:
     actors: dict | None = None  # the stage classes (default STAGE_ACTORS; the cluster simulation's stand-ins)
     name: str = "ray"
     in_process: bool = False  # the driver's stream thread only waits on the cluster
+    streams: list = field(default_factory=list)  # the Ray datasets this session started (close stops them)
 
     @property
     def cfg(self) -> CascadeConfig:
@@ -79,7 +80,20 @@ class RaySession:
         """The stream's records (`stop` is not needed: the driver only waits on the cluster, and the actors end with
         the session)."""
         ds = build_dataset(rows, self.placement.cfg, output, self.placement.groups, self.actors, models, run_id)
+        self.streams.append(ds)
         return ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+    def close(self) -> None:
+        """Stop every stream this session started, before its placement groups and cluster go. A stream the run
+        stopped taking records from (Ctrl-C, a failed write) is still running on Ray Data's executor thread; left
+        to find the cluster gone, it printed a traceback ("Ray has not been started yet") after the run's last
+        line. Ray Data keeps a dataset's running executor as `_current_executor` (what its own `take` shuts)."""
+        for ds in self.streams:
+            executor = getattr(ds, "_current_executor", None)
+            if executor is not None:
+                with contextlib.suppress(Exception):
+                    executor.shutdown(force=True)
+        self.streams.clear()
 
     def failed(self, error: BaseException) -> BaseException:
         return self.placement.failed(error)
@@ -96,7 +110,11 @@ class RayExecutor:
     @contextlib.contextmanager
     def open(self, cfg: CascadeConfig, explicit: frozenset[str], images: int, loc: Location) -> Iterator[RaySession]:
         with ray_session(cfg.ray), placed(cfg, explicit, images, loc) as placement:
-            yield RaySession(placement, Calibration.of(placement, cfg, explicit, images), self.actors)
+            session = RaySession(placement, Calibration.of(placement, cfg, explicit, images), self.actors)
+            try:
+                yield session
+            finally:
+                session.close()
 
 
 def build_dataset(
