@@ -85,7 +85,7 @@ def planned_groups(address: str) -> dict[str, Counter]:
 def test_plans_for_every_gpu_of_uneven_nodes_and_survives_losing_one(cluster, tiny_dir, prefect_api, tmp_path):
     c, workers = cluster
     env = {"PREFECT_API_URL": prefect_api}
-    tiny = ["--set", f"tiny.dir={tiny_dir}"]
+    tiny = ["--set", f"tiny.dir={tiny_dir}", "--set", "scorer.source=null"]  # placement, not scores, is tested
     gpus_of = {w.node_id[:12]: g for w, g in zip(workers, SHAPE, strict=True)}
     images = 36
     prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"{p} number {i}" for i in range(6) for p in SMALL]})
@@ -97,7 +97,7 @@ def test_plans_for_every_gpu_of_uneven_nodes_and_survives_losing_one(cluster, ti
     proc = run_cli(prompts, out, c.address, env, *tiny, *flush, wait=False)
     deadline, nodes, groups = time.monotonic() + 600, set(), {}
     while time.monotonic() < deadline and proc.poll() is None and nodes != set(gpus_of):
-        if set(groups) != set(CASCADE):  # the groups are reserved one after another: until all of them are there
+        if not set(CASCADE) <= set(groups):  # the groups are reserved one after another: until all of them are there
             groups = planned_groups(c.address)
         if Path(out, "manifest").exists() and any(Path(out, "manifest").glob("*.parquet")):
             nodes = {node for node, _ in placements(out)}
