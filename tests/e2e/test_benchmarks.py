@@ -61,7 +61,7 @@ def test_best_of_k_benchmark_prints_the_cost_per_kept_image_from_the_table_and_t
         [
             sys.executable,
             str(ROOT / "benchmarks" / "best_of_k.py"),
-            *("--ks", "1", "2", "--images", "16", "--json", str(out)),
+            *("--ks", "1", "2", "--images", "8", "--json", str(out)),
         ],
         capture_output=True,
         text=True,
