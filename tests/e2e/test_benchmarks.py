@@ -12,6 +12,15 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
+    """`python benchmarks/<name> ARGS` as a user runs it; fails the test with its stderr when it exits non-zero."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
 def test_gpu_smoke_tiny_mode_prints_a_table(tmp_path):
     out = tmp_path / "table.md"
     res = subprocess.run(
@@ -32,17 +41,8 @@ def test_cluster_simulation_prints_its_table_with_the_plans_packing(tmp_path):
     """The cluster simulation keeps working: a run on two nodes of one GPU, on a small table, plan only, in full
     batches (the fake GPUs of different nodes are told apart: each node numbers its own from 0)."""
     out = tmp_path / "sim.json"
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "cluster_sim.py"),
-            *("--shapes", "1,1", "--images-per-gpu", "8", "--preset-images", "0", "--json", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    args = ("--shapes", "1,1", "--images-per-gpu", "8", "--preset-images", "0", "--json", str(out))
+    res = benchmark("cluster_sim.py", *args)
     assert "| 2 (1 + 1) | 5.30 | 16 | 2/2/2, 1 | one of each on 2 GPUs |" in res.stdout
     import json
 
@@ -57,17 +57,7 @@ def test_best_of_k_benchmark_prints_the_cost_per_kept_image_from_the_table_and_t
     """k = 1 and 2 on one fake GPU, a small table: the table's figures are the planner's, and the simulated stream
     holds its GPU for what the table says an image costs (k candidates at stage I, one upscale), no more."""
     out = tmp_path / "bok.json"
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "best_of_k.py"),
-            *("--ks", "1", "2", "--images", "8", "--json", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = benchmark("best_of_k.py", "--ks", "1", "2", "--images", "8", "--json", str(out))
     assert "| 1 | 1.50 | 0.000 | 5.30 | 1.00 |" in res.stdout and "| 2 | 3.00 | 0.004 | 6.81 | 1.28 |" in res.stdout
     import json
 
