@@ -85,7 +85,7 @@ def _same_work(record: dict[str, Any], cfg: CascadeConfig) -> bool:
     keys = ("source", "revision", "dtype", "steps", "timesteps", "batch_size")
     now = cfg.model_dump(mode="json")
     choices = ("candidates_per_image", "min_clip_score")  # best of k: stage I's and the scorer's work per image
-    defaults = {"candidates_per_image": 1, "min_clip_score": None}  # a record from before best of k
+    defaults = type(cfg.data)().model_dump(mode="json")  # what a record from before best of k ran with
     same_choices = all((old.get("data") or {}).get(k, defaults[k]) == now["data"][k] for k in choices)
     return same_choices and all(
         {k: old.get(s, {}).get(k) for k in keys} == {k: now[s].get(k) for k in keys} for s in STAGES

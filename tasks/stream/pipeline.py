@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from ifbatch.configs.schema import STAGES, CascadeConfig
 
 from ..inputs.expand import image_count
-from ..outputs.manifest import write_part
+from ..outputs.manifest import DONE, write_part
 from ..storage import Location
 from . import interrupt
 from .progress import Progress, report
@@ -63,7 +63,7 @@ class PipelineResult:
 
     def add(self, records: pa.Table) -> None:
         status = records.column("status")
-        ok = pc.is_in(status, pa.array(["ok", "filtered"]))
+        ok = pc.is_in(status, pa.array(DONE))
         done = pc.sum(ok).as_py() or 0
         self.done += done
         self.failed += records.num_rows - done
