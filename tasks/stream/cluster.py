@@ -257,6 +257,6 @@ class NodeWatch:
             table = placement_group_table(pg)
             gone = sorted({n for n in table.get("bundles_to_node_id", {}).values() if n and n not in alive})
             if table.get("state") == "RESCHEDULING" or gone:
-                nodes = ", ".join(n[:12] for n in gone) or "a node"
-                return f"node {nodes} holding {stage}'s planned GPUs left the Ray cluster"
+                which = f"node {', '.join(n[:12] for n in gone)}" if gone else "a node"
+                return f"{which} holding {stage}'s planned GPUs left the Ray cluster"
         return None
