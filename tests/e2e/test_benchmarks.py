@@ -54,11 +54,12 @@ def test_cluster_simulation_prints_its_table_with_the_plans_packing(tmp_path):
 
 
 def test_best_of_k_benchmark_prints_the_cost_per_kept_image_from_the_table_and_the_simulation(tmp_path):
-    """k = 1 and 2 on one fake GPU, a small table: the table's figures are the planner's, and the simulated stream
-    holds its GPU for what the table says an image costs (k candidates at stage I, one upscale), no more."""
+    """k = 2 on one fake GPU, a small table: the table's figures are the planner's, and the simulated stream holds
+    its GPU for what the table says an image costs (k candidates at stage I, one upscale), no more. (k = 1 is the
+    plain cluster simulation, above.)"""
     out = tmp_path / "bok.json"
-    res = benchmark("best_of_k.py", "--ks", "1", "2", "--images", "8", "--json", str(out))
-    assert "| 1 | 1.50 | 0.000 | 5.30 | 1.00 |" in res.stdout and "| 2 | 3.00 | 0.004 | 6.81 | 1.28 |" in res.stdout
+    res = benchmark("best_of_k.py", "--ks", "2", "--images", "8", "--json", str(out))
+    assert "| 2 | 3.00 | 0.004 | 6.81 | 1.28 |" in res.stdout
     import json
 
     figures = json.loads(out.read_text())
