@@ -4,8 +4,10 @@ Each run property (resume, lease, store faults, bad rows, same bytes) is tested 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,9 +106,18 @@ def _start_and_wait_for_a_part(args: list[str], out: str, prefect_api: str) -> s
 
 
 def _stage_actor_pids() -> list[int]:
-    """The diffusion stage actors' processes (Ray names them after the stage class)."""
-    out = subprocess.run(["pgrep", "-f", r"MapBatches\(Stage[123]Stage\)"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    """The diffusion stage actors' processes on the session's cluster (Ray titles them after the stage class; other
+    tests' clusters may run beside it)."""
+    import psutil
+    import ray._private.state as state
+
+    pids = []
+    for info in state.actors().values():
+        if info["State"] == "ALIVE" and info.get("Pid"):
+            with contextlib.suppress(psutil.Error):
+                if re.search(r"MapBatches\(Stage[123]Stage\)", " ".join(psutil.Process(info["Pid"]).cmdline())):
+                    pids.append(info["Pid"])
+    return sorted(pids)
 
 
 def test_a_stage_actor_killed_mid_run_leaves_every_image_exactly_once(tmp_path, tiny_set, ray_cluster, prefect_api):

@@ -1,6 +1,7 @@
 """The work-pool path, as an operator sets it up: `prefect work-pool create --type process`, `prefect deploy --all`
 from the repository's prefect.yaml, `prefect worker start`. A run triggered as the dashboard does runs on the worker
-and starts a local Ray cluster of its own; Cancel stops it and that cluster goes with it; a rerun resumes."""
+and starts a local Ray cluster of its own; Cancel stops it and that cluster goes with it; a rerun
+on the pool (on the local executor: resume is the run engine's) makes the rest."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from ..helpers import ROOT, write_table
@@ -56,10 +58,20 @@ def worker(pool_server, tmp_path_factory):
     log.close()
 
 
-def raylets() -> set[int]:
-    """Pids of the raylet processes on this machine (one per Ray node)."""
-    out = subprocess.run(["pgrep", "-f", "ray/core/src/ray/raylet/raylet"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def raylets(worker: subprocess.Popen) -> set[psutil.Process]:
+    """The raylet processes (one per Ray node) the worker's flow runs started: among its descendants (other tests'
+    clusters may run beside it)."""
+    return {p for p in psutil.Process(worker.pid).children(recursive=True) if p.name() == "raylet"}
+
+
+def running(processes: set[psutil.Process]) -> bool:
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return any(alive(p) for p in processes)
 
 
 def test_a_worker_runs_cancels_and_resumes_a_run_with_its_own_ray(pool_server, worker, tmp_path, tiny_dir):
@@ -68,25 +80,25 @@ def test_a_worker_runs_cancels_and_resumes_a_run_with_its_own_ray(pool_server, w
     batches = [f"{s}.batch_size=2" for s in ("text_encoder", "stage_1", "stage_2", "stage_3")]
     sets = [f"tiny.dir={tiny_dir}", "output.manifest_part_rows=2", "ray.num_cpus=2", *batches]
     params = {"prompts": prompts, "output": out, "preset": "tiny", "overrides": sets}  # no ray_address: local Ray
-    others = raylets()
     with api(pool_server):
         run = start(params, timeout=0)
         wait_for_records(out, run, timeout=600)
-        own = raylets() - others
+        own = raylets(worker)
         assert own, "the run started no local Ray cluster"
         cancel(run.id)
         final = wait_final(run.id, timeout=180)
         assert final.state.is_cancelled(), final.state
         assert final.work_queue_name and final.deployment_id  # it ran on the pool, from the deployment
         deadline = time.monotonic() + 60
-        while raylets() & own and time.monotonic() < deadline:
+        while running(own) and time.monotonic() < deadline:
             time.sleep(1)
-        assert not raylets() & own, "the cancelled run's local Ray cluster is still running"
+        assert not running(own), "the cancelled run's local Ray cluster is still running"
         done = manifest_ids(out)
         assert 0 < len(done) < 10
         assert run_records(out)[-1]["status"] == "cancelled"
 
-        again = start(params, timeout=900)
+        # the rerun on the pool too; resume is the run engine's whatever runs the stream: it runs in the flow's process
+        again = start({**params, "overrides": [*sets, "executor=local"]}, timeout=900)
     assert again.state.is_completed(), again.state.message
     ids = manifest_ids(out)
     assert len(ids) == 10 == len(set(ids))
