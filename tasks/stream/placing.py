@@ -44,8 +44,7 @@ class Placement:
                 lost = None
         if lost:
             return ClusterChanged(
-                f"{lost} mid-run, so the run stopped; the rows finished before it are recorded. Rerun the same "
-                f"command to generate the rest on the GPUs that remain "
+                f"{lost} mid-run, so the run stopped; a rerun plans for the GPUs that remain "
                 f"(stream error: {type(error).__name__}: {str(error)[:300]})"
             )
         return error
