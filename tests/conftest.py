@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -74,36 +77,31 @@ def prefect_api():
 
 LAYERS = ("unit", "run", "e2e")  # the order a serial run takes them: the fastest, most specific failures first
 
-# Under pytest-xdist (`-n 2 --dist loadgroup`, pyproject's addopts) each group's tests run in one worker, in order.
-# The session's Ray cluster is joined by the worker's own process (ray.init), and test_cluster_placement's cluster
-# must be the first one its process joins: the three modules that use them are one group, in file order. Every other
-# end-to-end module is a group of its own (its module-scoped servers start once).
-SHARED_RAY = ("test_cluster_placement", "test_operate", "test_pipeline")
-# The end-to-end modules go first under xdist, the longest first (about 9, 3, 3, 2, 2 and 1 minutes alone on 2
-# cores): they start at once on the two workers, and the run and unit tests fill in beside and after them.
-E2E_FIRST = (*SHARED_RAY, "test_multinode", "test_work_pool", "test_interrupts", "test_benchmarks", "test_first_run")
+# Under pytest-xdist (`-n 2 --dist loadfile`, pyproject's addopts) each module runs in one worker, its module-scoped
+# servers started once. The end-to-end modules are dealt out first, the longest first after test_cluster_placement
+# (about 1, 9, 3, 3, 3, 2, 2 and 1 minutes alone on 2 cores), so that they start at once on the two workers and the
+# run and unit tests fill in beside and after them. test_cluster_placement leads: its cluster must be the first one
+# its process joins (a process is the driver of one cluster at a time; the session's cluster stays joined).
+E2E_FIRST = (
+    "test_cluster_placement",
+    "test_operate",
+    "test_pipeline",
+    "test_multinode",
+    "test_work_pool",
+    "test_interrupts",
+    "test_benchmarks",
+    "test_first_run",
+)
 
 
 def _where(item) -> tuple[str, str]:
     """(layer, module name) of a test under tests/<layer>/."""
-    parts = item.nodeid.split("::")[0].split("/")
-    layer = parts[1] if len(parts) > 2 and parts[1] in LAYERS else ""
-    return layer, parts[-1].removesuffix(".py")
-
-
-def _group(item) -> str | None:
-    layer, module = _where(item)
-    if layer != "e2e":
-        return None  # run and unit tests are dealt out one by one
-    return "e2e-shared-ray" if module in SHARED_RAY else f"e2e-{module}"
+    return (item.path.parent.name if item.path.parent.name in LAYERS else ""), item.path.stem
 
 
 def pytest_collection_modifyitems(config, items):
     """Serially: unit, then run, then end-to-end tests; within a layer, as collected. Under xdist: the end-to-end
-    groups first (E2E_FIRST), then run, then unit tests."""
-    for item in items:
-        if group := _group(item):
-            item.add_marker(pytest.mark.xdist_group(group))
+    modules first (E2E_FIRST), then run, then unit tests."""
 
     def serial(item) -> int:
         layer, _ = _where(item)
@@ -116,3 +114,30 @@ def pytest_collection_modifyitems(config, items):
         return 1, ("run", "unit").index(layer) if layer in ("run", "unit") else 2
 
     items.sort(key=parallel if os.environ.get("PYTEST_XDIST_WORKER") else serial)
+
+
+@pytest.fixture(autouse=True)
+def machine_share(request):
+    """Under xdist, a test marked `alone` (one that times the product: a stop within seconds, a run still at work
+    when a node is removed) runs with no other test beside it; the others share the machine. A shared and an
+    exclusive flock on one file, and a turnstile that a waiting `alone` test holds, so that the other worker's
+    next tests queue behind it rather than keep it waiting."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:  # a serial run: every test is alone
+        yield
+        return
+    folder = Path(tempfile.gettempdir())
+    alone = request.node.get_closest_marker("alone") is not None
+    with (
+        open(folder / f"ifbatch-tests-{run}.turnstile", "a") as gate,
+        open(folder / f"ifbatch-tests-{run}.lock", "a") as lock,
+    ):
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -26,7 +26,7 @@ import pytest
 
 from ..helpers import manifest_rows, write_table
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # a stop timed in seconds: no other test beside it
 
 IMAGES = 24
 

@@ -25,7 +25,7 @@ from ifbatch.configs.schema import CASCADE
 from ..helpers import SMALL, manifest_rows, write_table
 from ..services import fake_gpu_cluster
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # the run must still be at work when a node is removed
 SHAPE = (2, 1)  # fake GPUs per worker node
 
 
@@ -68,19 +68,21 @@ def placements(out: str) -> dict[tuple, set]:
 
 
 def planned_groups(address: str) -> dict[str, Counter]:
-    """{stage: Counter(node -> bundles)} of the ifbatch placement groups alive on the cluster now."""
-    import ray
-    from ray.util import placement_group_table
-
-    ray.init(address=address, logging_level="ERROR")
-    try:
-        out = {}
-        for pg in placement_group_table().values():
-            if pg["name"].startswith("ifbatch-") and pg["state"] == "CREATED":
-                out[pg["name"].removeprefix("ifbatch-")] = Counter(n[:12] for n in pg["bundles_to_node_id"].values())
-        return out
-    finally:
-        ray.shutdown()
+    """{stage: Counter(node -> bundles)} of the ifbatch placement groups alive on the cluster now (read by a process
+    of its own: this one may be the driver of another cluster already)."""
+    code = (
+        "import json, ray\n"
+        "from ray.util import placement_group_table\n"
+        f"ray.init(address={address!r}, logging_level='ERROR')\n"
+        "print(json.dumps(list(placement_group_table().values())))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = {}
+    for pg in json.loads(res.stdout.strip().splitlines()[-1]):
+        if pg["name"].startswith("ifbatch-") and pg["state"] == "CREATED":
+            out[pg["name"].removeprefix("ifbatch-")] = Counter(n[:12] for n in pg["bundles_to_node_id"].values())
+    return out
 
 
 def test_plans_for_every_gpu_of_uneven_nodes_and_survives_losing_one(cluster, tiny_dir, prefect_api, tmp_path):
