@@ -246,17 +246,22 @@ class FaultyS3Proxy:
 
 
 @contextlib.contextmanager
-def fake_gpu_cluster(shape, object_store_mb: int = 256, head_cpus: int = 1):
+def fake_gpu_cluster(shape, object_store_mb: int = 256, head_cpus: int = 1, quick_node_death: bool = False):
     """A real multi-node Ray cluster on this machine (ray.cluster_utils: each node its own raylet): a head without
-    GPUs and a worker node of each size in `shape`, with fake GPUs and two CPUs per GPU. Yields (cluster, workers)."""
+    GPUs and a worker node of each size in `shape`, with fake GPUs and two CPUs per GPU. Yields (cluster, workers).
+    quick_node_death: the head's health checks find a removed node dead in a few seconds, not Ray's ~15 (every 3 s,
+    5 failures), as Ray's own node-death tests set them; still 3 failures in a row of a 2 s check."""
     from ray.cluster_utils import Cluster
 
     store = object_store_mb << 20
-    c = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args=dict(num_cpus=head_cpus, num_gpus=0, object_store_memory=store, include_dashboard=False),
-    )
+    head = dict(num_cpus=head_cpus, num_gpus=0, object_store_memory=store, include_dashboard=False)
+    if quick_node_death:
+        head["_system_config"] = {
+            "health_check_period_ms": 1000,
+            "health_check_timeout_ms": 2000,
+            "health_check_failure_threshold": 3,
+        }
+    c = Cluster(initialize_head=True, connect=False, head_node_args=head)
     try:
         workers = [c.add_node(num_cpus=2 * g, num_gpus=g, object_store_memory=store) for g in shape]
         c.wait_for_nodes(timeout=120)

@@ -26,7 +26,7 @@ import pytest
 
 from ..helpers import manifest_rows, write_table
 
-pytestmark = [pytest.mark.slow, pytest.mark.alone]  # a stop timed in seconds: no other test beside it
+pytestmark = pytest.mark.slow
 
 IMAGES = 24
 
@@ -107,6 +107,7 @@ def prefect_home(tmp_path_factory):
     return tmp_path_factory.mktemp("prefect")
 
 
+@pytest.mark.alone  # the records of finished images must reach the driver within the 3 s grace
 def test_ctrl_c_keeps_every_finished_image_and_the_rerun_makes_only_the_rest(tiny_dir, tmp_path, prefect_home):
     prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a red car number {i}" for i in range(IMAGES)]})
     out = str(tmp_path / "out")

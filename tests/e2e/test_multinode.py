@@ -31,7 +31,7 @@ SHAPE = (2, 1)  # fake GPUs per worker node
 
 @pytest.fixture(scope="module")
 def cluster():
-    with fake_gpu_cluster(SHAPE) as (c, workers):
+    with fake_gpu_cluster(SHAPE, quick_node_death=True) as (c, workers):
         yield c, workers
 
 
