@@ -118,10 +118,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def machine_share(request):
-    """Under xdist, a test marked `alone` (one that times the product: a stop within seconds, a run still at work
-    when a node is removed) runs with no other test beside it; the others share the machine. A shared and an
-    exclusive flock on one file, and a turnstile that a waiting `alone` test holds, so that the other worker's
-    next tests queue behind it rather than keep it waiting."""
+    """Under xdist, a test marked `alone` (one that times the product -- a stop within seconds -- or that would
+    run over 3 minutes beside another Ray test) runs with no other test beside it; the others share the machine.
+    A shared and an exclusive flock on one file, and a turnstile that a waiting `alone` test holds, so that the
+    other worker's next tests queue behind it rather than keep it waiting."""
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run is None:  # a serial run: every test is alone
         yield

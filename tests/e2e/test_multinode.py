@@ -25,7 +25,7 @@ from ifbatch.configs.schema import CASCADE
 from ..helpers import SMALL, manifest_rows, write_table
 from ..services import fake_gpu_cluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.alone]  # the run must still be at work when a node is removed
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # ~2.5 min alone: beside another Ray test, over 3 minutes
 SHAPE = (2, 1)  # fake GPUs per worker node
 
 

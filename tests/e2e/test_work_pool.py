@@ -1,7 +1,7 @@
 """The work-pool path, as an operator sets it up: `prefect work-pool create --type process`, `prefect deploy --all`
 from the repository's prefect.yaml, `prefect worker start`. A run triggered as the dashboard does runs on the worker
-and starts a local Ray cluster of its own; Cancel stops it and that cluster goes with it; a rerun
-on the pool (on the local executor: resume is the run engine's) makes the rest."""
+and starts a local Ray cluster of its own; Cancel stops it and that cluster goes with it; a rerun on the pool (on the
+local executor: resume is the run engine's) makes the rest."""
 
 from __future__ import annotations
 
