@@ -36,6 +36,7 @@ class RunContext:
     stage_plan: dict = field(default_factory=dict)  # the placement plan the run used, or why there was none
     gpu_slot: dict | None = None  # the Prefect concurrency slot the run held: name, seconds waited, when taken
     interrupted: BaseException | None = None  # the Ctrl-C / SIGTERM that stopped a terminal run's stream
+    cancelled: StoppedRun | None = None  # what a run cancelled from outside (Prefect) recorded, once it has
 
     @property
     def output(self) -> str:

@@ -115,8 +115,8 @@ class Run:
             except RunStopped as e:
                 stop = e
                 raise RunEnded(self.step("write-stopped-record", lambda: self.stopped(stop), 0)) from e
-            except self.cancels:  # cancelled from outside (Prefect): the stream is down; record what was done
-                log.warning("cancelled: %s", self.stopped(RunStopped(Cancelled()), "cancelled").line)
+            except self.cancels:  # cancelled from outside (Prefect) before or after the stream: record what was done
+                self.record_cancel()
                 raise
             return self.step("write-run-record", self.finish, 2)
 
@@ -208,6 +208,9 @@ class Run:
                             log.info("%s", line)
                 except Interrupted as e:  # the user stopped it: what was done is recorded, no error to show
                     ctx.interrupted = e
+                except self.cancels:  # recorded now, while the session stands: a work pool's Cancel sends SIGTERM
+                    self.record_cancel()  # to the run's process group, the Ray cluster it started included
+                    raise
                 except Exception as e:  # generation had started: record what was done (RunStopped)
                     raise RunStopped(session.failed(e)) from e
                 finally:
@@ -282,6 +285,13 @@ class Run:
             errors=result.errors,
             **counts,
         )
+
+    def record_cancel(self) -> None:
+        """The run record of a run cancelled from outside, written once (the stream's records are in the manifest:
+        run_pipeline flushed them on its way out)."""
+        if self.ctx.cancelled is None:
+            self.ctx.cancelled = self.stopped(RunStopped(Cancelled()), "cancelled")
+            self.log.warning("cancelled: %s", self.ctx.cancelled.line)
 
     def stopped(self, stopped: RunStopped, status: str = "stopped") -> StoppedRun:
         """The run record of a run that stopped mid-way (or was cancelled, or interrupted): what was done, and why

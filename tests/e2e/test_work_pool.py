@@ -53,6 +53,7 @@ def worker(pool_server, tmp_path_factory):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    proc.log_path = Path(log.name)
     yield proc
     stop_group(proc, grace=30)
     log.close()
@@ -95,7 +96,8 @@ def test_a_worker_runs_cancels_and_resumes_a_run_with_its_own_ray(pool_server, w
         assert not running(own), "the cancelled run's local Ray cluster is still running"
         done = manifest_ids(out)
         assert 0 < len(done) < 10
-        assert run_records(out)[-1]["status"] == "cancelled"
+        records = run_records(out)
+        assert records and records[-1]["status"] == "cancelled", worker.log_path.read_text(errors="replace")[-4000:]
 
         # the rerun on the pool too; resume is the run engine's whatever runs the stream: it runs in the flow's process
         again = start({**params, "overrides": [*sets, "executor=local"]}, timeout=900)

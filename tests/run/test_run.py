@@ -62,6 +62,57 @@ def test_overwrite_starts_over(tmp_path, tiny_set):
     assert read_manifest(locate(out)).num_rows == 2 and len(part_paths(locate(out))) == 1
 
 
+class Cancel(BaseException):
+    """Stands for Prefect's TerminationSignal: how a Cancel reaches a run in a deployment (not an Exception)."""
+
+
+def test_a_run_cancelled_mid_stream_records_it_while_its_executor_still_stands(tmp_path, tiny_set):
+    """A work pool's Cancel sends SIGTERM to the run's whole process group, the Ray cluster the run started with it:
+    the run writes its `cancelled` record as soon as the cancel reaches it, before its executor's session (the
+    cluster, on Ray) is closed, and re-raises it. (On a real work pool: tests/e2e/test_work_pool.py.)"""
+    import contextlib
+
+    from ifbatch.configs import load_config
+    from ifbatch.tasks.run import Run
+    from ifbatch.tasks.stream.local import LocalExecutor
+
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:4]})
+    out = str(tmp_path / "out")
+    at_close: list[list[str]] = []
+
+    class Watched(LocalExecutor):
+        @contextlib.contextmanager
+        def open(self, *args, **kwargs):
+            with super().open(*args, **kwargs) as session:
+                try:
+                    yield session
+                finally:  # what a cluster torn down from outside would no longer let the run write
+                    at_close.append(sorted(p.name for p in Path(out, "runs").glob("*.json")))
+
+    def cancel_after_the_first_images(run_id, images):
+        def on(progress):
+            if progress.done:
+                raise Cancel()
+
+        return on
+
+    overrides = [*tiny_set, *SMALL_BATCHES, "output.manifest_part_rows=2", "executor=local"]
+    run = Run(
+        {"prompts": prompts, "output": out, "overrides": overrides},
+        load_config("tiny", overrides),
+        cancels=(Cancel,),
+        listeners=[cancel_after_the_first_images],
+        executor=Watched(),
+    )
+    with pytest.raises(Cancel):
+        run()
+    (record,) = [json.loads(p.read_text()) for p in Path(out, "runs").glob("*.json")]
+    assert at_close == [[f"{record['run_id']}.json"]]  # written before the session closed, and once
+    done = [r["id"] for r in read_manifest(locate(out)).to_pylist() if r["status"] == "ok"]
+    assert record["status"] == "cancelled" and record["counts"]["done"] == len(done) == 2
+    assert not Path(out, ".ifbatch-lease.json").exists()  # the output is free again
+
+
 def test_bad_rows_exit_non_zero(tmp_path, tiny_set):
     """The row corpus (tests/unit/test_bad_input.py): every bad row rejected with its reason in the rejected-rows
     file, the good row made, exit status 1."""
