@@ -121,10 +121,11 @@ def machine_share(request):
     """Under xdist, a test marked `alone` (one that times the product -- a stop within seconds -- or that would
     run over 3 minutes beside another Ray test) runs with no other test beside it; the others share the machine.
     A shared and an exclusive flock on one file, and a turnstile that a waiting `alone` test holds, so that the
-    other worker's next tests queue behind it rather than keep it waiting."""
+    other worker's next tests queue behind it rather than keep it waiting. An `alone` test may share() the machine
+    for what it no longer times (the Ctrl-C test's rerun)."""
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run is None:  # a serial run: every test is alone
-        yield
+        yield Share()
         return
     folder = Path(tempfile.gettempdir())
     alone = request.node.get_closest_marker("alone") is not None
@@ -138,6 +139,19 @@ def machine_share(request):
         finally:
             fcntl.flock(gate, fcntl.LOCK_UN)
         try:
-            yield
+            yield Share(lock if alone else None)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class Share:
+    """What an `alone` test holds: share() when the rest of it times nothing (the other worker's tests may then run
+    beside it)."""
+
+    def __init__(self, lock=None):
+        self.lock = lock
+
+    def share(self) -> None:
+        if self.lock is not None:
+            fcntl.flock(self.lock, fcntl.LOCK_SH)
+            self.lock = None

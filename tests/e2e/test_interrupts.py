@@ -108,7 +108,9 @@ def prefect_home(tmp_path_factory):
 
 
 @pytest.mark.alone  # the records of finished images must reach the driver within the 3 s grace
-def test_ctrl_c_keeps_every_finished_image_and_the_rerun_makes_only_the_rest(tiny_dir, tmp_path, prefect_home):
+def test_ctrl_c_keeps_every_finished_image_and_the_rerun_makes_only_the_rest(
+    tiny_dir, tmp_path, prefect_home, machine_share
+):
     prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a red car number {i}" for i in range(IMAGES)]})
     out = str(tmp_path / "out")
 
@@ -119,6 +121,7 @@ def test_ctrl_c_keeps_every_finished_image_and_the_rerun_makes_only_the_rest(tin
     stopped(proc, out, signal.SIGINT, seen, 130, before=0)
     wait_gone(proc.pid)
     assert 4 <= len(manifest_rows(out)) < IMAGES
+    machine_share.share()  # the rerun times nothing: other tests may run beside it
 
     # The rerun makes only the rest; every image once, those recorded before kept. (Resume is the run engine's,
     # whatever runs the stream: the rerun is the local executor's, without Prefect, to keep the test short.)

@@ -64,6 +64,7 @@ def served(server, nightly, ray_cluster, tiny_dir, tmp_path_factory):
         **server.env(),
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         "IFBATCH_SPILL_DIR": str(folder / "spill"),
+        "AWS_MAX_ATTEMPTS": "1",  # botocore's own retries off: the Retry test's failing store fails within seconds
     }
     proc = subprocess.Popen(
         [
@@ -129,38 +130,6 @@ def test_scheduled_deployment_runs_by_itself(server, served, nightly):
         with client() as c:  # shown: stop its schedule, whose late runs would keep the server's SQLite busy
             c.pause_deployment(c.read_deployment_by_name("ifbatch-generate/nightly-dataset").id)
     assert read_manifest(locate(nightly[1])).num_rows == 2
-
-
-def test_dashboard_run_completes_with_artifacts(server, served, tmp_path, tiny_dir):
-    """The run's artifacts are Prefect's, whatever runs the stream: the run uses the local executor."""
-    prompts = write_table(tmp_path / "p.parquet", {"prompt": ["a cat *wearing* a [hat](http://x)", *SMALL[:3]]})
-    out = str(tmp_path / "out")
-    with api(server):
-        run = start(
-            {
-                "prompts": prompts,
-                "output": out,
-                "preset": "tiny",
-                "overrides": [f"tiny.dir={tiny_dir}", "executor=local"],
-            }
-        )
-        assert run.state.is_completed(), run.state.message
-        assert run.name.startswith("generate[tiny] ")
-        arts = {a.type: a for a in artifacts_of(run.id)}
-    assert read_manifest(locate(out)).num_rows == 4
-    assert {"progress", "table", "markdown"} <= set(arts)
-    assert float(arts["progress"].data) == 100.0
-    data = arts["table"].data
-    table = {r["what"]: r["value"] for r in (json.loads(data) if isinstance(data, str) else data)}
-    assert (table["done"], table["failed"], table["rejected"], table["skipped by resume"]) == (4, 0, 0, 0)
-    assert any(k.startswith("stage_3 s/image") for k in table)
-    md = arts["markdown"].data
-    assert "contact sheet" in md and "manifest" in md and "tiny" in md
-    assert r"a cat \*wearing\* a \[hat\]\(http://x\)" in md  # prompt text is escaped, not rendered
-    sheet = next(Path(out, "runs").glob("*-contact-sheet.png"))
-    assert str(sheet) in md
-    with Image.open(sheet) as im:
-        assert im.size == (4 * 128, 128 + 14)
 
 
 def test_bad_parameters_are_refused_before_a_run_starts(server, served):
@@ -256,13 +225,15 @@ CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "prefect-run.png"
 
 
-def test_run_from_the_dashboard_in_a_real_browser(server, served, tmp_path):
-    """Debian's chromium, headless, driven by Playwright: Custom run with a changed parameter, then the run page."""
+def test_run_from_the_dashboard_in_a_real_browser_completes_with_artifacts(server, served, tmp_path):
+    """Debian's chromium, headless, driven by Playwright: Custom run with a changed parameter, then the run page and
+    its artifacts. (The run is the deployment's default: the local executor. The artifacts are Prefect's, whatever
+    runs the stream.)"""
     assert Path(CHROMIUM).exists(), "the UI test needs Debian's chromium: apt-get install -y chromium"
     from playwright.sync_api import sync_playwright
 
     out = str(tmp_path / "from-the-ui")
-    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:4]})
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": ["a cat *wearing* a [hat](http://x)", *SMALL[:3]]})
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
@@ -302,9 +273,25 @@ def test_run_from_the_dashboard_in_a_real_browser(server, served, tmp_path):
         page.get_by_text("ifbatch-summary-").first.wait_for()
         page.get_by_text("ifbatch-counts-").first.wait_for()
         browser.close()
+    assert run.name.startswith("generate[tiny] ")
     assert read_manifest(locate(out)).num_rows == 4
     if os.environ.get("IFBATCH_UPDATE_SCREENSHOT"):
         SCREENSHOT.write_bytes((tmp_path / "run.png").read_bytes())
+    with api(server):
+        arts = {a.type: a for a in artifacts_of(run.id)}
+    assert {"progress", "table", "markdown"} <= set(arts)
+    assert float(arts["progress"].data) == 100.0
+    data = arts["table"].data
+    table = {r["what"]: r["value"] for r in (json.loads(data) if isinstance(data, str) else data)}
+    assert (table["done"], table["failed"], table["rejected"], table["skipped by resume"]) == (4, 0, 0, 0)
+    assert any(k.startswith("stage_3 s/image") for k in table)
+    md = arts["markdown"].data
+    assert "contact sheet" in md and "manifest" in md and "tiny" in md
+    assert r"a cat \*wearing\* a \[hat\]\(http://x\)" in md  # prompt text is escaped, not rendered
+    sheet = next(Path(out, "runs").glob("*-contact-sheet.png"))
+    assert str(sheet) in md
+    with Image.open(sheet) as im:
+        assert im.size == (4 * 128, 128 + 14)
 
 
 def wait_for_run_with_output(server, out: str, timeout: float = 400, final: bool = True):

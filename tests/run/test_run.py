@@ -233,7 +233,9 @@ def test_a_store_failing_every_put_mid_run_stops_it_and_the_rerun_resumes(tmp_pa
         *SMALL_BATCHES,
     ]  # fmt: skip
     args = local_args(prompts, out, sets)
-    env = {"IFBATCH_SPILL_DIR": str(tmp_path / "spill")}
+    # botocore retries a 500 itself (AWS_MAX_ATTEMPTS, 5 by default: up to ~15 s a call, ~40 s of this run):
+    # turned off, so that what the test times is the run's own s3.retry_deadline_s
+    env = {"IFBATCH_SPILL_DIR": str(tmp_path / "spill"), "AWS_MAX_ATTEMPTS": "1"}
     try:
         run = start(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_for_a_part(run, out)
