@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import queue
 import threading
 import time
@@ -142,13 +143,15 @@ def _setting(event: threading.Event) -> Iterator[None]:
 
 def _records(stream: Callable[[threading.Event], Iterable[pa.Table]], in_process: bool) -> Iterator[pa.Table]:
     """The stream's record batches. On a terminal run (interrupt.arm) they are taken on a thread of their own, so
-    that the first Ctrl-C or SIGTERM is seen at once: the records already on their way out are taken for
-    interrupt.GRACE_S more seconds (each is a finished image), then Interrupted is raised and the caller's
-    `finally` writes them to the manifest.
+    that the first Ctrl-C or SIGTERM is seen at once: the records already on their way out are taken (each is a
+    finished image), then Interrupted is raised and the caller's `finally` writes them to the manifest. On a Ray
+    stream, whose work is out on the cluster, they are taken for interrupt.GRACE_S more seconds.
 
-    in_process: the stream's thread computes (the local executor's models run on it). Once the driver leaves, that
-    thread stops at its current step and is waited for: a process must not exit while a thread of its own is inside
-    torch (its thread pools are torn down under it: `terminate called without an active exception`, SIGABRT)."""
+    in_process: the stream's thread computes (the local executor's models run on it). The first signal stops it at
+    once: the step under way finishes, no other starts, and every image it wrote is taken (no grace to guess: the
+    thread is all the work there is). Once the driver leaves, for whatever reason, that thread is waited for: a
+    process must not exit while a thread of its own is inside torch (its thread pools are torn down under it:
+    `terminate called without an active exception`, SIGABRT)."""
     stop = threading.Event()
     if not interrupt.armed():
         with _setting(stop):
@@ -161,7 +164,7 @@ def _records(stream: Callable[[threading.Event], Iterable[pa.Table]], in_process
             for b in stream(stop):
                 out.put(("records", b))
                 if stop.is_set():  # the run stopped: make no more
-                    return
+                    break
             out.put(("end", None))
         except BaseException as e:  # handed to the driver's thread, which raises it
             out.put(("error", e))
@@ -173,17 +176,23 @@ def _records(stream: Callable[[threading.Event], Iterable[pa.Table]], in_process
             deadline = None
             while True:
                 if switch.on and deadline is None:
-                    deadline = time.monotonic() + interrupt.GRACE_S
+                    if in_process:  # the step under way finishes, its records come, then the thread's "end"
+                        stop.set()
+                        deadline = math.inf
+                    else:
+                        deadline = time.monotonic() + interrupt.GRACE_S
                 if deadline is not None and time.monotonic() >= deadline:
                     raise interrupt.Interrupted(switch.signum)
-                wait = 0.2 if deadline is None else max(0.0, deadline - time.monotonic())
+                wait = 0.2 if deadline is None or deadline == math.inf else max(0.0, deadline - time.monotonic())
                 try:
                     kind, value = out.get(timeout=wait)
                 except queue.Empty:
-                    if deadline is not None:
+                    if deadline is not None and deadline != math.inf:
                         raise interrupt.Interrupted(switch.signum) from None
                     continue
                 if kind == "end":
+                    if switch.on and in_process:
+                        raise interrupt.Interrupted(switch.signum)
                     return
                 if kind == "error":
                     raise value

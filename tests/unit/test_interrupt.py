@@ -1,5 +1,6 @@
 """The stream's side of a terminal Ctrl-C (tasks/stream/interrupt.py, pipeline._records): the first SIGINT or
-SIGTERM lets the records already on their way out come for the grace period, then stops the stream with
+SIGTERM lets the records already on their way out come (for the grace period on Ray; a stream computing here
+finishes its step under way), then stops the stream with
 Interrupted, and the signal handlers the process had are back after."""
 
 from __future__ import annotations
@@ -83,19 +84,22 @@ def test_unarmed_the_stream_is_read_in_place(monkeypatch):
     assert threading.active_count() == threads  # no reader thread: a Prefect Cancel reaches the stream as before
 
 
-def test_a_stream_computing_here_finishes_its_step_before_the_run_goes_on(armed):
-    """The local executor's thread runs torch: once stopped, the driver waits for its current step (a process that
-    exits with a thread inside torch aborts: `terminate called without an active exception`), and no step starts
-    after the stop."""
+def test_a_stream_computing_here_stops_at_once_and_keeps_the_step_under_way(armed):
+    """The local executor's thread runs torch: the first signal stops it at once, with no grace period -- the step
+    under way finishes and its records are taken, no step starts after it (a process that exits with a thread
+    inside torch aborts: `terminate called without an active exception`)."""
     stream = Computing(every=0.7)
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # in the second step
+    got, t0 = [], time.monotonic()
     with pytest.raises(interrupt.Interrupted):
-        for _ in _records(stream, in_process=True):
-            pass
+        for records in _records(stream, in_process=True):
+            got.append(records.column("id")[0].as_py())
+    took = time.monotonic() - t0
     assert not stream.running and not [t for t in threading.enumerate() if t.name == "ifbatch-stream"]
-    steps = stream.steps
+    assert got == ["r1", "r2"] and stream.steps == 2  # the step under way at the signal is kept, none after it
+    assert took < 1.4 + interrupt.GRACE_S / 2  # no grace period waited out
     time.sleep(1.0)
-    assert stream.steps == steps  # nothing after the stop
+    assert stream.steps == 2  # nothing after the stop
 
     stream = Computing(every=0.3)  # a driver that leaves for its own reasons (a write failed) waits the same way
     records = _records(stream, in_process=True)
