@@ -183,13 +183,11 @@ def _records(stream: Callable[[threading.Event], Iterable[pa.Table]], in_process
                         deadline = time.monotonic() + interrupt.GRACE_S
                 if deadline is not None and time.monotonic() >= deadline:
                     raise interrupt.Interrupted(switch.signum)
-                wait = 0.2 if deadline is None or deadline == math.inf else max(0.0, deadline - time.monotonic())
+                wait = 0.2 if deadline is None else min(0.2, max(0.0, deadline - time.monotonic()))
                 try:
                     kind, value = out.get(timeout=wait)
                 except queue.Empty:
-                    if deadline is not None and deadline != math.inf:
-                        raise interrupt.Interrupted(switch.signum) from None
-                    continue
+                    continue  # (a deadline passed is raised at the top)
                 if kind == "end":
                     if switch.on and in_process:
                         raise interrupt.Interrupted(switch.signum)
