@@ -208,8 +208,8 @@ class Run:
                             log.info("%s", line)
                 except Interrupted as e:  # the user stopped it: what was done is recorded, no error to show
                     ctx.interrupted = e
-                except self.cancels:  # recorded now, while the session stands: a work pool's Cancel sends SIGTERM
-                    self.record_cancel()  # to the run's process group, the Ray cluster it started included
+                except self.cancels:  # recorded now, before the session's teardown (a cluster going away can
+                    self.record_cancel()  # hang it past the 30 s Prefect gives a cancelled run before SIGKILL)
                     raise
                 except Exception as e:  # generation had started: record what was done (RunStopped)
                     raise RunStopped(session.failed(e)) from e

@@ -67,9 +67,9 @@ class Cancel(BaseException):
 
 
 def test_a_run_cancelled_mid_stream_records_it_while_its_executor_still_stands(tmp_path, tiny_set):
-    """A work pool's Cancel sends SIGTERM to the run's whole process group, the Ray cluster the run started with it:
-    the run writes its `cancelled` record as soon as the cancel reaches it, before its executor's session (the
-    cluster, on Ray) is closed, and re-raises it. (On a real work pool: tests/e2e/test_work_pool.py.)"""
+    """The run writes its `cancelled` record as soon as the cancel reaches it, before its executor's session (the
+    cluster, on Ray) is closed -- a teardown that hangs can outlast the 30 s Prefect gives a cancelled run before
+    SIGKILL -- and re-raises it. (Cancel on a real work pool: tests/e2e/test_work_pool.py.)"""
     import contextlib
 
     from ifbatch.configs import load_config
