@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SEED_MAX = 2**63 - 1
 
@@ -17,7 +19,10 @@ def derive_seed(seed: int, salt: str) -> int:
 
 
 def generators(seeds: Sequence[int], stage: str) -> list[torch.Generator]:
-    """One CPU generator per row. CPU generators make the noise identical on every device and node."""
+    """One CPU generator per row. CPU generators make the noise identical on every device and node. (torch is
+    imported here, not with the module: the writers and the driver derive seeds without it.)"""
+    import torch
+
     return [torch.Generator("cpu").manual_seed(derive_seed(int(s), stage)) for s in seeds]
 
 

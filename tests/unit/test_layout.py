@@ -99,3 +99,18 @@ def test_every_stage_has_one_name_and_one_runner_and_one_actor():
     assert tuple(RUNNERS) == tuple(STAGE_ACTORS) == STAGES and tuple(PARAMS) == DIFFUSION_STAGES
     assert all(s in CascadeConfig.model_fields for s in STAGES)
     assert [r.name for r in RUNNERS.values()] == [a.name for a in STAGE_ACTORS.values()] == list(STAGES)
+
+
+def test_the_writers_and_the_stage_plumbing_load_without_torch():
+    """A writer actor (and the cluster simulation's fake stages) imports the stage plumbing but runs no model: it
+    must not pay torch's import (~1.5 s of CPU a process, measured; a run starts one or more writers)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ifbatch.tasks.stream.writer, ifbatch.tasks.stream.stages, ifbatch.tasks.stream.ray_data\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"
