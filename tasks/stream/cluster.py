@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .plan import Plan, PlanError
@@ -219,11 +220,17 @@ class NodeWatch:
     keeps the groups waiting to be rescheduled and Ray Data keeps restarting the stage actors that lived there,
     each waiting for a GPU that is gone: the run would wait forever. So the watch notes which node left and
     removes the groups; their actors end, the stream fails, and the run ends saying why (rows written so far are
-    recorded; a rerun plans for the GPUs that remain and resumes)."""
+    recorded; a rerun plans for the GPUs that remain and resumes). A stage actor that was restarting when its group
+    went may wait for ever all the same (seen once in ~20 runs: Ray Data showed it `restarting` 10 minutes on, the
+    last batch in it): when the stream has not ended `stop_after_s` after the groups went, the watch calls
+    `on_lost`, which stops the stream (RaySession: its executor shut down; the stream then fails, saying why).
+    A check that fails (the control store busy while a node goes) is tried again at the next tick."""
 
-    def __init__(self, groups: dict, every_s: float = 2.0):
-        self.groups, self.every_s = groups, every_s
+    def __init__(self, groups: dict, every_s: float = 2.0, stop_after_s: float = 20.0):
+        self.groups, self.every_s, self.stop_after_s = groups, every_s, stop_after_s
         self.lost: str | None = None
+        self.on_lost: Callable[[], None] | None = None
+        self.stopped_stream = False  # on_lost was called: the stream did not end by itself
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ifbatch-node-watch", daemon=True)
 
@@ -238,14 +245,22 @@ class NodeWatch:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.wait(self.every_s):
             try:
                 lost = self.check()
-            except Exception:  # the cluster itself is going away: the stream will say so
-                return
+                failures = 0
+            except Exception:  # the control store is busy, or the cluster itself going away (the stream says so)
+                failures += 1
+                if failures >= 5:
+                    return
+                continue
             if lost:
                 self.lost = lost
                 release(self.groups)
+                if not self._stop.wait(self.stop_after_s) and self.on_lost is not None:
+                    self.stopped_stream = True
+                    self.on_lost()
                 return
 
     def check(self) -> str | None:

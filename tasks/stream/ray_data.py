@@ -78,10 +78,16 @@ class RaySession:
         self, rows: pa.Table, output: str, run_id: str, models: dict, stop: threading.Event
     ) -> Iterator[pa.Table]:
         """The stream's records (`stop` is not needed: the driver only waits on the cluster, and the actors end with
-        the session)."""
+        the session). A node lost mid-run that Ray Data keeps waiting for: the node watch stops the stream
+        (cluster.NodeWatch), which then fails here, whatever Ray Data made of the stop, and the run says why."""
         ds = build_dataset(rows, self.placement.cfg, output, self.placement.groups, self.actors, models, run_id)
         self.streams.append(ds)
-        return ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        watch = self.placement.watch
+        if watch is not None:
+            watch.on_lost = self.close
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        if watch is not None and watch.stopped_stream:
+            raise RuntimeError(f"the stream was stopped: {watch.lost}")
 
     def close(self) -> None:
         """Stop every stream this session started, before its placement groups and cluster go. A stream the run
