@@ -221,7 +221,7 @@ class NodeWatch:
     each waiting for a GPU that is gone: the run would wait forever. So the watch notes which node left and
     removes the groups; their actors end, the stream fails, and the run ends saying why (rows written so far are
     recorded; a rerun plans for the GPUs that remain and resumes). A stage actor that was restarting when its group
-    went may wait for ever all the same (seen once in ~20 runs: Ray Data showed it `restarting` 10 minutes on, the
+    went may wait for ever all the same (seen once, in a CI run: Ray Data showed it `restarting` 10 minutes on, the
     last batch in it): when the stream has not ended `stop_after_s` after the groups went, the watch calls
     `on_lost`, which stops the stream (RaySession: its executor shut down; the stream then fails, saying why).
     A check that fails (the control store busy while a node goes) is tried again at the next tick."""
