@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 from ifbatch.models.quiet import drop_messages
+from ifbatch.tasks.stream.interrupt import blocked_in_children
 
 # A fresh machine's temporary API first migrates a new database: over Prefect's default 20 s wait on 2 cores.
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -48,11 +49,8 @@ def prefect_api(say=print) -> str | None:
     # Started with SIGINT blocked, which its process inherits: a Ctrl-C reaches every process of the terminal's
     # group, and the API must outlive the run's own handling of it (the run still logs and records its state).
     # It stops when this process exits (Prefect's atexit), or at a second Ctrl-C (tasks/stream/interrupt.py).
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
+    with blocked_in_children(signal.SIGINT):
         server.start(timeout=timeout)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     say(f"ready in {time.monotonic() - t0:.0f} s")
     return server.api_url
 

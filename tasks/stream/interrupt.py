@@ -47,6 +47,17 @@ def raise_interrupt(signum: int, frame) -> None:
     raise SignalInterrupt(signum)
 
 
+@contextlib.contextmanager
+def blocked_in_children(*signums: int) -> Iterator[None]:
+    """Block `signums` in this thread while the block starts processes: they inherit the mask across exec and
+    never see those signals (what is sent to the whole process group reaches this process only)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set(signums))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def arm() -> None:
     """Make the stream stop gracefully on SIGINT / SIGTERM in this process (a terminal run)."""
     global _armed

@@ -57,32 +57,20 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         kwargs.update(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)
         if rc.object_store_gb:
             kwargs["object_store_memory"] = int(rc.object_store_gb * 2**30)
-    with _sigterm_kept(), _spared_from_group_sigterm(not address and not interrupt.armed()):
+    # A deployment run's private cluster starts with SIGTERM blocked (interrupt.blocked_in_children): a Prefect
+    # worker or `ifbatch serve` cancels a run with SIGTERM to the run's whole process group, and unspared, the
+    # cluster died with it and Ray terminated the driver ("The connection to the plasma store is failed") before it
+    # wrote its run record. Spared, the driver's handler still reaches its cluster; the cluster goes with the run
+    # (Ray ties its processes to this one, and `ray.shutdown` kills what outlasts SIGTERM after 1 s: ~5.6 s
+    # instead of ~1.3 s, measured). Not a terminal run (Ctrl-C is SIGINT, which Ray already blocks in them, and
+    # its exit stays quick), nor a cluster joined, which is not this process's to keep.
+    spare = () if address or interrupt.armed() else (signal.SIGTERM,)
+    with _sigterm_kept(), interrupt.blocked_in_children(*spare):
         ray.init(**kwargs)
     try:
         yield
     finally:
         ray.shutdown()
-
-
-@contextlib.contextmanager
-def _spared_from_group_sigterm(spare: bool) -> Iterator[None]:
-    """Start a private cluster's processes with SIGTERM blocked (the mask is inherited: its GCS, raylet and actors
-    then never see SIGTERM; they still go when this process does, Ray ties them to it, and at `ray.shutdown`,
-    which kills what outlasts SIGTERM after 1 s). A Prefect worker or `ifbatch serve` cancels a run with SIGTERM to
-    the run's whole process group: unspared, the cluster died with the run's own handler and Ray terminated the
-    driver ("The connection to the plasma store is failed") before it wrote its run record. Measured: spared, a
-    driver's handler still reaches its cluster after the group's SIGTERM; `ray.shutdown` takes ~5.6 s instead of
-    ~1.3 s. A terminal run is not spared (Ctrl-C is SIGINT, which Ray already blocks in them, and a run's exit
-    stays quick); nor is a cluster joined, which is not this process's to keep."""
-    if not spare:
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 @contextlib.contextmanager
