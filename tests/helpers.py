@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fsspec
@@ -166,3 +167,21 @@ def each_image_once(output: str, prompts: str) -> list[dict]:
     raw_ok = [i for p in part_paths(loc) for i in part_ids(loc, p)]
     assert sorted(raw_ok) == sorted(table_ids(prompts)), "an image was recorded twice, or not at all"
     return rows
+
+
+def session_processes(sid: int) -> list[str]:
+    """The processes still alive in the run's session (the run, its Prefect API, its Ray cluster)."""
+    res = subprocess.run(["ps", "-e", "-o", "sid=,pid=,stat=,args="], capture_output=True, text=True)
+    alive = []
+    for line in res.stdout.splitlines():
+        s, pid, stat, args = (line.split(None, 3) + [""])[:4]
+        if int(s) == sid and not stat.startswith("Z"):
+            alive.append(f"{pid} {args[:100]}")
+    return alive
+
+
+def wait_gone(sid: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while session_processes(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not session_processes(sid), session_processes(sid)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import manifest_rows, write_table
+from ..helpers import manifest_rows, wait_gone, write_table
 
 pytestmark = pytest.mark.slow
 
@@ -58,24 +58,6 @@ def wait_for_images(proc: subprocess.Popen, out: str, started: float, n: int, ti
             return seen
         time.sleep(0.2)
     raise AssertionError(f"fewer than {n} new images in {timeout} s")
-
-
-def session_processes(sid: int) -> list[str]:
-    """The processes still alive in the run's session (the run, its Prefect API, its Ray cluster)."""
-    res = subprocess.run(["ps", "-e", "-o", "sid=,pid=,stat=,args="], capture_output=True, text=True)
-    alive = []
-    for line in res.stdout.splitlines():
-        s, pid, stat, args = (line.split(None, 3) + [""])[:4]
-        if int(s) == sid and not stat.startswith("Z"):
-            alive.append(f"{pid} {args[:100]}")
-    return alive
-
-
-def wait_gone(sid: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while session_processes(sid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not session_processes(sid), session_processes(sid)
 
 
 def stopped(proc, out: str, signum: int, seen: set[str], code: int, before: int) -> None:

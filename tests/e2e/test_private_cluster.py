@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from ..helpers import wait_gone
+
 pytestmark = pytest.mark.slow
 
 RUN = """
@@ -58,13 +60,4 @@ def test_a_private_cluster_outlasts_the_process_groups_sigterm_and_goes_with_the
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-3000:]
     assert record.read_text() == "1000000.0"  # the handler reached the cluster's object store
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and session_alive(proc.pid):
-        time.sleep(0.5)
-    assert not session_alive(proc.pid), "the run's cluster outlived it"
-
-
-def session_alive(sid: int) -> list[str]:
-    res = subprocess.run(["ps", "-e", "-o", "sid=,stat=,args="], capture_output=True, text=True)
-    rows = [line.split(None, 2) for line in res.stdout.splitlines()]
-    return [r[2] for r in rows if len(r) == 3 and int(r[0]) == sid and not r[1].startswith("Z")]
+    wait_gone(proc.pid, timeout=30)  # the run's cluster went with it

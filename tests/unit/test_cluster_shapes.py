@@ -183,22 +183,19 @@ def test_estimated_costs_are_corrected_from_the_runs_first_images_within_the_run
     assert Calibration.of(measured_kind, load_config("if-xl"), frozenset(), 10_000).done
 
 
-class _Watch:
+def scripted_watch(answers: list, stop_after_s: float):
     """A NodeWatch whose check answers from a script (the Ray side, check(), is tested on real clusters:
     tests/e2e/test_multinode.py); release() is the test's, which notes what it was asked to remove."""
+    from ifbatch.tasks.stream.cluster import NodeWatch
 
-    @staticmethod
-    def make(answers, stop_after_s):
-        from ifbatch.tasks.stream.cluster import NodeWatch
+    class Scripted(NodeWatch):
+        def check(self):
+            answer = answers.pop(0) if answers else None
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
 
-        class Scripted(NodeWatch):
-            def check(self):
-                answer = answers.pop(0) if answers else None
-                if isinstance(answer, Exception):
-                    raise answer
-                return answer
-
-        return Scripted({"stage_1": object()}, every_s=0.05, stop_after_s=stop_after_s)
+    return Scripted({"stage_1": object()}, every_s=0.05, stop_after_s=stop_after_s)
 
 
 def test_a_node_watch_stops_a_stream_left_waiting_and_survives_a_failed_check(monkeypatch):
@@ -211,14 +208,14 @@ def test_a_node_watch_stops_a_stream_left_waiting_and_survives_a_failed_check(mo
     monkeypatch.setattr(cluster, "release", released.append)
 
     called = threading.Event()
-    w = _Watch.make([None, RuntimeError("control store busy"), "node abc holding stage_1's GPUs left"], 0.3)
+    w = scripted_watch([None, RuntimeError("control store busy"), "node abc holding stage_1's GPUs left"], 0.3)
     w.on_lost = called.set
     with w:
         assert called.wait(5)  # a failed check did not end the watch; the stream was stopped 0.3 s after
     assert w.lost == "node abc holding stage_1's GPUs left" and w.stopped_stream and released == [w.groups]
 
     called.clear()  # a stream that ends by itself within the time (the run leaves the watch) is not stopped
-    w = _Watch.make(["node abc holding stage_1's GPUs left"], 5.0)
+    w = scripted_watch(["node abc holding stage_1's GPUs left"], 5.0)
     w.on_lost = called.set
     with w:
         time.sleep(0.5)
