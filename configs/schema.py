@@ -62,6 +62,12 @@ class TextEncoderConfig(ModelRef, Execution):
     max_length: int = Field(
         77, ge=1, le=512, description="T5 tokens per prompt; longer prompts are truncated and reported."
     )
+    clean_caption: bool = Field(
+        False,
+        description="How prompts and negative prompts are prepared for T5, as the model card's encode_prompt does: "
+        "false = lowercased and stripped (the card's call); true = IF's full caption cleaning (diffusers' "
+        "_clean_caption: HTML, URLs, CJK punctuation ...). The manifest keeps the prompt as given.",
+    )
     batch_size: int = Field(32, ge=1, le=1024)
 
 

@@ -12,6 +12,7 @@ from ifbatch.configs.schema import TextEncoderConfig
 
 from .loading import Resolved, load, resolve, resolve_device
 from .tensors import to_numpy
+from .text import check_clean_caption, preprocess, preprocessing
 
 PROBE_FILE = "text_encoder/config.json"  # what `resolve` fetches to check a source holds a text encoder
 
@@ -20,12 +21,14 @@ PROBE_FILE = "text_encoder/config.json"  # what `resolve` fetches to check a sou
 class Encoded:
     prompt_embeds: np.ndarray  # (B, max_length, D)
     negative_embeds: np.ndarray  # (B, max_length, D)
-    truncated: list[bool]  # prompt longer than max_length tokens
+    truncated: list[bool]  # the encoded (preprocessed) prompt is longer than max_length tokens
     negative_truncated: list[bool]
+    preprocessing: str  # how the text was prepared for T5 (models/text.py)
 
 
 class TextEncoder:
-    """Tokenizer + T5 encoder from `<source>/tokenizer` and `<source>/text_encoder` (the IF-I repo layout)."""
+    """Tokenizer + T5 encoder from `<source>/tokenizer` and `<source>/text_encoder` (the IF-I repo layout). Prompts
+    and negative prompts are preprocessed as the model card's `encode_prompt` does (models/text.py) first."""
 
     name = "text_encoder"
 
@@ -33,6 +36,7 @@ class TextEncoder:
         """Load from cfg.source, or wrap an already built tokenizer and model (benchmarks)."""
         from transformers import AutoTokenizer, T5EncoderModel
 
+        check_clean_caption(cfg.clean_caption)
         self.cfg = cfg
         self.device = resolve_device(device)
         self.resolved: Resolved | None = None
@@ -79,13 +83,22 @@ class TextEncoder:
         return self._empty
 
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str | None] | None = None) -> Encoded:
-        prompts = list(prompts)
+        """Prompts as given (the manifest keeps them so); the text T5 reads is the reference's preprocessing of
+        them, and `truncated` is said of that text."""
         negatives = [n or "" for n in (negative_prompts or [""] * len(prompts))]
         if len(negatives) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts; one each is expected")
+        prompts = preprocess(prompts, self.cfg.clean_caption)
+        negatives = preprocess(negatives, self.cfg.clean_caption)
         embeds = self._embed(prompts)
         neg = self.empty_embedding().expand_as(embeds).clone()
         custom = [i for i, n in enumerate(negatives) if n]
         if custom:
             neg[custom] = self._embed([negatives[i] for i in custom])
-        return Encoded(to_numpy(embeds), to_numpy(neg), self._too_long(prompts), self._too_long(negatives))
+        return Encoded(
+            to_numpy(embeds),
+            to_numpy(neg),
+            self._too_long(prompts),
+            self._too_long(negatives),
+            preprocessing(self.cfg.clean_caption),
+        )

@@ -12,8 +12,9 @@ PARAMS: dict[str, tuple[str, ...]] = {
     "stage_3": ("steps", "guidance_scale", "noise_level"),
 }
 PARAM_TYPES: dict[str, type] = {"steps": int, "timesteps": str, "guidance_scale": float, "noise_level": int}
-# What a prompt row may override, per stage (columns `stage_N_steps`, `stage_N_guidance_scale`)
-ROW_OVERRIDES = ("steps", "guidance_scale")
+# What a prompt row may override, of the parameters its stage has (columns `stage_N_steps`,
+# `stage_N_guidance_scale`, `stage_2_noise_level`, `stage_3_noise_level`)
+ROW_OVERRIDES = ("steps", "guidance_scale", "noise_level")
 
 
 @dataclass(frozen=True)

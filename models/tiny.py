@@ -259,7 +259,23 @@ def pipelines(c: dict[str, object]) -> dict[str, object]:
     }
 
 
-TINY_FORMAT = 2  # what a built cascade holds; a cache of another format is built again (2: the scorer's clip/)
+# What a built cascade holds; a cache of another format is built again (2: the scorer's clip/; 3: IF-I's
+# model_index.json names the safety checker as the hub repos do)
+TINY_FORMAT = 3
+
+
+def _as_hub_repo(folder: Path) -> None:
+    """IF-I's model_index.json names its safety checker as the DeepFloyd repos do (diffusers' IFSafetyChecker), not
+    the subclass that built it (safety.checker_class): then the model card's `DiffusionPipeline.from_pretrained`
+    reads the folder as it reads the hub's."""
+    index = folder / "model_index.json"
+    spec = json.loads(index.read_text())
+    spec["safety_checker"] = ["deepfloyd_if", "IFSafetyChecker"]
+    index.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    config = folder / "safety_checker" / "config.json"
+    spec = json.loads(config.read_text())
+    spec["architectures"] = ["IFSafetyChecker"]
+    config.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
 
 
 def build_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:
@@ -272,6 +288,7 @@ def build_tiny_cascade(directory: str | os.PathLike, seed: int = 0) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         for name, pipe in pipes.items():
             pipe.save_pretrained(f"{tmp}/{name}")
+        _as_hub_repo(Path(tmp) / "IF-I")
         build_tiny_clip(Path(tmp) / "clip", seed)
         (Path(tmp) / "TINY_CASCADE.json").write_text(json.dumps({"seed": seed, "format": TINY_FORMAT}))
         if target.exists():

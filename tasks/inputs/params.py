@@ -15,7 +15,9 @@ from ifbatch.models.params import PARAM_TYPES, PARAMS, ROW_OVERRIDES, StageParam
 
 ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string()}
 # Per-row override columns -> (stage, parameter)
-OVERRIDES = {f"{stage}_{name}": (stage, name) for stage in PARAMS for name in ROW_OVERRIDES}
+OVERRIDES = {
+    f"{stage}_{name}": (stage, name) for stage, names in PARAMS.items() for name in ROW_OVERRIDES if name in names
+}
 
 
 def param_fields() -> list[pa.Field]:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ifbatch.configs.schema import MAX_IMAGES_PER_PROMPT, CascadeConfig
+from ifbatch.models.params import PARAM_TYPES
 from ifbatch.models.seeding import SEED_MAX, derive_seed
 
 from .params import OVERRIDES
@@ -71,7 +72,7 @@ def override_problem(cfg: CascadeConfig, column: str, value: float) -> str | Non
     lo, hi = _bounds(cfg, column)
     if not math.isfinite(value):
         return f"{column} = {value!r} is not a finite number; expected a number in [{lo}, {hi}] or null (the default)"
-    if OVERRIDES[column][1] == "steps" and value != int(value):
+    if PARAM_TYPES[OVERRIDES[column][1]] is int and value != int(value):
         return f"{column} = {value!r} is not a whole number"
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         return f"{column} = {value!r} is outside [{lo}, {hi}]"
@@ -181,7 +182,7 @@ class Validator:
         for c, values in overrides.items():
             lo, hi = _bounds(cfg, c)
             bad = pc.invert(pc.is_finite(values))
-            if OVERRIDES[c][1] == "steps":
+            if PARAM_TYPES[OVERRIDES[c][1]] is int:
                 bad = pc.or_(bad, pc.not_equal(values, pc.floor(values)))
             if lo is not None:
                 bad = pc.or_(bad, pc.less(values, lo))

@@ -32,7 +32,7 @@ RECORD_SCHEMA = pa.schema(
         ("image_uri", pa.string()), ("shard", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
         ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("bytes", pa.int64()),
         ("nsfw", pa.bool_()), ("watermark_detected", pa.bool_()), ("watermarked", pa.bool_()),
-        ("truncated", pa.bool_()), ("negative_truncated", pa.bool_()),
+        ("truncated", pa.bool_()), ("negative_truncated", pa.bool_()), ("text_preprocessing", pa.string()),
         ("clip_score", pa.float32()), ("candidate", pa.int16()), ("candidate_seed", pa.int64()),
         ("candidate_scores", pa.list_(pa.float32())),
         *param_fields(),

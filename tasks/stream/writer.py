@@ -35,6 +35,7 @@ COPIED = [
     "seed",
     "truncated",
     "negative_truncated",
+    "text_preprocessing",
     *[f.name for f in param_fields()],
     *[f"seconds_{stage}" for stage in STAGES],
 ]
@@ -65,6 +66,7 @@ def provenance(batch: dict[str, np.ndarray], i: int, models: dict) -> dict:
         "prompt": str(batch["prompt"][i]),
         "negative_prompt": str(batch["negative_prompt"][i] or ""),
         "seed": int(batch["seed"][i]),
+        "text_preprocessing": str(batch["text_preprocessing"][i]),
         "params": {f.name: cell(batch[f.name][i]) for f in param_fields()},
         "models": models,
         **chosen,

@@ -23,6 +23,7 @@ from ifbatch.tasks.storage import locate
 
 from ..conftest import BUCKET
 from ..helpers import EXAMPLES, SMALL, cli, each_image_once, read_bytes, write_table
+from ..reference import Card, assert_final_images_are_the_cards
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +58,16 @@ def test_bad_table_fails_before_any_model_loads(tmp_path, ray_cluster, prefect_a
 
 def test_manual_placement_follows_the_config_and_auto_plans_the_gpu(tmp_path, tiny_set, ray_cluster, prefect_api):
     """The session's Ray cluster has 1 fake GPU. plan.mode=manual: each stage's actors get what the config asks,
-    no placement group. Auto (the default): the plan's groups, recorded in the run record."""
-    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:2]})
+    no placement group. Auto (the default): the plan's groups, recorded in the run record. The images of both
+    runs are the model card's (tests/reference.py; every case on the local executor: tests/run/test_parity.py):
+    a prompt with capitals and a custom negative, per-row parameters in the batch, best of 2."""
+    table = {
+        "prompt": [SMALL[0], "Two OWLS on a Fence at Night", "  A Red Car on the Beach "],
+        "negative_prompt": [None, "Blurry, DARK", None],
+        "stage_1_guidance_scale": [None, None, 9.5],
+        "stage_3_noise_level": [None, None, 50],
+    }
+    prompts = write_table(tmp_path / "p.parquet", table)
     asks = ["plan.mode=manual", "text_encoder.num_gpus=0.25", "stage_1.num_gpus=0.5", "stage_3.num_gpus=0.25"]
     state, _ = run_flow(prompts, str(tmp_path / "manual"), [*tiny_set, *asks, "stage_2.num_gpus=0"])
     assert state.is_completed(), state.message
@@ -81,6 +90,10 @@ def test_manual_placement_follows_the_config_and_auto_plans_the_gpu(tmp_path, ti
         assert len(r["candidate_scores"]) == 2 and r["candidate_scores"][r["candidate"]] == max(r["candidate_scores"])
         assert r["clip_score"] is not None and r["seconds_scorer"] > 0
     assert len(groups) == len(STAGES)  # one placement group per stage
+    card = Card(tiny_set[0].removeprefix("tiny.dir="))
+    for out in ("manual", "auto"):
+        loc = locate(str(tmp_path / out))
+        assert_final_images_are_the_cards(card, loc, read_manifest(loc).to_pylist())
 
 
 def test_cli_rejects_bad_overrides_before_starting(tmp_path):

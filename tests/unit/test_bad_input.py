@@ -232,6 +232,8 @@ ROWS = [
     ("-inf guidance", {"stage_2_guidance_scale": -math.inf}, ["row 1", "-inf"]),
     ("2.5 steps", {"stage_1_steps": 2.5}, ["row 1", "stage_1_steps = 2.5", "not a whole number"]),
     ("0 steps", {"stage_3_steps": 0.0}, ["row 1", "stage_3_steps = 0.0", "outside"]),
+    ("noise 351", {"stage_3_noise_level": 351.0}, ["row 1", "stage_3_noise_level = 351.0", "outside [0, 350]"]),
+    ("noise 2.5", {"stage_2_noise_level": 2.5}, ["row 1", "stage_2_noise_level = 2.5", "not a whole number"]),
 ]
 TYPES = {
     "prompt": pa.string(),
@@ -241,6 +243,7 @@ TYPES = {
     "n": pa.int64(),
     **{f"stage_{s}_steps": pa.float64() for s in (1, 2, 3)},
     **{f"stage_{s}_guidance_scale": pa.float64() for s in (1, 2, 3)},
+    **{f"stage_{s}_noise_level": pa.float64() for s in (2, 3)},
 }
 GOOD = {"prompt": "a photo of a cat", "id": "r0", "seed": 1, "n": 1}
 

@@ -27,10 +27,20 @@ def test_row_override_else_named_schedule_else_config(tmp_path):
     ]
     assert [r["stage_2_guidance_scale"] for r in rows] == [5.5, 5.5, 2.0]
     assert {(r["stage_2_steps"], r["stage_2_noise_level"], r["stage_3_noise_level"]) for r in rows} == {(4, 250, 100)}
+
     assert [f.name for f in param_fields()] == [
         n for n in read_prompts(path, cfg).rows.column_names if n.startswith("stage_")
     ]
 
+
+def test_noise_levels_are_per_row_where_the_stage_has_one(tmp_path):
+    path = write_table(
+        tmp_path / "p.parquet",
+        {"prompt": ["a", "b"], "stage_2_noise_level": [None, 400], "stage_3_noise_level": [20.0, None]},
+    )
+    rows = read_prompts(path, load_config("tiny")).rows.to_pylist()
+    assert [(r["stage_2_noise_level"], r["stage_3_noise_level"]) for r in rows] == [(250, 20), (400, 100)]
+    assert "stage_1_noise_level" not in read_prompts(path, load_config("tiny")).rows.column_names
 
 def test_without_overrides_every_row_gets_the_config_values():
     cfg = load_config("if-xl")
