@@ -185,6 +185,13 @@ class DataConfig(Section):
         description="Images whose best 64 px candidate scores under this are recorded as status 'filtered' and not "
         "upscaled (done: a rerun does not make them again). null = keep every image.",
     )
+    on_changed_settings: Literal["refuse", "remake"] = Field(
+        "refuse",
+        description="When images this run would skip as done were made with other settings (text preprocessing, "
+        "steps, guidance, noise levels, seeds, models, best of k, score floor, watermark): refuse = stop before "
+        "anything loads, saying what differs and for how many images; remake = make those images again with this "
+        "run's settings (their files are replaced; output.format=files only), saying so and recording it.",
+    )
     max_prompt_chars: int = Field(
         10_000,
         ge=1,

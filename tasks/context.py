@@ -30,6 +30,7 @@ class RunContext:
     t0: float = field(default_factory=time.monotonic)
     plan: PromptPlan | None = None
     skipped: int = 0
+    changed: dict | None = None  # done images remade for their other settings (outputs/drift.py): how many, what
     result: PipelineResult = field(default_factory=PipelineResult)
     models: dict[str, dict] = field(default_factory=dict)  # what each model is: source, commit, dtype
     startup_seconds: float = 0.0

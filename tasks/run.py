@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ifbatch.configs import ConfigError
 from ifbatch.configs.loader import override_keys
@@ -32,11 +33,12 @@ from .context import Cancelled, RunContext, RunStopped, RunSummary, StoppedRun
 from .inputs.expand import image_count, without_done
 from .inputs.prompts import PromptPlan, PromptTableError, read_prompts
 from .outputs.compact import compact
+from .outputs.drift import SettingsChanged, drift
 from .outputs.formats import FORMATS
 from .outputs.images import IMAGES_DIR
 from .outputs.lease import Lease, LeaseHeld
 from .outputs.loadable import write_image_metadata
-from .outputs.manifest import MANIFEST_DIR, done_ids
+from .outputs.manifest import MANIFEST_DIR
 from .outputs.records import RUNS_DIR, versions, write_rejected, write_run_record
 from .outputs.spill import StoreDown, unspill
 from .preflight import OutputError, preflight
@@ -51,7 +53,7 @@ from .stream.progress import Progress, listen
 T = TypeVar("T")
 
 # What only the user can fix: a step that raises one is not retried (it would fail the same way).
-USER_ERRORS: tuple[type[BaseException], ...] = (PromptTableError, ConfigError, PlanError, OutputError)
+USER_ERRORS: tuple[type[BaseException], ...] = (PromptTableError, ConfigError, PlanError, OutputError, SettingsChanged)
 
 
 def operator_errors() -> tuple[type[BaseException], ...]:
@@ -162,9 +164,21 @@ class Run:
                     fmt.folder,
                     ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""),
                 )
-        done = done_ids(loc)
+        found = drift(loc, rows, ctx.cfg)
+        done = found.done
         if len(done) == 0:
             return rows, 0
+        if found.changes:
+            files = ctx.cfg.output.format == "files"
+            if ctx.cfg.data.on_changed_settings == "refuse" or not files:
+                raise found.refusal(ctx.output, files)
+            log.warning(
+                "remaking %d images made with other settings (data.on_changed_settings=remake): %s",
+                len(found.ids),
+                found.summary(),
+            )
+            ctx.changed = found.record()
+            done = pc.filter(done, pc.invert(pc.is_in(done, found.ids)))
         todo = without_done(rows, done)
         skipped = image_count(rows) - image_count(todo)
         log.info("resuming: %d images already in the manifest are skipped, %d to generate", skipped, image_count(todo))
@@ -230,6 +244,7 @@ class Run:
             config=ctx.cfg.model_dump(mode="json"),
             gpu_slot=ctx.gpu_slot,
             models=ctx.models,
+            changed_settings=ctx.changed,
             versions=versions(),
         )
 

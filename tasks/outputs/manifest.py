@@ -35,6 +35,7 @@ RECORD_SCHEMA = pa.schema(
         ("truncated", pa.bool_()), ("negative_truncated", pa.bool_()), ("text_preprocessing", pa.string()),
         ("clip_score", pa.float32()), ("candidate", pa.int16()), ("candidate_seed", pa.int64()),
         ("candidate_scores", pa.list_(pa.float32())),
+        ("candidates_per_image", pa.int16()), ("min_clip_score", pa.float32()),
         *param_fields(),
         *[(f"seconds_{stage}", pa.float64()) for stage in STAGES], ("seconds_write", pa.float64()),
         ("placement", pa.string()), ("written_at", pa.string()),

@@ -105,6 +105,7 @@ class ImageWriter:
         self.loc = locate(output, cfg.s3)
         self.models = models or {}
         self.files = cfg.output.format == "files"
+        self.choice = cfg.data.candidates_per_image, cfg.data.min_clip_score  # recorded with every image
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])
@@ -157,6 +158,8 @@ class ImageWriter:
             watermark_detected=_flags(batch["watermark_detected"]),
             watermarked=batch["watermarked"].astype(bool),
             **_choices(batch, status),
+            candidates_per_image=pa.array([self.choice[0]] * n, pa.int16()),
+            min_clip_score=pa.array([self.choice[1]] * n, pa.float32()),
             seconds_write=seconds,
             placement=_placement(batch, n),
             written_at=[_now()] * n,

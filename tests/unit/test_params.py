@@ -42,6 +42,7 @@ def test_noise_levels_are_per_row_where_the_stage_has_one(tmp_path):
     assert [(r["stage_2_noise_level"], r["stage_3_noise_level"]) for r in rows] == [(250, 20), (400, 100)]
     assert "stage_1_noise_level" not in read_prompts(path, load_config("tiny")).rows.column_names
 
+
 def test_without_overrides_every_row_gets_the_config_values():
     cfg = load_config("if-xl")
     cols = resolve_params({}, 2, cfg)

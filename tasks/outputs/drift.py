@@ -1,0 +1,221 @@
+"""Whether the images an output already holds were made with this run's settings.
+
+Resume skips an image whose id has a done record. Ids say which row and image, not how it was made: a rerun with
+other steps, guidance, noise levels, seeds, text preprocessing, models, best of k, score floor or watermark would
+otherwise keep the old images beside new ones made otherwise, in one dataset, and say only how many it skipped.
+This module finds, for the images of this run that are already done, every setting whose recorded value is not
+what this run would use, and for how many images (the run refuses, or remakes them: data.on_changed_settings).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ifbatch.configs.schema import CascadeConfig
+from ifbatch.models.text import preprocess, preprocessing
+
+from ..inputs.expand import image_id, image_seed
+from ..inputs.params import param_fields
+from .manifest import DONE, read_manifest
+
+# Per image, recorded in the manifest and worked out for this run's images alike.
+PER_IMAGE = ("prompt", "negative_prompt", "seed", *[f.name for f in param_fields()])
+# Per run, the same for every image of it.
+PER_RUN = ("text_preprocessing", "watermarked", "candidates_per_image", "min_clip_score")  # (a floor: _floor_changes)
+MODEL_FIELDS = ("source", "revision", "variant", "dtype")  # what a config asks of a model (the commit is resolved)
+READ = ["id", "status", *PER_IMAGE, *PER_RUN, "candidate_scores", "models"]
+
+
+class SettingsChanged(ValueError):
+    """Done images of this run's rows were made with other settings, and data.on_changed_settings is refuse."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One setting whose recorded value differs from this run's, and for how many of the done images."""
+
+    setting: str
+    before: Any
+    now: Any
+    images: int
+
+    def text(self) -> str:
+        return f"{self.setting} {self.before!r} (this run: {self.now!r}) for {images(self.images)}"
+
+
+def images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+@dataclass(frozen=True)
+class Drift:
+    changes: list[Change]
+    ids: pa.Array  # the done images of this run made with other settings
+    done: pa.Array  # every done id in the output
+
+    def summary(self) -> str:
+        return "; ".join(c.text() for c in self.changes)
+
+    def record(self) -> dict:
+        """For the run record."""
+        return {"images": len(self.ids), "changes": [c.__dict__ for c in self.changes]}
+
+    def refusal(self, output: str, remake_possible: bool) -> SettingsChanged:
+        remake = (
+            ", or add --set data.on_changed_settings=remake to make them again with this run's settings (their "
+            "files are replaced)"
+            if remake_possible
+            else " (remaking them in place is for output.format=files: a WebDataset shard cannot drop a sample)"
+        )
+        return SettingsChanged(
+            f"{images(len(self.ids))} in {output} that this run would skip as done were made with other settings: "
+            f"{self.summary()}. Resuming would mix them with images made with this run's settings. Rerun with the "
+            f"settings they were made with, or write to another output{remake}"
+        )
+
+
+def done_records(loc, cfg: CascadeConfig) -> pa.Table:
+    """The latest record of every done image, with what it was made with; what older records left null is worked
+    out where it can be: their k from their candidate scores (none: one candidate); a null text preprocessing (ifbatch
+    before it said so fed T5 the prompt as given) is this run's when that preprocessing leaves both texts as they
+    are, else "as given"."""
+    t = read_manifest(loc, READ)
+    t = t.filter(pc.is_in(t.column("status"), pa.array(DONE)))
+    scored = pc.list_value_length(t.column("candidate_scores")).cast(pa.int16())
+    k = pc.coalesce(t.column("candidates_per_image"), scored, pa.scalar(1, pa.int16()))
+    t = t.drop_columns(["candidate_scores"]).set_column(
+        t.schema.get_field_index("candidates_per_image"), "candidates_per_image", k
+    )
+    how = t.column("text_preprocessing")
+    if how.null_count:
+        clean = cfg.text_encoder.clean_caption
+        prompts = [p or "" for p in t.column("prompt").to_pylist()]
+        negatives = [n or "" for n in t.column("negative_prompt").to_pylist()]
+        same = [
+            p == q and n == m
+            for p, q, n, m in zip(
+                prompts, preprocess(prompts, clean), negatives, preprocess(negatives, clean), strict=True
+            )
+        ]
+        filled = pc.if_else(
+            pc.and_(pc.is_null(how), pa.array(same)),
+            pa.scalar(preprocessing(clean)),
+            pc.coalesce(how, pa.scalar("as given")),
+        )
+        t = t.set_column(t.schema.get_field_index("text_preprocessing"), "text_preprocessing", filled)
+    return t
+
+
+def this_runs_images(rows: pa.Table) -> pa.Table:
+    """One row per image the work table asks for: its id and the per-image settings it would be made with."""
+    images = rows.column("images").combine_chunks()
+    counts = pc.list_value_length(images).to_numpy(zero_copy_only=False)
+    ks = pc.list_flatten(images).to_numpy(zero_copy_only=False).astype(np.int64)
+    owner = pa.array(np.repeat(np.arange(rows.num_rows), counts))
+    row_ids = pc.take(rows.column("id"), owner).to_pylist()
+    seeds = pc.take(rows.column("seed"), owner).to_pylist()
+    columns = {
+        "id": pa.array([image_id(r, int(k)) for r, k in zip(row_ids, ks, strict=True)], pa.string()),
+        "seed": pa.array([image_seed(s, int(k)) for s, k in zip(seeds, ks, strict=True)], pa.int64()),
+    }
+    for name in PER_IMAGE:
+        if name not in columns:
+            columns[name] = pc.take(rows.column(name), owner)
+    return pa.table(columns)
+
+
+def _models_asked(cfg: CascadeConfig) -> dict[str, dict]:
+    out = {s: getattr(cfg, s) for s in ("text_encoder", "stage_1", "stage_2", "stage_3")}
+    asked = {name: {f: getattr(section, f) for f in MODEL_FIELDS} for name, section in out.items()}
+    if cfg.safety.watermark:  # IF's watermark is in the final pixels
+        asked["safety"] = {"source": cfg.safety_source, "revision": cfg.safety.revision}
+    if cfg.data.candidates_per_image > 1:  # the scorer chose the image
+        asked["scorer"] = {f: getattr(cfg.scorer, f) for f in MODEL_FIELDS}
+    return asked
+
+
+def _model_changes(done: pa.Table, cfg: CascadeConfig) -> tuple[list[Change], np.ndarray]:
+    asked = _models_asked(cfg)
+    models = done.column("models").to_pylist()
+    changed = np.zeros(len(models), bool)
+    counts: dict[tuple[str, str], list] = {}
+    for text in set(models):
+        if not text:
+            continue  # a record from before models were recorded: nothing to compare
+        made = json.loads(text)
+        rows = np.array([m == text for m in models])
+        for name, want in asked.items():
+            had = made.get(name)
+            if had is None:
+                continue  # that model did not make these images (the scorer of a k = 1 run, a watermark off)
+            for f, value in want.items():
+                if had.get(f) != value:
+                    key = (f"{name}.{f}", json.dumps([had.get(f), value]))
+                    counts.setdefault(key, [had.get(f), value, 0])[2] += int(rows.sum())
+                    changed |= rows
+    return [Change(s, b, n, c) for (s, _), (b, n, c) in sorted(counts.items())], changed
+
+
+def drift(loc, rows: pa.Table, cfg: CascadeConfig) -> Drift:
+    """What differs between the done images of this run's rows and what this run would make of them."""
+    done = done_records(loc, cfg)
+    ids = done.column("id").combine_chunks()
+    mine = this_runs_images(rows)
+    mine = mine.rename_columns([c if c == "id" else f"now_{c}" for c in mine.column_names])
+    both = done.filter(pc.is_in(done.column("id"), mine.column("id"))).join(mine, "id")
+    n = both.num_rows
+    now = {
+        "text_preprocessing": preprocessing(cfg.text_encoder.clean_caption),
+        "watermarked": cfg.safety.watermark,
+        "candidates_per_image": cfg.data.candidates_per_image,
+    }
+    changes: list[Change] = []
+    changed = np.zeros(n, bool)
+    pairs = [(name, both.column(name), both.column(f"now_{name}")) for name in PER_IMAGE]
+    pairs += [(name, both.column(name), pa.array([v] * n, both.column(name).type)) for name, v in now.items()]
+    for name, before, after in pairs:
+        differs = pc.fill_null(pc.not_equal(before, after), True)  # a null on one side only differs
+        differs = pc.and_(differs, pc.invert(pc.and_(pc.is_null(before), pc.is_null(after))))
+        mask = differs.to_numpy(zero_copy_only=False)
+        if not mask.any():
+            continue
+        changed |= mask
+        t = pa.table({"before": before, "now": after}).filter(differs)
+        for g in t.group_by(["before", "now"]).aggregate([([], "count_all")]).to_pylist():
+            changes.append(Change(_setting(name), g["before"], g["now"], g["count_all"]))
+    models, by_model = _model_changes(both, cfg)
+    changes += models
+    changed |= by_model
+    changed |= _floor_changes(both, cfg, changes)
+    return Drift(changes, pc.filter(both.column("id"), pa.array(changed)).combine_chunks(), ids)
+
+
+def _floor_changes(both: pa.Table, cfg: CascadeConfig, changes: list[Change]) -> np.ndarray:
+    """Images recorded as filtered under another floor than this run's (this run would decide them again)."""
+    floor = both.column("min_clip_score").to_pylist()
+    filtered = [s == "filtered" for s in both.column("status").to_pylist()]
+    mask = np.array([f and x != cfg.data.min_clip_score for f, x in zip(filtered, floor, strict=True)], bool)
+    if mask.any():
+        groups: dict[Any, int] = {}
+        for x in np.asarray(floor, dtype=object)[mask]:
+            groups[x] = groups.get(x, 0) + 1
+        changes += [Change("data.min_clip_score", x, cfg.data.min_clip_score, c) for x, c in groups.items()]
+    return mask
+
+
+def _setting(column: str) -> str:
+    """The name a user knows a compared column by."""
+    if column.startswith("stage_"):
+        stage, _, name = column.partition("_")[2].partition("_")
+        return f"stage_{stage}.{name} (column {column})"
+    return {
+        "text_preprocessing": "text_encoder.clean_caption (text_preprocessing)",
+        "watermarked": "safety.watermark",
+        "candidates_per_image": "data.candidates_per_image",
+    }.get(column, column)
