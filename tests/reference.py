@@ -15,6 +15,7 @@ checker is loaded by a subclass that calls `post_init()` (diffusers 0.42's class
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,15 +108,17 @@ class Card:
             **_schedule(record, "stage_2"),
         ).images
         stage_2 = np.asarray(pt_to_pil(image)[0])
-        # stage 3
-        out = self.stage_3(
-            prompt=prompt,
-            negative_prompt=negative,
-            image=image,
-            generator=generator("stage_3"),
-            noise_level=record["stage_3_noise_level"],
-            **_schedule(record, "stage_3"),
-        )
+        # stage 3 (the card hands it stage II's [-1, 1] tensor, which diffusers takes with a FutureWarning)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Passing `image` as torch tensor with value range in", FutureWarning)
+            out = self.stage_3(
+                prompt=prompt,
+                negative_prompt=negative,
+                image=image,
+                generator=generator("stage_3"),
+                noise_level=record["stage_3_noise_level"],
+                **_schedule(record, "stage_3"),
+            )
         nsfw = out.nsfw_content_detected  # None: no checker
         return CardImages(stage_1, stage_2, np.asarray(out.images[0].convert("RGB")), bool(nsfw and nsfw[0]))
 

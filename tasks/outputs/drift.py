@@ -27,7 +27,7 @@ from .manifest import DONE, read_manifest
 # Per image, recorded in the manifest and worked out for this run's images alike.
 PER_IMAGE = ("prompt", "negative_prompt", "seed", *[f.name for f in param_fields()])
 # Per run, the same for every image of it.
-PER_RUN = ("text_preprocessing", "watermarked", "candidates_per_image", "min_clip_score")  # (a floor: _floor_changes)
+PER_RUN = ("text_preprocessing", "watermarked", "candidates_per_image", "min_clip_score")  # a floor: _floor_changes
 MODEL_FIELDS = ("source", "revision", "variant", "dtype")  # what a config asks of a model (the commit is resolved)
 READ = ["id", "status", *PER_IMAGE, *PER_RUN, "candidate_scores", "models"]
 
@@ -87,11 +87,14 @@ def done_records(loc, cfg: CascadeConfig) -> pa.Table:
     are, else "as given"."""
     t = read_manifest(loc, READ)
     t = t.filter(pc.is_in(t.column("status"), pa.array(DONE)))
-    scored = pc.list_value_length(t.column("candidate_scores")).cast(pa.int16())
-    k = pc.coalesce(t.column("candidates_per_image"), scored, pa.scalar(1, pa.int16()))
-    t = t.drop_columns(["candidate_scores"]).set_column(
-        t.schema.get_field_index("candidates_per_image"), "candidates_per_image", k
+    scores = t.column("candidate_scores")
+    scored = pc.list_value_length(scores).cast(pa.int16())
+    t = _replaced(
+        t, "candidates_per_image", pc.coalesce(t.column("candidates_per_image"), scored, pa.scalar(1, pa.int16()))
     )
+    floors = cfg.data.min_clip_score is not None or t.column("min_clip_score").null_count < t.num_rows
+    best = [max(s) if s else None for s in scores.to_pylist()] if floors else [None] * t.num_rows
+    t = t.append_column("best_score", pa.array(best, pa.float64())).drop_columns(["candidate_scores"])  # for a floor
     how = t.column("text_preprocessing")
     if how.null_count:
         clean = cfg.text_encoder.clean_caption
@@ -108,15 +111,19 @@ def done_records(loc, cfg: CascadeConfig) -> pa.Table:
             pa.scalar(preprocessing(clean)),
             pc.coalesce(how, pa.scalar("as given")),
         )
-        t = t.set_column(t.schema.get_field_index("text_preprocessing"), "text_preprocessing", filled)
+        t = _replaced(t, "text_preprocessing", filled)
     return t
+
+
+def _replaced(t: pa.Table, name: str, column) -> pa.Table:
+    return t.set_column(t.schema.get_field_index(name), name, column)
 
 
 def this_runs_images(rows: pa.Table) -> pa.Table:
     """One row per image the work table asks for: its id and the per-image settings it would be made with."""
-    images = rows.column("images").combine_chunks()
-    counts = pc.list_value_length(images).to_numpy(zero_copy_only=False)
-    ks = pc.list_flatten(images).to_numpy(zero_copy_only=False).astype(np.int64)
+    lists = rows.column("images").combine_chunks()
+    counts = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    ks = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64)
     owner = pa.array(np.repeat(np.arange(rows.num_rows), counts))
     row_ids = pc.take(rows.column("id"), owner).to_pylist()
     seeds = pc.take(rows.column("seed"), owner).to_pylist()
@@ -179,9 +186,12 @@ def drift(loc, rows: pa.Table, cfg: CascadeConfig) -> Drift:
     changed = np.zeros(n, bool)
     pairs = [(name, both.column(name), both.column(f"now_{name}")) for name in PER_IMAGE]
     pairs += [(name, both.column(name), pa.array([v] * n, both.column(name).type)) for name, v in now.items()]
+    made = pc.equal(both.column("status"), "ok")
     for name, before, after in pairs:
         differs = pc.fill_null(pc.not_equal(before, after), True)  # a null on one side only differs
         differs = pc.and_(differs, pc.invert(pc.and_(pc.is_null(before), pc.is_null(after))))
+        if name == "watermarked":  # of a made image only (a filtered one has none)
+            differs = pc.and_(differs, made)
         mask = differs.to_numpy(zero_copy_only=False)
         if not mask.any():
             continue
@@ -197,15 +207,27 @@ def drift(loc, rows: pa.Table, cfg: CascadeConfig) -> Drift:
 
 
 def _floor_changes(both: pa.Table, cfg: CascadeConfig, changes: list[Change]) -> np.ndarray:
-    """Images recorded as filtered under another floor than this run's (this run would decide them again)."""
-    floor = both.column("min_clip_score").to_pylist()
-    filtered = [s == "filtered" for s in both.column("status").to_pylist()]
-    mask = np.array([f and x != cfg.data.min_clip_score for f, x in zip(filtered, floor, strict=True)], bool)
-    if mask.any():
-        groups: dict[Any, int] = {}
-        for x in np.asarray(floor, dtype=object)[mask]:
-            groups[x] = groups.get(x, 0) + 1
-        changes += [Change("data.min_clip_score", x, cfg.data.min_clip_score, c) for x, c in groups.items()]
+    """Images this run's score floor would decide otherwise: recorded filtered, now above it (or no floor); recorded
+    ok, now under it. A floor decides whether an image is made, not how, so the floors alone are not compared."""
+    recorded = both.column("min_clip_score")
+    now = cfg.data.min_clip_score
+    if now is None and recorded.null_count == len(recorded):
+        return np.zeros(len(recorded), bool)
+    floors = recorded.to_pylist()
+    best = both.column("best_score").to_pylist()
+    status = both.column("status").to_pylist()
+    made_now = [b is not None and (now is None or b >= now) for b in best]
+    mask = np.array(
+        [
+            (s == "filtered" and m) or (s == "ok" and not m and b is not None)
+            for s, m, b in zip(status, made_now, best, strict=True)
+        ],
+        bool,
+    )
+    groups: dict[Any, int] = {}
+    for x in np.asarray(floors, dtype=object)[mask]:
+        groups[x] = groups.get(x, 0) + 1
+    changes += [Change("data.min_clip_score", x, now, c) for x, c in groups.items()]
     return mask
 
 

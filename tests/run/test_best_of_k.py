@@ -14,6 +14,7 @@ from PIL import Image
 
 from ifbatch.configs import load_config
 from ifbatch.configs.schema import STAGES
+from ifbatch.tasks.outputs.drift import SettingsChanged
 from ifbatch.tasks.outputs.formats import read_image
 from ifbatch.tasks.outputs.manifest import read_manifest
 from ifbatch.tasks.storage import locate
@@ -138,6 +139,11 @@ def test_images_under_the_score_floor_are_recorded_filtered_not_made_and_not_mad
     assert {r["id"]: r["clip_score"] for r in ds} == pytest.approx({i: recs[i]["clip_score"] for i in ds["id"]})
     assert all(max(r["candidate_scores"]) >= floor for r in ds)
 
-    lower = run_local(prompts, floored, [*overrides, "data.min_clip_score=-100"])  # a rerun, even with a lower floor
-    assert (lower.done, lower.skipped) == (0, 6)
-    assert {i for i, r in records(floored).items() if r["status"] == "filtered"} == under
+    same = run_local(prompts, floored, [*overrides, f"data.min_clip_score={floor}"])  # a rerun: nothing to make
+    assert (same.done, same.skipped) == (0, 6)
+    # a lower floor would make the filtered ones: said, with their count (tasks/outputs/drift.py), and made on request
+    with pytest.raises(SettingsChanged, match=rf"data.min_clip_score .*\(this run: -100.0\) for {len(under)} image"):
+        run_local(prompts, floored, [*overrides, "data.min_clip_score=-100"])
+    lower = run_local(prompts, floored, [*overrides, "data.min_clip_score=-100", "data.on_changed_settings=remake"])
+    assert (lower.done, lower.skipped, lower.filtered) == (len(under), 6 - len(under), 0)
+    assert all(r["status"] == "ok" for r in records(floored).values())

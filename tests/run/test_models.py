@@ -193,32 +193,6 @@ def test_gated_hub_id_says_log_in_and_accept_the_licence():
         assert text in out, (text, out)
 
 
-def test_compiled_stages_give_the_same_images_on_short_batches(tiny_cfg, cascade, batch):
-    """compile: true (torch.compile of each UNet, warmed up on the batch shape) gives the eager images within
-    float tolerance, also for a batch shorter than batch_size (padded, then cut back). Each stage gets the eager
-    stage's input, so differences do not compound. Backend aot_eager: dynamo's graph capture as with inductor,
-    without generating kernels (inductor compiled the tiny stage I UNet for over 10 minutes on these 2 cores).
-    Stages I and III: the two pipelines (IF's and the x4 upscaler's); stage II is stage I's UNet class, and the
-    compiling is one code path for all (models/runner.py)."""
-    from ifbatch.models.stage_3 import Stage3
-
-    cfg = load_config(
-        "tiny",
-        [f"tiny.dir={tiny_cfg.tiny.dir}"]
-        + [f"stage_{k}.{key}" for k in (1, 3) for key in ("compile=true", "compile_backend=aot_eager")],
-    )
-    enc = cascade.encoder.encode(PROMPTS[:3], NEGATIVES[:3])
-    s1, s3 = Stage1(cfg.stage_1, "cpu"), Stage3(cfg.stage_3, "cpu")
-    assert s1.compiled and s3.compiled and cfg.stage_1.batch_size == 4
-    s1.warm_up(*s1.example(cfg.text_encoder.max_length))
-    x1 = s1(enc.prompt_embeds, enc.negative_embeds, SEEDS[:3])
-    x3 = s3(batch.stage_2[:3], PROMPTS[:3], NEGATIVES[:3], SEEDS[:3])
-    eager3 = cascade.stage_3(batch.stage_2[:3], PROMPTS[:3], NEGATIVES[:3], SEEDS[:3])
-    assert x1.shape == (3, 3, 16, 16) and x3.shape == (3, 256, 256, 3)
-    np.testing.assert_allclose(x1, batch.stage_1[:3], atol=1e-3)
-    assert np.abs(x3.astype(int) - eager3.astype(int)).max() <= 2
-
-
 def test_tiny_clip_scores_each_image_against_its_prompt_through_the_real_loading_code(tmp_path):
     """The scorer of best of k: a seeded random-weight CLIP saved like a hub repo and loaded back through
     models.loading; one score per image, the same whatever its batch; same seed, same bytes."""

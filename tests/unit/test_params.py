@@ -55,3 +55,20 @@ def test_without_overrides_every_row_gets_the_config_values():
 def test_override_types_are_the_manifest_types():
     cols = resolve_params({"stage_1_steps": pa.array([3.0, None])}, 2, load_config("if-xl"))
     assert cols["stage_1_steps"].type == pa.int64() and cols["stage_1_steps"].to_pylist() == [3, 100]
+
+
+def test_every_named_schedule_is_the_list_diffusers_ships():
+    """The schedules a stage passes as `timesteps=` are diffusers' own, for every name the config accepts (the
+    parity harness runs a pair of them against the card's calls: tests/run/test_parity.py)."""
+    import typing
+
+    from diffusers.pipelines.deepfloyd_if import timesteps
+
+    from ifbatch.configs.schema import Stage1Config, TimestepPreset
+
+    names = typing.get_args(TimestepPreset)
+    shipped = {n.removesuffix("_timesteps") for n in dir(timesteps) if n.endswith("_timesteps")}
+    assert set(names) == shipped
+    for name in names:
+        kwargs = StageParams.of(Stage1Config(timesteps=name)).schedule_kwargs()
+        assert kwargs == {"timesteps": list(getattr(timesteps, f"{name}_timesteps"))}, name
