@@ -8,15 +8,16 @@ level reaches (it comes from Ray's C++ core and is kept in the session's python-
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 
 from ifbatch.models.quiet import drop_messages
-from ifbatch.tasks.stream.interrupt import blocked_in_children
 
 # A fresh machine's temporary API first migrates a new database: over Prefect's default 20 s wait on 2 cores.
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -46,29 +47,63 @@ def prefect_api(say=print) -> str | None:
     drop_messages("prefect", "Starting temporary server", "Stopping temporary server")  # said here instead
     server = SubprocessASGIServer()  # the instance Prefect's client looks for when no URL is set
     t0 = time.monotonic()
-    # Started with SIGINT blocked, which its process inherits: a Ctrl-C reaches every process of the terminal's
-    # group, and the API must outlive the run's own handling of it (the run still logs and records its state).
-    # It stops when this process exits (Prefect's atexit), or at a second Ctrl-C (tasks/stream/interrupt.py).
-    with blocked_in_children(signal.SIGINT):
+    # The API must outlive the run's own handling of a stop (the run still logs and records its state), and a stop
+    # is often sent to the run's whole process group: a terminal's Ctrl-C or hangup, a batch scheduler's SIGTERM.
+    # So it runs apart (a session of its own) and dies with this process whatever ends it. It stops when this
+    # process exits (Prefect's atexit, with SIGTERM), or at a second Ctrl-C (tasks/stream/interrupt.py).
+    with started_apart():
         server.start(timeout=timeout)
     say(f"ready in {time.monotonic() - t0:.0f} s")
     return server.api_url
 
 
-@contextlib.contextmanager
-def on_terminal() -> Iterator[None]:
-    """A run from a terminal: while images stream, the first Ctrl-C or SIGTERM stops it gracefully (its finished
-    images recorded, tasks/stream/interrupt.py), a second one at once, killing the processes the run started.
-    Outside the stream SIGTERM ends the run like Ctrl-C (KeyboardInterrupt), not silently with the API left
-    running."""
-    from ifbatch.tasks.stream import interrupt
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-    interrupt.arm()
-    before = signal.signal(signal.SIGTERM, interrupt.raise_interrupt)
+
+def _apart_and_fate_shared() -> None:
+    """In a helper process, before it runs its program: a session of its own, so that no signal sent to the run's
+    process group or from its terminal reaches it; and SIGKILL when the run's process dies (Linux's parent-death
+    signal, as Ray's own processes have), so that a `kill -9` of the run leaves nothing behind."""
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the run died before the line above: go with it
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def started_apart() -> Iterator[None]:
+    """While it is open, the processes `subprocess.Popen` starts (Prefect's temporary API: its class takes no such
+    option) run apart from the run's process group and die with the run (_apart_and_fate_shared)."""
+    popen = subprocess.Popen
+
+    class Apart(popen):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("preexec_fn", _apart_and_fate_shared)
+            super().__init__(*args, **kwargs)
+
+    subprocess.Popen = Apart  # type: ignore[misc]
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        subprocess.Popen = popen  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def on_terminal() -> Iterator[None]:
+    """A run from a terminal: while images stream, the first Ctrl-C, SIGTERM or SIGHUP stops it gracefully (its
+    finished images recorded, tasks/stream/interrupt.py), a second one at once, killing the processes the run
+    started. Outside the stream SIGTERM and SIGHUP end the run like Ctrl-C (KeyboardInterrupt), not silently with
+    the API left running."""
+    from ifbatch.tasks.stream import interrupt
+
+    interrupt.arm()
+    before = {s: signal.signal(s, interrupt.raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager
@@ -83,9 +118,10 @@ def filtered_stderr(drop: tuple[str, ...] = STDERR_NOISE) -> Iterator[None]:
 
     def pump() -> None:
         with os.fdopen(read, "rb") as src:
-            for line in src:
+            for line in src:  # drained to the end whatever happens to the terminal: a writer must never block
                 if not any(d.encode() in line for d in drop):
-                    os.write(real, line)
+                    with contextlib.suppress(OSError):  # the terminal hung up (EIO)
+                        os.write(real, line)
 
     thread = threading.Thread(target=pump, name="ifbatch-stderr", daemon=True)
     thread.start()

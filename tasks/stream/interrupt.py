@@ -1,5 +1,5 @@
-"""A terminal user's Ctrl-C (SIGINT) or a `kill` (SIGTERM) while images stream: the first stops the run gracefully,
-the second at once.
+"""A terminal user's Ctrl-C (SIGINT), a `kill` or a batch scheduler's stop (SIGTERM), or a hangup (SIGHUP: the SSH
+connection or the terminal went) while images stream: the first stops the run gracefully, the second at once.
 
 The first signal sets a switch; the stream (pipeline.run_pipeline) keeps taking the records of images already on
 their way out for a few seconds, writes them to the manifest, and raises `Interrupted`, so the run records what it
@@ -19,12 +19,15 @@ import threading
 from collections.abc import Iterator
 
 GRACE_S = 3.0  # how long records of images already made may take to come out once stopped
+# The signals that stop a terminal run: what a terminal, `kill`, a batch scheduler (Slurm's scancel, systemd) or a
+# lost SSH connection send, to the run's process or to its whole process group.
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _armed = False
 
 
 class Interrupted(Exception):
-    """The user stopped the run (Ctrl-C or SIGTERM on a terminal run)."""
+    """The user stopped the run (Ctrl-C, SIGTERM or SIGHUP on a terminal run)."""
 
     def __init__(self, signum: int):
         self.signum = signum
@@ -32,11 +35,11 @@ class Interrupted(Exception):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+        return 128 + self.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
 
 
 class SignalInterrupt(KeyboardInterrupt):
-    """SIGTERM outside the stream, raised as Ctrl-C is (KeyboardInterrupt), naming its signal."""
+    """SIGTERM or SIGHUP outside the stream, raised as Ctrl-C is (KeyboardInterrupt), naming its signal."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -44,7 +47,20 @@ class SignalInterrupt(KeyboardInterrupt):
 
 
 def raise_interrupt(signum: int, frame) -> None:
+    hung_up(signum)
     raise SignalInterrupt(signum)
+
+
+def hung_up(signum: int) -> None:
+    """After SIGHUP the terminal is gone, and a write to it fails (EIO): the run's lines go to /dev/null from here
+    on, as under nohup (its run record, manifest and log files say what it did)."""
+    if signum != signal.SIGHUP:
+        return
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(null, fd)
+        os.close(null)
 
 
 @contextlib.contextmanager
@@ -59,7 +75,7 @@ def blocked_in_children(*signums: int) -> Iterator[None]:
 
 
 def arm() -> None:
-    """Make the stream stop gracefully on SIGINT / SIGTERM in this process (a terminal run)."""
+    """Make the stream stop gracefully on SIGINT / SIGTERM / SIGHUP in this process (a terminal run)."""
     global _armed
     _armed = True
 
@@ -98,19 +114,20 @@ def hard_exit(signum: int) -> None:
 
 @contextlib.contextmanager
 def stop_switch() -> Iterator[Switch]:
-    """While the stream runs: when armed (and on the main thread), SIGINT and SIGTERM set the switch, a second one
-    exits at once; the handlers before are put back after."""
+    """While the stream runs: when armed (and on the main thread), SIGINT, SIGTERM and SIGHUP set the switch, a second
+    one exits at once; the handlers before are put back after."""
     switch = Switch()
     if not _armed or threading.current_thread() is not threading.main_thread():
         yield switch
         return
 
     def handle(signum, frame) -> None:
+        hung_up(signum)
         if switch.on:
             hard_exit(signum)
         switch.set(signum)
 
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = {s: signal.getsignal(s) for s in STOPS}
     for s in before:
         signal.signal(s, handle)
     try:
@@ -119,5 +136,5 @@ def stop_switch() -> Iterator[Switch]:
         for s, h in before.items():
             signal.signal(s, h)
         if switch.on:  # a second signal after the stream ended still leaves at once
-            signal.signal(signal.SIGINT, lambda s, f: hard_exit(s))
-            signal.signal(signal.SIGTERM, lambda s, f: hard_exit(s))
+            for s in STOPS:
+                signal.signal(s, lambda s, f: (hung_up(s), hard_exit(s)))

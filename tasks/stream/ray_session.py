@@ -57,14 +57,14 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         kwargs.update(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus)
         if rc.object_store_gb:
             kwargs["object_store_memory"] = int(rc.object_store_gb * 2**30)
-    # A deployment run's private cluster starts with SIGTERM blocked (interrupt.blocked_in_children): a Prefect
-    # worker or `ifbatch serve` cancels a run with SIGTERM to the run's whole process group, and unspared, the
-    # cluster died with it and Ray terminated the driver ("The connection to the plasma store is failed") before it
-    # wrote its run record. Spared, the driver's handler still reaches its cluster; the cluster goes with the run
-    # (Ray ties its processes to this one, and `ray.shutdown` kills what outlasts SIGTERM after 1 s: ~5.6 s
-    # instead of ~1.3 s, measured). Not a terminal run (Ctrl-C is SIGINT, which Ray already blocks in them, and
-    # its exit stays quick), nor a cluster joined, which is not this process's to keep.
-    spare = () if address or interrupt.armed() else (signal.SIGTERM,)
+    # A private cluster starts with SIGTERM and SIGHUP blocked (interrupt.blocked_in_children): a batch scheduler
+    # stops a terminal run, and a Prefect worker or `ifbatch serve` cancels a deployment run, with SIGTERM to the
+    # run's whole process group, and a lost SSH connection sends SIGHUP. Unspared, the cluster died with it and Ray
+    # terminated the driver ("The connection to the plasma store is failed") or the driver waited on a dead GCS,
+    # before it recorded what it made. Spared, the driver's handler still reaches its cluster; the cluster goes
+    # with the run (Ray ties its processes to this one, and `ray.shutdown` kills what outlasts SIGTERM after 1 s).
+    # SIGINT Ray blocks in them itself. Not a cluster joined, which is not this process's to keep.
+    spare = () if address else (signal.SIGTERM, signal.SIGHUP)
     with _sigterm_kept(), interrupt.blocked_in_children(*spare):
         ray.init(**kwargs)
     try:

@@ -5,7 +5,10 @@ foreground job, and Ctrl-C is sent to the whole group, as a terminal sends it.
 - first Ctrl-C: the run stops within seconds, every image finished before it is recorded, the run record says
   `interrupted`, the output's lease is freed, one line says what was kept and how to resume; exit 130; and no
   process of the run is left;
-- SIGTERM to the run's process alone: the same, exit 143;
+- SIGTERM to the run's whole process group (what Slurm's scancel and systemd send): the same, exit 143 -- the
+  temporary API and a private Ray cluster run apart and outlive it;
+- SIGHUP to the group (the SSH connection or the terminal went): the same, exit 129, its lines gone with the
+  terminal (the run record says it);
 - Ctrl-C twice: it leaves at once, and no process of the run is left (the temporary API included);
 - the rerun makes only the rest: every image exactly once.
 
@@ -61,8 +64,9 @@ def wait_for_images(proc: subprocess.Popen, out: str, started: float, n: int, ti
 
 
 def stopped(proc, out: str, signum: int, seen: set[str], code: int, before: int) -> None:
-    """The run ended as a graceful stop should: soon, with its exit code, one line, every image seen finished
-    before the signal recorded, a run record saying `interrupted` with what this run made, the output free."""
+    """The run ended as a graceful stop should: soon, with its exit code, one line (none after a hangup: the
+    terminal is gone), every image seen finished before the signal recorded, a run record saying `interrupted` by
+    that signal with what this run made, the output free."""
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=60)
     took = time.monotonic() - t0
@@ -71,15 +75,17 @@ def stopped(proc, out: str, signum: int, seen: set[str], code: int, before: int)
     assert "Error logging to API" not in err and "Traceback" not in err, err[-3000:]
     recorded = {r["id"] for r in manifest_rows(out) if r["status"] == "ok"}
     assert seen <= recorded, f"finished before the signal but not recorded: {sorted(seen - recorded)}"
-    line = [x for x in err.splitlines() if x.startswith("ifbatch: interrupted")]
-    assert len(line) == 1 and f"stopped by {signal.Signals(signum).name}" in line[0], err[-3000:]
     made = len(recorded) - before
-    assert f"{len(recorded)} of {IMAGES} images done and recorded ({made} by this run)" in line[0], line[0]
-    assert f"make the other {IMAGES - len(recorded)}" in line[0]
-    assert "Rerun the same command" in line[0]
+    if signum != signal.SIGHUP:
+        line = [x for x in err.splitlines() if x.startswith("ifbatch: interrupted")]
+        assert len(line) == 1 and f"stopped by {signal.Signals(signum).name}" in line[0], err[-3000:]
+        assert f"{len(recorded)} of {IMAGES} images done and recorded ({made} by this run)" in line[0], line[0]
+        assert f"make the other {IMAGES - len(recorded)}" in line[0]
+        assert "Rerun the same command" in line[0]
     newest = max(Path(out, "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
     record = json.loads(newest.read_text())
     assert record["status"] == "interrupted" and record["counts"]["done"] == made, record
+    assert record["reason"] == f"stopped by {signal.Signals(signum).name}", record
     assert not Path(out, ".ifbatch-lease.json").exists()  # the output is free again
 
 
@@ -117,20 +123,31 @@ def test_ctrl_c_keeps_every_finished_image_and_the_rerun_makes_only_the_rest(
     assert f"{len(kept)} images already in the manifest are skipped" in so + err
 
 
-def test_sigterm_stops_like_ctrl_c_and_a_second_ctrl_c_leaves_at_once(tiny_dir, tmp_path, prefect_home):
+def test_sigterm_or_sighup_to_the_group_stops_like_ctrl_c_and_a_second_ctrl_c_leaves_at_once(
+    tiny_dir, tmp_path, prefect_home
+):
     """On the local executor (no Ray: the stream's thread is the run's own): the temporary Prefect API is the
-    process to leave behind here. (Ctrl-C on Ray, its cluster's processes gone after: the test above.)"""
+    process that must outlive the group's signal and leave with the run. (Ctrl-C on Ray, its cluster's processes
+    gone after: the test above; a private cluster outliving the group's SIGTERM: test_private_cluster.)"""
     prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a red car number {i}" for i in range(IMAGES)]})
     out = str(tmp_path / "out")
 
-    # SIGTERM to the run's process alone (`kill PID`, `timeout`, a scheduler stopping it).
+    # SIGTERM to the run's whole process group (Slurm's scancel, systemd's KillMode=control-group). Before, the
+    # temporary API died at the same instant: no line, nothing recorded, exit 1 after a minute.
     t, proc = time.time(), start(prompts, out, tiny_dir, prefect_home, "executor=local")
     seen = wait_for_images(proc, out, t, 4)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     stopped(proc, out, signal.SIGTERM, seen, 143, before=0)
     wait_gone(proc.pid)
     first = len(manifest_rows(out))
     assert 4 <= first < IMAGES
+
+    # SIGHUP to the group (the terminal went): before, exit 129 at once, nothing recorded, the lease left behind.
+    t, proc = time.time(), start(prompts, out, tiny_dir, prefect_home, "executor=local")
+    seen = wait_for_images(proc, out, t, 2)
+    os.killpg(proc.pid, signal.SIGHUP)
+    stopped(proc, out, signal.SIGHUP, seen, 129, before=first)
+    wait_gone(proc.pid)
 
     # Ctrl-C twice: out at once, nothing left running (the temporary Prefect API included).
     t, proc = time.time(), start(prompts, out, tiny_dir, prefect_home, "executor=local")
