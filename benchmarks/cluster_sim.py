@@ -86,14 +86,7 @@ def make_actors(seconds: dict[str, float], lock_dir: str, k: int = 0) -> dict[st
         if stage == "text_encoder":
             e = np.zeros((n, 77, 4096), np.float16)
             f = np.zeros(n, bool)
-            how = np.array(["lower-strip"] * n, object)
-            return {
-                "prompt_embeds": e,
-                "negative_embeds": e.copy(),
-                "truncated": f,
-                "negative_truncated": f.copy(),
-                "text_preprocessing": how,
-            }
+            return {"prompt_embeds": e, "negative_embeds": e.copy(), "truncated": f, "negative_truncated": f.copy()}
         if stage == "stage_1" and k:
             return {
                 "candidates_1": np.zeros((n, k, 3, 64, 64), np.float16),

@@ -12,7 +12,7 @@ from ifbatch.configs.schema import TextEncoderConfig
 
 from .loading import Resolved, load, resolve, resolve_device
 from .tensors import to_numpy
-from .text import check_clean_caption, preprocess, preprocessing
+from .text import check_clean_caption, preprocess
 
 PROBE_FILE = "text_encoder/config.json"  # what `resolve` fetches to check a source holds a text encoder
 
@@ -23,7 +23,6 @@ class Encoded:
     negative_embeds: np.ndarray  # (B, max_length, D)
     truncated: list[bool]  # the encoded (preprocessed) prompt is longer than max_length tokens
     negative_truncated: list[bool]
-    preprocessing: str  # how the text was prepared for T5 (models/text.py)
 
 
 class TextEncoder:
@@ -95,10 +94,4 @@ class TextEncoder:
         custom = [i for i, n in enumerate(negatives) if n]
         if custom:
             neg[custom] = self._embed([negatives[i] for i in custom])
-        return Encoded(
-            to_numpy(embeds),
-            to_numpy(neg),
-            self._too_long(prompts),
-            self._too_long(negatives),
-            preprocessing(self.cfg.clean_caption),
-        )
+        return Encoded(to_numpy(embeds), to_numpy(neg), self._too_long(prompts), self._too_long(negatives))

@@ -77,7 +77,6 @@ def writer_rows(pixels: np.ndarray, failed: int = 0) -> dict[str, np.ndarray]:
         "image": pixels,
         "truncated": np.zeros(n, bool),
         "negative_truncated": np.zeros(n, bool),
-        "text_preprocessing": np.array(["lower-strip"] * n, object),
         "nsfw": np.array([0] * ok + [-1] * failed, np.int8),
         "watermark_detected": np.array([1] * ok + [-1] * failed, np.int8),
         "watermarked": np.ones(n, bool),

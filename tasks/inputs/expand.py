@@ -40,8 +40,8 @@ def image_count(rows: pa.Table) -> int:
     return int(pc.sum(pc.list_value_length(rows.column("images"))).as_py() or 0)
 
 
-def without_done(rows: pa.Table, done: pa.Array) -> pa.Table:
-    """The work table less the images whose id is in `done`; rows left with no image are dropped."""
+def images_of(rows: pa.Table) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """Every image the work table asks for: the row it belongs to (its position), its index k in that row, its id."""
     images = rows.column("images").combine_chunks()
     counts = pc.list_value_length(images).to_numpy(zero_copy_only=False)
     ks = pc.list_flatten(images).to_numpy(zero_copy_only=False)
@@ -49,7 +49,12 @@ def without_done(rows: pa.Table, done: pa.Array) -> pa.Table:
     ids = pc.take(rows.column("id"), pa.array(owner))
     k = pa.array(ks)
     suffix = pc.if_else(pc.equal(k, 0), "", pc.binary_join_element_wise(SEP, pc.cast(k, pa.string()), ""))
-    image_ids = pc.binary_join_element_wise(ids, suffix, "")  # image_id(), vectorised
+    return owner, ks, pc.binary_join_element_wise(ids, suffix, "")  # image_id(), vectorised
+
+
+def without_done(rows: pa.Table, done: pa.Array) -> pa.Table:
+    """The work table less the images whose id is in `done`; rows left with no image are dropped."""
+    owner, ks, image_ids = images_of(rows)
     keep = ~pc.is_in(image_ids, value_set=done).to_numpy(zero_copy_only=False)
     left = np.bincount(owner[keep], minlength=rows.num_rows)
     offsets = np.concatenate([[0], np.cumsum(left)])

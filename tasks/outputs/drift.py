@@ -20,9 +20,9 @@ import pyarrow.compute as pc
 from ifbatch.configs.schema import CascadeConfig
 from ifbatch.models.text import preprocess, preprocessing
 
-from ..inputs.expand import image_id, image_seed
+from ..inputs.expand import image_seed, images_of
 from ..inputs.params import param_fields
-from .manifest import DONE, read_manifest
+from .manifest import done_records
 
 # Per image, recorded in the manifest and worked out for this run's images alike.
 PER_IMAGE = ("prompt", "negative_prompt", "seed", *[f.name for f in param_fields()])
@@ -80,13 +80,12 @@ class Drift:
         )
 
 
-def done_records(loc, cfg: CascadeConfig) -> pa.Table:
+def made_with(loc, cfg: CascadeConfig) -> pa.Table:
     """The latest record of every done image, with what it was made with; what older records left null is worked
     out where it can be: their k from their candidate scores (none: one candidate); a null text preprocessing (ifbatch
     before it said so fed T5 the prompt as given) is this run's when that preprocessing leaves both texts as they
     are, else "as given"."""
-    t = read_manifest(loc, READ)
-    t = t.filter(pc.is_in(t.column("status"), pa.array(DONE)))
+    t = done_records(loc, READ)
     scores = t.column("candidate_scores")
     scored = pc.list_value_length(scores).cast(pa.int16())
     t = _replaced(
@@ -121,19 +120,13 @@ def _replaced(t: pa.Table, name: str, column) -> pa.Table:
 
 def this_runs_images(rows: pa.Table) -> pa.Table:
     """One row per image the work table asks for: its id and the per-image settings it would be made with."""
-    lists = rows.column("images").combine_chunks()
-    counts = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-    ks = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64)
-    owner = pa.array(np.repeat(np.arange(rows.num_rows), counts))
-    row_ids = pc.take(rows.column("id"), owner).to_pylist()
-    seeds = pc.take(rows.column("seed"), owner).to_pylist()
-    columns = {
-        "id": pa.array([image_id(r, int(k)) for r, k in zip(row_ids, ks, strict=True)], pa.string()),
-        "seed": pa.array([image_seed(s, int(k)) for s, k in zip(seeds, ks, strict=True)], pa.int64()),
-    }
+    owner, ks, ids = images_of(rows)
+    at = pa.array(owner)
+    seeds = pc.take(rows.column("seed"), at).to_pylist()
+    columns = {"id": ids, "seed": pa.array([image_seed(s, int(k)) for s, k in zip(seeds, ks, strict=True)], pa.int64())}
     for name in PER_IMAGE:
         if name not in columns:
-            columns[name] = pc.take(rows.column(name), owner)
+            columns[name] = pc.take(rows.column(name), at)
     return pa.table(columns)
 
 
@@ -171,7 +164,7 @@ def _model_changes(done: pa.Table, cfg: CascadeConfig) -> tuple[list[Change], np
 
 def drift(loc, rows: pa.Table, cfg: CascadeConfig) -> Drift:
     """What differs between the done images of this run's rows and what this run would make of them."""
-    done = done_records(loc, cfg)
+    done = made_with(loc, cfg)
     ids = done.column("id").combine_chunks()
     mine = this_runs_images(rows)
     mine = mine.rename_columns([c if c == "id" else f"now_{c}" for c in mine.column_names])
@@ -199,20 +192,19 @@ def drift(loc, rows: pa.Table, cfg: CascadeConfig) -> Drift:
         t = pa.table({"before": before, "now": after}).filter(differs)
         for g in t.group_by(["before", "now"]).aggregate([([], "count_all")]).to_pylist():
             changes.append(Change(_setting(name), g["before"], g["now"], g["count_all"]))
-    models, by_model = _model_changes(both, cfg)
-    changes += models
-    changed |= by_model
-    changed |= _floor_changes(both, cfg, changes)
+    for found, mask in (_model_changes(both, cfg), _floor_changes(both, cfg)):
+        changes += found
+        changed |= mask
     return Drift(changes, pc.filter(both.column("id"), pa.array(changed)).combine_chunks(), ids)
 
 
-def _floor_changes(both: pa.Table, cfg: CascadeConfig, changes: list[Change]) -> np.ndarray:
+def _floor_changes(both: pa.Table, cfg: CascadeConfig) -> tuple[list[Change], np.ndarray]:
     """Images this run's score floor would decide otherwise: recorded filtered, now above it (or no floor); recorded
     ok, now under it. A floor decides whether an image is made, not how, so the floors alone are not compared."""
     recorded = both.column("min_clip_score")
     now = cfg.data.min_clip_score
     if now is None and recorded.null_count == len(recorded):
-        return np.zeros(len(recorded), bool)
+        return [], np.zeros(len(recorded), bool)
     floors = recorded.to_pylist()
     best = both.column("best_score").to_pylist()
     status = both.column("status").to_pylist()
@@ -227,8 +219,7 @@ def _floor_changes(both: pa.Table, cfg: CascadeConfig, changes: list[Change]) ->
     groups: dict[Any, int] = {}
     for x in np.asarray(floors, dtype=object)[mask]:
         groups[x] = groups.get(x, 0) + 1
-    changes += [Change("data.min_clip_score", x, now, c) for x, c in groups.items()]
-    return mask
+    return [Change("data.min_clip_score", x, now, c) for x, c in groups.items()], mask
 
 
 def _setting(column: str) -> str:

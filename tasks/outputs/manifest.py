@@ -116,7 +116,7 @@ def latest_per_id(t: pa.Table) -> pa.Table:
 DONE = ("ok", "filtered")  # the statuses a rerun does not make again
 
 
-def done_ids(loc: Location) -> pa.Array:
-    """The ids with an `ok` or `filtered` record."""
-    t = read_manifest(loc, ["id", "status"])
-    return t.filter(pc.is_in(t.column("status"), pa.array(DONE))).column("id").combine_chunks()
+def done_records(loc: Location, columns: Iterable[str] = ("id", "status")) -> pa.Table:
+    """The latest record of each id whose status is `ok` or `filtered`, with `columns` (status among them)."""
+    t = read_manifest(loc, list(dict.fromkeys(["status", *columns])))
+    return t.filter(pc.is_in(t.column("status"), pa.array(DONE)))

@@ -150,19 +150,12 @@ class EncodeStage(StageActor):
             "negative_embeds": enc.negative_embeds,
             "truncated": np.array(enc.truncated),
             "negative_truncated": np.array(enc.negative_truncated),
-            "text_preprocessing": np.array([enc.preprocessing] * len(idx), dtype=object),
         }
 
     def empty_outputs(self, batch, n):
         z = np.zeros((n, self.length, self.dim), dtype=np.float16)
         f = np.zeros(n, dtype=bool)
-        return {
-            "prompt_embeds": z,
-            "negative_embeds": z.copy(),
-            "truncated": f,
-            "negative_truncated": f.copy(),
-            "text_preprocessing": np.full(n, None, dtype=object),
-        }
+        return {"prompt_embeds": z, "negative_embeds": z.copy(), "truncated": f, "negative_truncated": f.copy()}
 
 
 class Stage1Stage(StageActor):

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ifbatch.configs.schema import STAGES, CascadeConfig
+from ifbatch.models.text import preprocessing
 
 from ..inputs.params import param_fields
 from ..outputs.images import EXTENSIONS, encode_image, image_relpath
@@ -35,7 +36,6 @@ COPIED = [
     "seed",
     "truncated",
     "negative_truncated",
-    "text_preprocessing",
     *[f.name for f in param_fields()],
     *[f"seconds_{stage}" for stage in STAGES],
 ]
@@ -53,7 +53,7 @@ def _placement(batch: dict[str, np.ndarray], n: int) -> list[str]:
     return ["{" + ", ".join(f'"{stage}": {col[i]}' for stage, col in cols) + "}" for i in range(n)]
 
 
-def provenance(batch: dict[str, np.ndarray], i: int, models: dict) -> dict:
+def provenance(batch: dict[str, np.ndarray], i: int, models: dict, text_preprocessing: str) -> dict:
     """How row i's image was made, as stored in the file itself (outputs/images.py) and read back by anyone. Of a
     best-of-k image also the chosen candidate and its stage I seed (which stages II and III ran with)."""
     chosen = {}
@@ -66,7 +66,7 @@ def provenance(batch: dict[str, np.ndarray], i: int, models: dict) -> dict:
         "prompt": str(batch["prompt"][i]),
         "negative_prompt": str(batch["negative_prompt"][i] or ""),
         "seed": int(batch["seed"][i]),
-        "text_preprocessing": str(batch["text_preprocessing"][i]),
+        "text_preprocessing": text_preprocessing,
         "params": {f.name: cell(batch[f.name][i]) for f in param_fields()},
         "models": models,
         **chosen,
@@ -105,7 +105,9 @@ class ImageWriter:
         self.loc = locate(output, cfg.s3)
         self.models = models or {}
         self.files = cfg.output.format == "files"
-        self.choice = cfg.data.candidates_per_image, cfg.data.min_clip_score  # recorded with every image
+        # what shaped every image of the run, recorded with each (outputs/drift.py compares them on a resume)
+        self.text_preprocessing = preprocessing(cfg.text_encoder.clean_caption)
+        self.k, self.floor = cfg.data.candidates_per_image, cfg.data.min_clip_score
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])
@@ -124,7 +126,7 @@ class ImageWriter:
                 continue
             try:
                 pixels = batch["image"][i]
-                how = provenance(batch, i, self.models)
+                how = provenance(batch, i, self.models, self.text_preprocessing)
                 data = encode_image(pixels, self.out, how)
                 if self.files:
                     path = self.loc.path(image_relpath(str(batch["id"][i]), self.out))
@@ -158,8 +160,9 @@ class ImageWriter:
             watermark_detected=_flags(batch["watermark_detected"]),
             watermarked=batch["watermarked"].astype(bool),
             **_choices(batch, status),
-            candidates_per_image=pa.array([self.choice[0]] * n, pa.int16()),
-            min_clip_score=pa.array([self.choice[1]] * n, pa.float32()),
+            text_preprocessing=[self.text_preprocessing] * n,
+            candidates_per_image=pa.array([self.k] * n, pa.int16()),
+            min_clip_score=pa.array([self.floor] * n, pa.float32()),
             seconds_write=seconds,
             placement=_placement(batch, n),
             written_at=[_now()] * n,

@@ -7,7 +7,7 @@ import io
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA, SCHEMA, done_ids, part_paths, read_manifest, write_part
+from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA, SCHEMA, done_records, part_paths, read_manifest, write_part
 from ifbatch.tasks.storage import locate
 
 
@@ -20,7 +20,7 @@ def records(ids, status):
 
 def test_nothing_written_reads_as_an_empty_table_with_the_schema(tmp_path):
     t = read_manifest(locate(str(tmp_path)))
-    assert t.num_rows == 0 and t.schema == SCHEMA and len(done_ids(locate(str(tmp_path)))) == 0
+    assert t.num_rows == 0 and t.schema == SCHEMA and done_records(locate(str(tmp_path))).num_rows == 0
 
 
 def test_latest_record_per_id_wins_across_parts(tmp_path):
@@ -33,7 +33,7 @@ def test_latest_record_per_id_wins_across_parts(tmp_path):
         ("c", "ok", "run1"),
         ("b", "ok", "run2"),
     ]
-    assert t[2]["models"] == '{"m": 2}' and sorted(done_ids(loc).to_pylist()) == ["a", "b", "c"]
+    assert t[2]["models"] == '{"m": 2}' and sorted(done_records(loc).column("id").to_pylist()) == ["a", "b", "c"]
     assert [p.rsplit("/", 1)[1] for p in part_paths(loc)] == ["part-run1-00000.parquet", "part-run2-00000.parquet"]
 
 
