@@ -15,16 +15,18 @@ def add_parsers(sub) -> None:
         help="check that every ok image in an output exists and matches its sha256 and size",
         description="Read the manifest of OUTPUT, read every ok image (a file, or a member of a WebDataset shard; "
         "in parallel) and check it against the sha256 and size recorded for it; list missing, corrupt and "
-        "orphaned images (files, shards and samples no record names). Exit status 0: whole; 1: something is "
-        "wrong; 2: the output could not be read.",
+        "orphaned images (files, shards and samples no record names), and, as adoptable, whole images no record "
+        "names that carry their whole record (a run killed before recording them left them). Exit status 0: "
+        "whole; 1: something is wrong; 2: the output could not be read.",
     )
     v.add_argument("output", help="output folder or s3://bucket/prefix")
     v.add_argument(
         "--repair",
         action="store_true",
-        help="record the missing and corrupt images as failed, so that the next `ifbatch run` into OUTPUT makes "
-        "exactly those again; a damaged shard is removed and all of its images recorded as failed; orphaned "
-        "shards and unfinished writes (*.tmp-<pid>) are removed, orphaned files listed, not deleted",
+        help="record the adoptable images as they are, and the missing and corrupt ones as failed, so that the "
+        "next `ifbatch run` into OUTPUT makes exactly those again; a damaged shard is removed and all of its images "
+        "recorded as failed; orphaned shards and unfinished writes (*.tmp-<pid>) are removed, orphaned files "
+        "listed, not deleted",
     )
     v.add_argument("--workers", type=int, default=16, help="images read at once (default 16)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,7 +77,9 @@ def verify_command(args: argparse.Namespace) -> int:
             return 2
         for uri in fixed.removed:
             print(f"removed {uri}")
-        if fixed.parts:
+        if fixed.adopted:
+            print(f"recorded {fixed.adopted} whole, unrecorded images as they are (adopted)")
+        if fixed.failed:
             print(
                 f"recorded {fixed.failed} broken images as failed ({', '.join(fixed.parts)}); "
                 f"rerun into this output to make them"
@@ -108,23 +112,24 @@ def compact_command(args: argparse.Namespace) -> int:
 
 def _locate(output: str):
     from ifbatch.tasks.outputs.manifest import MANIFEST_DIR
-    from ifbatch.tasks.outputs.spill import spill_dir
+    from ifbatch.tasks.outputs.spill import spill_dir, spilled
     from ifbatch.tasks.storage import locate
 
     try:
         loc = locate(output)
         loc.fs.invalidate_cache()
         if not loc.fs.exists(loc.path(MANIFEST_DIR)):
-            if loc.fs.exists(loc.path("images")) or loc.fs.exists(loc.path("runs")):  # a run that recorded nothing
+            # a run that ended before it recorded any image: what it left is listed (adoptable, or orphaned)
+            if not any(loc.fs.exists(loc.path(sub)) for sub in ("images", "shards", "runs")):
+                print(f"ifbatch: {output!r} has no manifest/ folder: not an ifbatch output", file=sys.stderr)
+                return None
+            waiting = spilled(loc)
+            if waiting:
                 print(
-                    f"ifbatch: {output!r} has images but no manifest/ yet: a run into it ended before it recorded "
-                    f"any (its records may wait in the spill folder {spill_dir(loc)}, if the store was down); "
-                    f"rerun the same command to write them and make the rest",
+                    f"note: {output!r} has no manifest/ yet; {len(waiting)} records of a run that ended while the "
+                    f"store was down wait in the spill folder {spill_dir(loc)}: the next run writes them",
                     file=sys.stderr,
                 )
-            else:
-                print(f"ifbatch: {output!r} has no manifest/ folder: not an ifbatch output", file=sys.stderr)
-            return None
     except (*storage_errors(), ValueError) as e:
         print(f"ifbatch: cannot read {output!r}: {type(e).__name__}: {e}", file=sys.stderr)
         return None

@@ -30,6 +30,8 @@ class RunContext:
     t0: float = field(default_factory=time.monotonic)
     plan: PromptPlan | None = None
     skipped: int = 0
+    adopted: int = 0  # whole images an earlier run left unrecorded, recorded by this one (outputs/adopt.py)
+    settled: bool = False  # every image this run wrote is recorded (its mark on the output is removed)
     changed: dict | None = None  # done images remade for their other settings (outputs/drift.py): how many, what
     result: PipelineResult = field(default_factory=PipelineResult)
     models: dict[str, dict] = field(default_factory=dict)  # what each model is: source, commit, dtype
@@ -72,6 +74,7 @@ class RunSummary:
     plan: dict = field(default_factory=dict)  # the run record's plan: its estimate is plan["images_per_second"]
     images: int = 0  # images the valid rows ask for (images_per_prompt or a row's n); done/failed/skipped count these
     filtered: int = 0  # of done: recorded as filtered (best candidate under data.min_clip_score), not upscaled
+    adopted: int = 0  # whole, unrecorded images an earlier run left, taken over (not counted in done or skipped)
 
     @property
     def line(self) -> str:
@@ -81,8 +84,8 @@ class RunSummary:
             else (f"{self.done} images done")
         )
         return (
-            f"{done}, {self.failed} failed, {self.skipped} skipped (already done) of {self.images} "
-            f"images from {self.total} rows, {self.rejected} rows rejected"
+            f"{done}, {self.failed} failed, {self.skipped} skipped (already done){taken_over(self.adopted)} of "
+            f"{self.images} images from {self.total} rows, {self.rejected} rows rejected"
         )
 
     @property
@@ -93,6 +96,10 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return self.failed == 0 and self.rejected == 0
+
+
+def taken_over(adopted: int) -> str:
+    return f", {adopted} taken over (whole but unrecorded after an earlier run's unclean stop)" if adopted else ""
 
 
 class Cancelled(Exception):
@@ -125,11 +132,15 @@ class StoppedRun:
     status: str = "stopped"  # or "interrupted" (Ctrl-C / SIGTERM on a terminal), "cancelled" (in Prefect)
     exit_code: int = 1  # the CLI's: 1 for a stopped run, 128 + the signal for an interrupted one
     skipped: int = 0  # images earlier runs had made (resume)
+    adopted: int = 0  # of those, taken over by this run (outputs/adopt.py)
 
     @property
     def line(self) -> str:
-        kept = self.done + self.skipped
-        counts = f"{kept} of {self.images} images done and recorded ({self.done} by this run), {self.failed} failed"
+        kept = self.done + self.skipped + self.adopted
+        counts = (
+            f"{kept} of {self.images} images done and recorded ({self.done} by this run"
+            f"{f', {self.adopted} taken over' if self.adopted else ''}), {self.failed} failed"
+        )
         if self.status == "interrupted":
             left = self.images - kept
             return (

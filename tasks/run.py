@@ -32,6 +32,7 @@ from ifbatch.models.tiny import tiny_ready
 from .context import Cancelled, RunContext, RunStopped, RunSummary, StoppedRun
 from .inputs.expand import image_count, without_done
 from .inputs.prompts import PromptPlan, PromptTableError, read_prompts
+from .outputs.adopt import mark_closed, mark_open, open_runs, take_over
 from .outputs.compact import compact
 from .outputs.drift import SettingsChanged, drift
 from .outputs.formats import FORMATS
@@ -40,6 +41,7 @@ from .outputs.lease import Lease, LeaseHeld
 from .outputs.loadable import write_image_metadata
 from .outputs.manifest import MANIFEST_DIR
 from .outputs.records import RUNS_DIR, versions, write_rejected, write_run_record
+from .outputs.shards import SHARDS_DIR
 from .outputs.spill import StoreDown, unspill
 from .preflight import OutputError, preflight
 from .storage import storage_errors
@@ -144,9 +146,12 @@ class Run:
             for sub in (MANIFEST_DIR, *(fmt.folder for fmt in FORMATS.values())):
                 if loc.fs.exists(loc.path(sub)):
                     loc.fs.rm(loc.path(sub), recursive=True)
+            for run in open_runs(loc, but=ctx.run_id):  # nothing of theirs is left to take over
+                mark_closed(loc, run)
             log.info("--overwrite: removed earlier manifest, images and shards under %s", ctx.output)
             return rows, 0
-        leftovers = loc.temp_files(IMAGES_DIR, MANIFEST_DIR, RUNS_DIR)  # from writes a full disk or a kill cut short
+        # from writes a full disk or a kill cut short
+        leftovers = loc.temp_files(IMAGES_DIR, SHARDS_DIR, MANIFEST_DIR, RUNS_DIR)
         for path in leftovers:
             loc.fs.rm_file(path)
         if leftovers:
@@ -154,6 +159,7 @@ class Run:
         uploaded = unspill(loc)
         if uploaded:
             log.info("wrote %d records an earlier run kept while the store was down: %s", len(uploaded), uploaded)
+        self.take_over(rows)
         for fmt in FORMATS.values():
             orphans = fmt.tidy(loc)  # what a reader would otherwise see twice once the run makes it again
             if orphans:
@@ -180,9 +186,31 @@ class Run:
             ctx.changed = found.record()
             done = pc.filter(done, pc.invert(pc.is_in(done, found.ids)))
         todo = without_done(rows, done)
-        skipped = image_count(rows) - image_count(todo)
+        skipped = image_count(rows) - image_count(todo) - ctx.adopted
         log.info("resuming: %d images already in the manifest are skipped, %d to generate", skipped, image_count(todo))
         return todo, skipped
+
+    def take_over(self, rows: pa.Table) -> None:
+        """After a run that ended before recording every image it wrote (its mark is left on the output): record
+        the whole images it left that this run would make exactly so, and make only the rest (outputs/adopt.py)."""
+        ctx, log = self.ctx, self.log
+        unclean = open_runs(ctx.loc, but=ctx.run_id)
+        if not unclean:
+            return
+        adopted = take_over(ctx.loc, rows, ctx.cfg, ctx.run_id)
+        ctx.adopted = adopted.images
+        log.info(
+            "run %s ended before recording every image it wrote: %d whole images it left are taken over, not made "
+            "again%s",
+            ", ".join(unclean),
+            adopted.images,
+            f"; {len(adopted.left)} unrecorded files or shards are not (made again): {adopted.left[0].uri}: "
+            f"{adopted.left[0].why}"
+            if adopted.left
+            else "",
+        )
+        for run in unclean:  # every image they left is recorded now, or will be made again
+            mark_closed(ctx.loc, run)
 
     def generate(self, rows: pa.Table) -> None:
         """Check the models, open the executor (Ray: start or join the cluster, plan and reserve the placement),
@@ -211,6 +239,7 @@ class Run:
                 for line in session.lines:
                     log.info("%s", line)
                 ctx.startup_seconds, ctx.stage_plan = time.monotonic() - t0, session.record
+                mark_open(ctx.loc, ctx.run_id)  # until every image it writes is recorded (outputs/adopt.py)
                 stream = lambda phase, stop: session.records(phase, ctx.output, ctx.run_id, ctx.models, stop)  # noqa: E731
                 try:
                     for phase in session.phases(rows, ctx.result):
@@ -222,11 +251,14 @@ class Run:
                             log.info("%s", line)
                 except Interrupted as e:  # the user stopped it: what was done is recorded, no error to show
                     ctx.interrupted = e
+                    ctx.settled = e.settled
                 except self.cancels:  # recorded now, before the session's teardown (a cluster going away can
                     self.record_cancel()  # hang it past the 30 s Prefect gives a cancelled run before SIGKILL)
                     raise
                 except Exception as e:  # generation had started: record what was done (RunStopped)
                     raise RunStopped(session.failed(e)) from e
+                else:
+                    ctx.settled = True  # the stream ended: every image it wrote came with its record
                 finally:
                     ctx.stage_plan = session.record  # a re-plan from the first images replaced it
         finally:
@@ -269,6 +301,7 @@ class Run:
             failed=result.failed,
             rejected=len(plan.rejected),
             skipped=ctx.skipped,
+            adopted=ctx.adopted,
             filtered=result.filtered,
         )
         seconds = ctx.seconds
@@ -286,6 +319,8 @@ class Run:
             errors=result.errors,
         )
         uri = write_run_record(loc, ctx.run_id, record)
+        if ctx.settled:
+            mark_closed(loc, ctx.run_id)
         return RunSummary(
             run_id=ctx.run_id,
             output=ctx.output,
@@ -322,7 +357,12 @@ class Run:
             status=status,
             reason=reason,
             counts=dict(
-                images=images, done=result.done, failed=result.failed, skipped=ctx.skipped, filtered=result.filtered
+                images=images,
+                done=result.done,
+                failed=result.failed,
+                skipped=ctx.skipped,
+                adopted=ctx.adopted,
+                filtered=result.filtered,
             ),
             seconds=ctx.seconds,
             plan=ctx.stage_plan,
@@ -331,9 +371,21 @@ class Run:
         )
         try:
             where = write_run_record(ctx.loc, ctx.run_id, record)
+            if ctx.settled:  # (else the next run looks for what it left unrecorded)
+                mark_closed(ctx.loc, ctx.run_id)
         except StoreDown as e:
             where = str(e.spilled)
         code = stopped.cause.exit_code if interrupted else 1
         return StoppedRun(
-            ctx.run_id, ctx.output, result.done, result.failed, images, reason, where, status, code, ctx.skipped
+            ctx.run_id,
+            ctx.output,
+            result.done,
+            result.failed,
+            images,
+            reason,
+            where,
+            status,
+            code,
+            ctx.skipped,
+            ctx.adopted,
         )

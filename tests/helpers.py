@@ -106,7 +106,8 @@ def check_outputs(output: str, expect_ids: set[str]) -> list[dict]:
         assert set(models) == {"text_encoder", "stage_1", "scorer", "stage_2", "stage_3", "safety"}
         assert r["clip_score"] is not None and r["candidate"] == 0 and r["candidate_seed"] == r["seed"]
         assert models["stage_1"]["dtype"] == "float32" and r["stage_1_steps"] == 4 and r["stage_3_noise_level"] == 100
-        assert r["seconds_stage_3"] > 0 and r["watermarked"] is True
+        assert r["watermarked"] is True
+        assert r["placement"] is None or r["seconds_stage_3"] > 0  # (an image taken over was not timed)
     return rows
 
 

@@ -58,6 +58,7 @@ class Drift:
     changes: list[Change]
     ids: pa.Array  # the done images of this run made with other settings
     done: pa.Array  # every done id in the output
+    compared: pa.Array  # the done images that are this run's
 
     def summary(self) -> str:
         return "; ".join(c.text() for c in self.changes)
@@ -81,11 +82,15 @@ class Drift:
 
 
 def made_with(loc, cfg: CascadeConfig) -> pa.Table:
-    """The latest record of every done image, with what it was made with; what older records left null is worked
-    out where it can be: their k from their candidate scores (none: one candidate); a null text preprocessing (ifbatch
-    before it said so fed T5 the prompt as given) is this run's when that preprocessing leaves both texts as they
-    are, else "as given"."""
-    t = done_records(loc, READ)
+    """The latest record of every done image, with what it was made with (`filled`)."""
+    return filled(done_records(loc, READ), cfg)
+
+
+def filled(t: pa.Table, cfg: CascadeConfig) -> pa.Table:
+    """Records (columns READ) with what older ones left null worked out where it can be: their k from their
+    candidate scores (none: one candidate); a null text preprocessing (ifbatch before it said so fed T5 the prompt
+    as given) is this run's when that preprocessing leaves both texts as they are, else "as given"."""
+    t = t.select(READ)
     scores = t.column("candidate_scores")
     scored = pc.list_value_length(scores).cast(pa.int16())
     t = _replaced(
@@ -164,7 +169,12 @@ def _model_changes(done: pa.Table, cfg: CascadeConfig) -> tuple[list[Change], np
 
 def drift(loc, rows: pa.Table, cfg: CascadeConfig) -> Drift:
     """What differs between the done images of this run's rows and what this run would make of them."""
-    done = made_with(loc, cfg)
+    return compare(made_with(loc, cfg), rows, cfg)
+
+
+def compare(done: pa.Table, rows: pa.Table, cfg: CascadeConfig) -> Drift:
+    """What differs between records (`filled`) of images of this run's rows and what this run would make of
+    them: the done images of an output, or those a run killed before recording them left whole (outputs/adopt.py)."""
     ids = done.column("id").combine_chunks()
     mine = this_runs_images(rows)
     mine = mine.rename_columns([c if c == "id" else f"now_{c}" for c in mine.column_names])
@@ -195,7 +205,8 @@ def drift(loc, rows: pa.Table, cfg: CascadeConfig) -> Drift:
     for found, mask in (_model_changes(both, cfg), _floor_changes(both, cfg)):
         changes += found
         changed |= mask
-    return Drift(changes, pc.filter(both.column("id"), pa.array(changed)).combine_chunks(), ids)
+    changed_ids = pc.filter(both.column("id"), pa.array(changed, pa.bool_())).combine_chunks()
+    return Drift(changes, changed_ids, ids, both.column("id").combine_chunks())
 
 
 def _floor_changes(both: pa.Table, cfg: CascadeConfig) -> tuple[list[Change], np.ndarray]:

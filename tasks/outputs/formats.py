@@ -8,23 +8,29 @@ records of both kinds, when its format changed between runs: each record is held
 from __future__ import annotations
 
 import hashlib
+import json
+import posixpath
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..storage import Location
-from .images import IMAGES_DIR, image_path
+from ..storage import TMP_MARK, Location
+from .images import IMAGES_DIR, image_path, read_provenance
 from .loadable import METADATA
-from .shards import SHARDS_DIR, members, orphan_shards, recorded_shards, remove_orphan_shards, shard_path
+from .shards import SHARDS_DIR, members, orphan_shards, recorded_shards, remove_orphan_shards, sample_key, shard_path
+from .unrecorded import Unit, record_of
+
+READERS = 16  # unrecorded images read at once (the work is I/O)
 
 Check = tuple[int, Callable[[], list["Problem"]]]  # (images it covers, the check)
 
 
 @dataclass
 class Problem:
-    kind: str  # missing | corrupt | orphan | unfinished
+    kind: str  # missing | corrupt | orphan | adoptable | unfinished
     uri: str
     id: str | None = None
     detail: str = ""
@@ -68,15 +74,33 @@ class Files:
         problem = compare(data, rec, uri)
         return [problem] if problem else []
 
-    def orphans(self, loc: Location, manifest: pa.Table) -> list[Problem]:
-        """Image files no record names (listed, not removed: a rerun overwrites any it makes again)."""
+    def unrecorded(self, loc: Location, manifest: pa.Table) -> list[Unit]:
+        """Image files no record names, each read for the record it carries (outputs/unrecorded.py); one whose
+        provenance names another id than its file's name is not taken over. (A rerun overwrites any file it makes
+        again; none is removed.)"""
         named = {image_path(loc, u) for u in manifest.column("image_uri").to_pylist() if u}
         base = loc.path(IMAGES_DIR)
         loc.fs.invalidate_cache(base)
         files = loc.fs.find(base) if loc.fs.exists(base) else []
         index = loc.path(IMAGES_DIR, METADATA)
         # a local write in flight (or killed in flight) is not an image yet; the metadata table is the output's own
-        return [Problem("orphan", loc.uri(p)) for p in sorted(set(files) - named) if ".tmp-" not in p and p != index]
+        paths = [p for p in sorted(set(files) - named) if TMP_MARK not in p and p != index]
+        with ThreadPoolExecutor(max_workers=READERS) as pool:
+            return list(pool.map(lambda p: self._unit(loc, p), paths))
+
+    def _unit(self, loc: Location, path: str) -> Unit:
+        uri = loc.uri(path)
+        try:
+            data = loc.fs.cat_file(path)
+            rec = record_of(read_provenance(data), data, image_uri=uri)
+        except Exception as e:  # not an image at all
+            rec = f"it cannot be read as an image: {type(e).__name__}: {e}"
+        if isinstance(rec, str):
+            return Unit(uri, None, rec)
+        name = posixpath.basename(path).rsplit(".", 1)[0]
+        if name != rec["id"]:
+            return Unit(uri, None, f"its provenance names image {rec['id']!r}, not {name!r}")
+        return Unit(uri, [rec])
 
     def tidy(self, loc: Location) -> list[str]:
         """Before a resumed run: nothing (an unrecorded file is overwritten when its image is made again)."""
@@ -131,13 +155,44 @@ class WebDataset:
                 problems.append(Problem("orphan", f"{uri}#{name}", None, "a sample no record names"))
         return problems
 
-    def orphans(self, loc: Location, manifest: pa.Table) -> list[Problem]:
-        """Shards that hold no ok image (--repair removes them)."""
+    def unrecorded(self, loc: Location, manifest: pa.Table) -> list[Unit]:
+        """Shards that hold no ok image, each read for the records its samples carry (a shard is written whole, with
+        one atomic put: it is taken over whole, or not at all)."""
         ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
-        return [
-            Problem("orphan", loc.uri(p), None, "a shard no record names")
-            for p in orphan_shards(loc, recorded_shards(ok, loc))
-        ]
+        paths = orphan_shards(loc, recorded_shards(ok, loc))
+        with ThreadPoolExecutor(max_workers=READERS) as pool:
+            return list(pool.map(lambda p: self._unit(loc, p), paths))
+
+    def _unit(self, loc: Location, path: str) -> Unit:
+        uri = loc.uri(path)
+        try:
+            data = loc.fs.cat_file(path)
+        except FileNotFoundError:
+            return Unit(uri, None, "it is gone")
+        samples: dict[str, dict[str, tuple[str, int, int]]] = {}
+        for name, offset, size in members(data):
+            key, _, ext = name.partition(".")
+            samples.setdefault(key, {})[ext] = (name, offset, size)
+        records = []
+        for key, parts in samples.items():
+            image = [(n, o, z) for ext, (n, o, z) in parts.items() if ext not in ("json", "txt")]
+            if "json" not in parts or len(image) != 1:
+                return Unit(uri, None, f"sample {key!r} has no image, or no .json")
+            _, o, z = parts["json"]
+            try:
+                meta = json.loads(data[o : o + z])
+            except ValueError:
+                meta = None
+            name, offset, size = image[0]
+            rec = record_of(meta, data[offset : offset + size], shard=uri, member=name, offset=offset)
+            if isinstance(rec, str):
+                return Unit(uri, None, f"sample {key!r}: {rec}")
+            if sample_key(rec["id"]) != key:
+                return Unit(uri, None, f"sample {key!r} says it is image {rec['id']!r}")
+            records.append(rec)
+        if not records:
+            return Unit(uri, None, "it holds no sample")
+        return Unit(uri, records)
 
     def tidy(self, loc: Location) -> list[str]:
         """Before a resumed run: remove the shards no record names (a reader of shards/*.tar would see their

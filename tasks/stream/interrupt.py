@@ -29,8 +29,9 @@ _armed = False
 class Interrupted(Exception):
     """The user stopped the run (Ctrl-C, SIGTERM or SIGHUP on a terminal run)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, settled: bool = True):
         self.signum = signum
+        self.settled = settled  # every image the run wrote is recorded (else the next run takes them over)
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
     @property

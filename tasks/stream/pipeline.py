@@ -182,7 +182,7 @@ def _records(stream: Callable[[threading.Event], Iterable[pa.Table]], in_process
                     else:
                         deadline = time.monotonic() + interrupt.GRACE_S
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise interrupt.Interrupted(switch.signum)
+                    raise interrupt.Interrupted(switch.signum, settled=False)
                 wait = 0.2 if deadline is None else min(0.2, max(0.0, deadline - time.monotonic()))
                 try:
                     kind, value = out.get(timeout=wait)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -53,13 +54,33 @@ def _placement(batch: dict[str, np.ndarray], n: int) -> list[str]:
     return ["{" + ", ".join(f'"{stage}": {col[i]}' for stage, col in cols) + "}" for i in range(n)]
 
 
-def provenance(batch: dict[str, np.ndarray], i: int, models: dict, text_preprocessing: str) -> dict:
-    """How row i's image was made, as stored in the file itself (outputs/images.py) and read back by anyone. Of a
-    best-of-k image also the chosen candidate and its stage I seed (which stages II and III ran with)."""
+def _flag(x) -> bool | None:
+    return None if int(x) < 0 else bool(x > 0)
+
+
+def provenance(batch: dict[str, np.ndarray], i: int, models: dict, text_preprocessing: str, run: dict) -> dict:
+    """How row i's image was made, as stored in the file itself (outputs/images.py) and read back by anyone: with
+    the checks' flags, its score and `run` (the run's k and score floor), every fact of its manifest record that
+    is not of the file, so that a whole image whose record was lost (the run killed before its records were
+    written) is taken over by the next run as it is (outputs/adopt.py). Of a best-of-k image also the chosen
+    candidate, its stage I seed (which stages II and III ran with) and every candidate's score."""
     chosen = {}
     if "candidate" in batch:
-        chosen = {"candidate": int(batch["candidate"][i]), "candidate_seed": int(batch["candidate_seed"][i])}
+        chosen = {
+            "candidate": int(batch["candidate"][i]),
+            "candidate_seed": int(batch["candidate_seed"][i]),
+            "candidate_scores": [float(x) for x in np.asarray(batch["candidate_scores"][i]).reshape(-1)],
+        }
+    score = float(batch["clip_score"][i]) if "clip_score" in batch else math.nan
     return {
+        **run,
+        "row": int(batch["row"][i]),
+        "truncated": bool(batch["truncated"][i]),
+        "negative_truncated": bool(batch["negative_truncated"][i]),
+        "nsfw": _flag(batch["nsfw"][i]),
+        "watermark_detected": _flag(batch["watermark_detected"][i]),
+        "watermarked": bool(batch["watermarked"][i]),
+        "clip_score": None if math.isnan(score) else score,
         "id": str(batch["id"][i]),
         "prompt_id": str(batch["prompt_id"][i]),
         "image_index": int(batch["image_index"][i]),
@@ -100,7 +121,7 @@ class ImageWriter:
     file, durable before its record is returned. webdataset: hands the encoded bytes on (`payload`, `meta`) to
     ShardWriter, which records them once their shard is written."""
 
-    def __init__(self, cfg: CascadeConfig, output: str, models: dict | None = None):
+    def __init__(self, cfg: CascadeConfig, output: str, models: dict | None = None, run_id: str = ""):
         self.out = cfg.output
         self.loc = locate(output, cfg.s3)
         self.models = models or {}
@@ -108,6 +129,8 @@ class ImageWriter:
         # what shaped every image of the run, recorded with each (outputs/drift.py compares them on a resume)
         self.text_preprocessing = preprocessing(cfg.text_encoder.clean_caption)
         self.k, self.floor = cfg.data.candidates_per_image, cfg.data.min_clip_score
+        # not the run's id: the same rows, seeds and settings give the same bytes, run after run
+        self.run = {"candidates_per_image": self.k, "min_clip_score": self.floor}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])
@@ -126,7 +149,7 @@ class ImageWriter:
                 continue
             try:
                 pixels = batch["image"][i]
-                how = provenance(batch, i, self.models, self.text_preprocessing)
+                how = provenance(batch, i, self.models, self.text_preprocessing, self.run)
                 data = encode_image(pixels, self.out, how)
                 if self.files:
                     path = self.loc.path(image_relpath(str(batch["id"][i]), self.out))
@@ -279,10 +302,11 @@ def writer_steps(cfg: CascadeConfig, output: str, run_id: str, models: dict) -> 
     encoders write each image as a file. webdataset: the encoders hand the bytes on to the shard writers, which take
     output.shard_samples images a call and write each batch as a shard (tar assembly and one upload: a quarter of
     the encoders' count is plenty)."""
+    encoder = dict(cfg=cfg, output=output, models=models, run_id=run_id)
     steps = [
         WriterStep(
-            ImageWriter, dict(cfg=cfg, output=output, models=models), cfg.stage_3.batch_size, "numpy", 1.0,
-            cfg.output.writer_cpus, calls=2,  # an upload overlaps the next encode
+            ImageWriter, encoder, cfg.stage_3.batch_size, "numpy", 1.0, cfg.output.writer_cpus,
+            calls=2,  # an upload overlaps the next encode
         )
     ]  # fmt: skip
     if cfg.output.format == "webdataset":

@@ -104,3 +104,26 @@ def test_a_webdataset_output_is_not_remade_in_place(tmp_path, tiny_set):
     run_local(prompts, out, wds)
     with pytest.raises(SettingsChanged, match="remaking them in place is for output.format=files"):
         run_local(prompts, out, [*wds, "stage_1.steps=5", "data.on_changed_settings=remake"])
+
+
+def test_unrecorded_images_are_taken_over_only_when_this_run_would_make_them_so(tmp_path, tiny_set):
+    """A run killed before recording its images (its records removed, its mark on the output left, as SIGKILL
+    leaves them). The rerun with other steps for one row makes that row's image again (its file replaced) and takes
+    over the others as they are."""
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:3]})
+    out = tmp_path / "out"
+    first = run_local(prompts, str(out), tiny_set)
+    assert first.done == 3
+    made = {r["id"]: r for r in read_manifest(locate(str(out))).to_pylist()}
+    for p in part_paths(locate(str(out))):  # killed before its records were written
+        locate(str(out)).fs.rm_file(p)
+    (out / "runs" / f"{first.run_id}.open").write_text("{}")
+    (out / "runs" / f"{first.run_id}.json").unlink()
+    changed = write_table(tmp_path / "q.parquet", {"prompt": SMALL[:3], "stage_1_steps": [None, None, 6]})
+    summary = run_local(changed, str(out), tiny_set)
+    assert (summary.adopted, summary.done, summary.skipped) == (2, 1, 0)
+    now = {r["id"]: r for r in read_manifest(locate(str(out))).to_pylist()}
+    ids = sorted(made, key=lambda i: SMALL.index(made[i]["prompt"]))  # in the table's order
+    assert [now[i]["sha256"] == made[i]["sha256"] for i in ids] == [True, True, False]
+    assert now[ids[2]]["stage_1_steps"] == 6 and now[ids[0]]["run_id"] == summary.run_id
+    assert not list((out / "runs").glob("*.open"))

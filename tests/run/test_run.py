@@ -16,7 +16,7 @@ import pytest
 
 from ifbatch.tasks.inputs.expand import image_id, image_seed
 from ifbatch.tasks.outputs.manifest import part_paths, read_manifest
-from ifbatch.tasks.outputs.shards import sample_key
+from ifbatch.tasks.outputs.shards import members, sample_key
 from ifbatch.tasks.storage import locate
 
 from ..conftest import BUCKET
@@ -28,6 +28,7 @@ from ..helpers import (
     image_ids,
     part_ids,
     read_bytes,
+    sha256,
     shard_samples,
     write_table,
 )
@@ -142,43 +143,86 @@ def _wait_for_a_part(proc: subprocess.Popen, out: str, timeout: float = 300) -> 
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("where, layout", [("local", "files"), ("s3", "webdataset")])
-def test_killed_mid_run_then_rerun_resumes_per_image(where, layout, tmp_path, tiny_set, s3_server):
-    """Several images per prompt (data.images_per_prompt and a per-row n column), SIGKILL mid-run, rerun: every
-    image exactly once, each with its own id, seed and prompt_id; the ones made before the kill are kept. As
-    WebDataset shards: the shards hold every image exactly once (a shard the killed run wrote but did not record
-    is removed by the rerun). Files a killed write left aside are removed by the rerun."""
+def _units(loc, layout: str) -> dict[str, tuple]:
+    """Every image file (or shard) in the output: its path -> (bytes' sha256, modification time)."""
+    base = loc.path("images" if layout == "files" else "shards")
+    loc.fs.invalidate_cache()
+    if not loc.fs.exists(base):
+        return {}
+    ext = ".png" if layout == "files" else ".tar"
+    found = {}
+    for path, info in loc.fs.find(base, detail=True).items():
+        if path.endswith(ext):
+            when = info.get("LastModified") or info.get("mtime")
+            found[path] = (sha256(loc.fs.cat_file(path)), str(when))
+    return found
+
+
+def _whole_unrecorded(loc, layout: str) -> set[str]:
+    """The ids of the images whole in the output (a file, or a sample of a shard) that no record names."""
+    recorded = {r["id"] for r in read_manifest(loc).to_pylist() if r["status"] == "ok"}
+    if layout == "files":
+        return {p.rsplit("/", 1)[-1][: -len(".png")] for p in _units(loc, layout)} - recorded
+    keys = set()
+    for path in _units(loc, layout):
+        keys |= {name.split(".", 1)[0] for name, _, _ in members(loc.fs.cat_file(path)) if name.endswith(".png")}
+    return {k.replace("%2E", ".") for k in keys} - recorded
+
+
+@pytest.mark.parametrize(
+    "where, layout", [("local", "files"), ("local", "webdataset"), ("s3", "files"), ("s3", "webdataset")]
+)
+def test_killed_mid_run_then_rerun_takes_over_every_whole_image(where, layout, tmp_path, tiny_set, s3_server):
+    """SIGKILL mid-run (an OOM kill, a preempted VM, `kill -9`) with records held back, so that images are whole
+    in the output without records; rerun: every image whole before the kill is taken over as it is (its bytes and
+    modification time unchanged: not made again), the rerun makes exactly the rest (`counts.done`) and says how
+    many it took over (`counts.adopted`); every image once, each with its own id, seed and prompt_id. As WebDataset
+    shards: a shard closed whole is taken over, the shards hold every image exactly once. Files a killed write left
+    aside are removed by the rerun."""
     n = [1, 3, None, 2, None, 4]  # null: data.images_per_prompt (2); 14 images in all
     cats = [f"a photo of a cat number {i}" for i in range(6)]
     prompts = write_table(tmp_path / "p.parquet", {"prompt": cats, "n": n})
     out = str(tmp_path / "out") if where == "local" else f"s3://{BUCKET}/kill-{tmp_path.name}"
     sets = [
-        *tiny_set, "output.manifest_part_rows=2", "data.images_per_prompt=2", f"output.format={layout}",
-        "output.shard_samples=2", *SMALL_BATCHES,
+        *tiny_set, "data.images_per_prompt=2", f"output.format={layout}", "output.shard_samples=2", *SMALL_BATCHES,
     ]  # fmt: skip
-    args = local_args(prompts, out, sets)
-    proc = start(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_a_part(proc, out)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    held = ["output.manifest_part_rows=6", "output.manifest_flush_seconds=600"]  # a part per 6 records: 4 held
+    proc = start(local_args(prompts, out, [*sets, *held]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     loc = locate(out)
+    deadline = time.monotonic() + 300
+    while len(_units(loc, layout)) < (8 if layout == "files" else 4):  # 8 images
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the local executor: the run is this one process
+    proc.wait(30)
     before = {r["id"]: r for r in read_manifest(loc).to_pylist()}
-    assert 0 < len(before) < 14
+    whole = _whole_unrecorded(loc, layout)
+    units = _units(loc, layout)
+    assert 0 < len(before) + len(whole) < 14 and whole, (len(before), whole)
     cut_short = [Path(out, "manifest", "part-x.parquet.tmp-999"), Path(out, "images", "zz", "x.png.tmp-999")]
     for f in cut_short if where == "local" else []:  # what a write killed (or out of space) leaves aside
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"")
-    res = cli(*args)
+    res = cli(*local_args(prompts, out, sets))
     assert res.returncode == 0, res.stderr[-3000:]
     assert not any(f.exists() for f in cut_short)  # the rerun removed them: pyarrow.dataset(manifest/) reads
-    assert "of 14 images from 6 rows" in res.stdout + res.stderr
+    said = res.stdout + res.stderr
+    line = f"{14 - len(before) - len(whole)} images done, 0 failed, {len(before)} skipped (already done), "
+    assert line + f"{len(whole)} taken over" in said, said[-3000:]
+    (record,) = [json.loads(read_bytes(loc.uri(p))) for p in loc.fs.glob(loc.path("runs", "*.json"))
+                 if json.loads(read_bytes(loc.uri(p))).get("counts", {}).get("adopted") is not None]  # fmt: skip
+    assert record["counts"]["adopted"] == len(whole) and record["counts"]["done"] == 14 - len(before) - len(whole)
+    after = _units(loc, layout)
+    assert {p: after.get(p) for p in units} == units  # every unit whole before the kill: same bytes, same time
     expect = image_ids(prompts, ["data.images_per_prompt=2"])
     rows = check_outputs(out, set(expect))
     raw_ok = [i for p in part_paths(loc) for i in part_ids(loc, p)]
-    assert len(raw_ok) == len(set(raw_ok)) == 14  # no image was generated twice
+    assert len(raw_ok) == len(set(raw_ok)) == 14  # no image was recorded twice
     for r in rows:
-        if r["id"] in before:  # finished before the kill: kept, not regenerated
+        if r["id"] in before:  # recorded before the kill: kept
             assert r["run_id"] == before[r["id"]]["run_id"] and r["sha256"] == before[r["id"]]["sha256"]
+        if r["id"] in whole:  # taken over: recorded by the rerun, not timed
+            assert r["run_id"] == record["run_id"] and r["seconds_stage_3"] is None
         row_id, seed = expect[r["id"]]
         assert (r["prompt_id"], r["seed"]) == (row_id, image_seed(seed, r["image_index"]))
         assert r["id"] == image_id(row_id, r["image_index"])
@@ -188,6 +232,7 @@ def test_killed_mid_run_then_rerun_resumes_per_image(where, layout, tmp_path, ti
     assert sorted(len(v) for v in by_prompt.values()) == [1, 2, 2, 2, 3, 4]  # each image of a prompt differs
     if layout == "webdataset":
         assert sorted(shard_samples(out)) == sorted(sample_key(i) for i in expect)
+    assert not loc.fs.glob(loc.path("runs", "*.open"))  # nothing left to take over
 
 
 def test_two_runs_into_one_output_the_second_refuses_or_waits(tmp_path, tiny_set):
