@@ -133,6 +133,7 @@ class StoppedRun:
     exit_code: int = 1  # the CLI's: 1 for a stopped run, 128 + the signal for an interrupted one
     skipped: int = 0  # images earlier runs had made (resume)
     adopted: int = 0  # of those, taken over by this run (outputs/adopt.py)
+    settled: bool = True  # every image it wrote is recorded (else the next run takes over what it left)
 
     @property
     def line(self) -> str:
@@ -143,9 +144,14 @@ class StoppedRun:
         )
         if self.status == "interrupted":
             left = self.images - kept
+            whole = (
+                "every image it wrote is recorded"
+                if self.settled
+                else "images it wrote whose records it could not have are taken over by the next run"
+            )
             return (
-                f"interrupted ({self.reason}): {counts}; run record {self.run_record}. Rerun the same command to "
-                f"make the other {left}"
+                f"interrupted ({self.reason}): {counts}; {whole}; run record {self.run_record}. Rerun the same "
+                f"command to make the other {left}"
             )
         return (
             f"stopped after generation started: {counts}; run record {self.run_record}. {self.reason}. Rerun the "

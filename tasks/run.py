@@ -246,12 +246,19 @@ class Run:
                         run_pipeline(
                             phase, session.cfg, ctx.loc, ctx.run_id, ctx.models, stream,
                             result=ctx.result, on_batch=session.on_batch, total=images, in_process=session.in_process,
+                            settler=session,
                         )  # fmt: skip
                         for line in session.said():
                             log.info("%s", line)
                 except Interrupted as e:  # the user stopped it: what was done is recorded, no error to show
                     ctx.interrupted = e
                     ctx.settled = e.settled
+                    if e.late:
+                        log.info(
+                            "recorded %d images written before the stop whose records had not come (read back from "
+                            "the images)",
+                            e.late,
+                        )
                 except self.cancels:  # recorded now, before the session's teardown (a cluster going away can
                     self.record_cancel()  # hang it past the 30 s Prefect gives a cancelled run before SIGKILL)
                     raise
@@ -388,4 +395,5 @@ class Run:
             code,
             ctx.skipped,
             ctx.adopted,
+            ctx.settled,
         )

@@ -86,9 +86,9 @@ class Files:
         # a local write in flight (or killed in flight) is not an image yet; the metadata table is the output's own
         paths = [p for p in sorted(set(files) - named) if TMP_MARK not in p and p != index]
         with ThreadPoolExecutor(max_workers=READERS) as pool:
-            return list(pool.map(lambda p: self._unit(loc, p), paths))
+            return list(pool.map(lambda p: self.read_unit(loc, p), paths))
 
-    def _unit(self, loc: Location, path: str) -> Unit:
+    def read_unit(self, loc: Location, path: str) -> Unit:
         uri = loc.uri(path)
         try:
             data = loc.fs.cat_file(path)
@@ -161,9 +161,9 @@ class WebDataset:
         ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
         paths = orphan_shards(loc, recorded_shards(ok, loc))
         with ThreadPoolExecutor(max_workers=READERS) as pool:
-            return list(pool.map(lambda p: self._unit(loc, p), paths))
+            return list(pool.map(lambda p: self.read_unit(loc, p), paths))
 
-    def _unit(self, loc: Location, path: str) -> Unit:
+    def read_unit(self, loc: Location, path: str) -> Unit:
         uri = loc.uri(path)
         try:
             data = loc.fs.cat_file(path)

@@ -1,10 +1,10 @@
 """A terminal user's Ctrl-C (SIGINT), a `kill` or a batch scheduler's stop (SIGTERM), or a hangup (SIGHUP: the SSH
 connection or the terminal went) while images stream: the first stops the run gracefully, the second at once.
 
-The first signal sets a switch; the stream (pipeline.run_pipeline) keeps taking the records of images already on
-their way out for a few seconds, writes them to the manifest, and raises `Interrupted`, so the run records what it
-finished, writes its run record and frees its output like any stopped run. A second signal kills every process
-this one started (the temporary Prefect API, a local Ray cluster) and leaves at once.
+The first signal sets a switch; the stream (pipeline.run_pipeline) stops, takes the records of every image already
+written (ledger.py: no grace period to guess), writes them to the manifest, and raises `Interrupted`, so the run
+records what it finished, writes its run record and frees its output like any stopped run. A second signal kills
+every process this one started (the temporary Prefect API, a local Ray cluster) and leaves at once.
 
 Only a run started from a terminal arms this (`arm()`, by `ifbatch run`): in a run from a Prefect deployment SIGTERM
 is Prefect's Cancel, and Prefect's own handler stays in place.
@@ -18,7 +18,6 @@ import signal
 import threading
 from collections.abc import Iterator
 
-GRACE_S = 3.0  # how long records of images already made may take to come out once stopped
 # The signals that stop a terminal run: what a terminal, `kill`, a batch scheduler (Slurm's scancel, systemd) or a
 # lost SSH connection send, to the run's process or to its whole process group.
 STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -29,9 +28,10 @@ _armed = False
 class Interrupted(Exception):
     """The user stopped the run (Ctrl-C, SIGTERM or SIGHUP on a terminal run)."""
 
-    def __init__(self, signum: int, settled: bool = True):
+    def __init__(self, signum: int, settled: bool = True, late: int = 0):
         self.signum = signum
         self.settled = settled  # every image the run wrote is recorded (else the next run takes them over)
+        self.late = late  # of those, recorded from the images themselves (their records had not come)
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
     @property

@@ -134,6 +134,13 @@ class LocalSession:
             out = map(writer.cls(**writer.kwargs), _until(stop, cut(out, writer.batch_size)))
         yield from out
 
+    def taken(self, records: pa.Table) -> None:
+        pass
+
+    def settle(self) -> pa.Table | None:
+        """Nothing to settle: a stopped stream finishes its step under way on the driver's thread, records and all."""
+        return None
+
     def failed(self, error: BaseException) -> BaseException:
         return error
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,6 +24,16 @@ from ..outputs.manifest import DONE, write_part
 from ..storage import Location
 from . import interrupt
 from .progress import Progress, report
+
+
+class Settler(Protocol):
+    """A stream computing elsewhere (Ray: stream/ledger.py): told of every record batch the driver takes, and, once
+    the run is stopped, `settle` returns the records of the images written whose records had not come (None: it
+    cannot tell; the next run takes them over)."""
+
+    def taken(self, records: pa.Table) -> None: ...
+    def settle(self) -> pa.Table | None: ...
+
 
 # (rows, stop) -> the stream's record batches (an executor session's `records`, bound to the run's output and
 # models). `stop` is set when the driver stops taking records (a stopped run, an error): a stream that computes in
@@ -89,13 +99,15 @@ def run_pipeline(
     on_batch: Callable[[PipelineResult], None] | None = None,
     total: int | None = None,
     in_process: bool = False,
+    settler: Settler | None = None,
 ) -> PipelineResult:
     """Generate every row of `rows` (already validated, resume-filtered) through `stream` and write manifest parts
     (records of the models `models`, under `run_id`). `result` is
     filled as the rows come (so that a caller knows what was done when the stream fails); a result passed in from
     an earlier phase of the same run is added to. on_batch: called with the result after each batch of records.
     total: the images of the whole run, for progress (default: those of `rows`). in_process: the stream computes in
-    this process (the local executor), so a stopped run waits for its current step before it goes on."""
+    this process (the local executor), so a stopped run waits for its current step before it goes on. settler: a
+    stream computing elsewhere (Ray) records every image it wrote once stopped (Settler)."""
     result = PipelineResult() if result is None else result
     if rows.num_rows == 0:
         return result
@@ -114,7 +126,7 @@ def run_pipeline(
         last_flush = time.monotonic()
 
     try:
-        for records in _records(lambda stop: stream(rows, stop), in_process):
+        for records in _records(lambda stop: stream(rows, stop), in_process, settler):
             pending.append(records)
             result.add(records)
             result.marks.append((time.monotonic() - t0, result.done + result.failed))
@@ -141,21 +153,32 @@ def _setting(event: threading.Event) -> Iterator[None]:
         event.set()
 
 
-def _records(stream: Callable[[threading.Event], Iterable[pa.Table]], in_process: bool) -> Iterator[pa.Table]:
+def _records(
+    stream: Callable[[threading.Event], Iterable[pa.Table]],
+    in_process: bool,
+    settler: Settler | None = None,
+) -> Iterator[pa.Table]:
     """The stream's record batches. On a terminal run (interrupt.arm) they are taken on a thread of their own, so
-    that the first Ctrl-C or SIGTERM is seen at once: the records already on their way out are taken (each is a
-    finished image), then Interrupted is raised and the caller's `finally` writes them to the manifest. On a Ray
-    stream, whose work is out on the cluster, they are taken for interrupt.GRACE_S more seconds.
+    that the first Ctrl-C or SIGTERM is seen at once; then every image already written is recorded and Interrupted
+    is raised (the caller's `finally` writes the records to the manifest). No grace period to guess:
 
     in_process: the stream's thread computes (the local executor's models run on it). The first signal stops it at
-    once: the step under way finishes, no other starts, and every image it wrote is taken (no grace to guess: the
-    thread is all the work there is). Once the driver leaves, for whatever reason, that thread is waited for: a
-    process must not exit while a thread of its own is inside torch (its thread pools are torn down under it:
-    `terminate called without an active exception`, SIGABRT)."""
+    once: the step under way finishes, no other starts, and every image it wrote is taken (the thread is all the
+    work there is). Once the driver leaves, for whatever reason, that thread is waited for: a process must not exit
+    while a thread of its own is inside torch (its thread pools are torn down under it: `terminate called without
+    an active exception`, SIGABRT).
+
+    Otherwise (Ray: the work is out on the cluster) the settler stops the writers and waits for the writes under
+    way (stream/ledger.py); the records in hand are taken, then those of the images written whose records had not
+    come (read back from the images). A busy machine only makes this slower, never lossy. The settler hears of
+    every batch as the driver takes it, from this thread (so that its later questions come after)."""
     stop = threading.Event()
+    told = settler.taken if settler is not None else lambda records: None
     if not interrupt.armed():
         with _setting(stop):
-            yield from stream(stop)
+            for records in stream(stop):
+                told(records)
+                yield records
         return
     out: queue.Queue = queue.Queue()
 
@@ -173,28 +196,43 @@ def _records(stream: Callable[[threading.Event], Iterable[pa.Table]], in_process
     thread.start()
     try:
         with interrupt.stop_switch() as switch, _setting(stop):
-            deadline = None
             while True:
-                if switch.on and deadline is None:
-                    if in_process:  # the step under way finishes, its records come, then the thread's "end"
-                        stop.set()
-                        deadline = math.inf
-                    else:
-                        deadline = time.monotonic() + interrupt.GRACE_S
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise interrupt.Interrupted(switch.signum, settled=False)
-                wait = 0.2 if deadline is None else min(0.2, max(0.0, deadline - time.monotonic()))
+                if switch.on:
+                    stop.set()
+                    if not in_process:  # (in process: the step under way finishes, then the thread's "end")
+                        yield from _settled(out, settler, switch.signum)
                 try:
-                    kind, value = out.get(timeout=wait)
+                    kind, value = out.get(timeout=0.2)
                 except queue.Empty:
-                    continue  # (a deadline passed is raised at the top)
+                    continue
                 if kind == "end":
-                    if switch.on and in_process:
+                    if switch.on:
                         raise interrupt.Interrupted(switch.signum)
                     return
                 if kind == "error":
                     raise value
+                told(value)
                 yield value
     finally:
         if in_process:  # (a Ray stream's thread only waits on the cluster: nothing of it runs here)
             thread.join()
+
+
+def _settled(out: queue.Queue, settler: Settler | None, signum: int) -> Iterator[pa.Table]:
+    """A stream on the cluster, stopped: writers settled first (no write after), then the records in hand, then
+    those of images written whose records had not come (less those in hand). Raises Interrupted, settled or not."""
+    late = settler.settle() if settler is not None else None
+    taken: set[str] = set()
+    while True:
+        try:
+            kind, value = out.get_nowait()
+        except queue.Empty:
+            break
+        if kind == "records":
+            taken |= set(value.column("id").to_pylist())
+            yield value
+    if late is not None and late.num_rows:
+        late = late.filter(pc.invert(pc.is_in(late.column("id"), pa.array(sorted(taken), pa.string()))))
+        if late.num_rows:
+            yield late
+    raise interrupt.Interrupted(signum, settled=late is not None, late=late.num_rows if late is not None else 0)

@@ -18,7 +18,10 @@ import pyarrow as pa
 from ifbatch.configs.schema import CascadeConfig
 
 from ..inputs.expand import image_count
-from ..storage import Location
+from ..outputs.formats import FORMATS
+from ..outputs.manifest import RECORD_SCHEMA, SCHEMA
+from ..storage import Location, locate
+from .ledger import settle, start_ledger
 from .pipeline import PipelineResult
 from .placing import Calibration, Placement, placed
 from .ray_session import ray_session
@@ -40,6 +43,8 @@ class RaySession:
     name: str = "ray"
     in_process: bool = False  # the driver's stream thread only waits on the cluster
     streams: list = field(default_factory=list)  # the Ray datasets this session started (close stops them)
+    ledger: object = None  # the current stream's (ledger.py)
+    output: str = ""
 
     @property
     def cfg(self) -> CascadeConfig:
@@ -80,7 +85,10 @@ class RaySession:
         """The stream's records (`stop` is not needed: the driver only waits on the cluster, and the actors end with
         the session). A node lost mid-run that Ray Data keeps waiting for: the node watch stops the stream
         (cluster.NodeWatch), which then fails here, whatever Ray Data made of the stop, and the run says why."""
-        ds = build_dataset(rows, self.placement.cfg, output, self.placement.groups, self.actors, models, run_id)
+        self.ledger, self.output = start_ledger(), output
+        ds = build_dataset(
+            rows, self.placement.cfg, output, self.placement.groups, self.actors, models, run_id, self.ledger
+        )
         self.streams.append(ds)
         watch = self.placement.watch
         if watch is not None:
@@ -88,6 +96,26 @@ class RaySession:
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
         if watch is not None and watch.stopped_stream:
             raise RuntimeError(f"the stream was stopped: {watch.lost}")
+
+    def taken(self, records: pa.Table) -> None:
+        """The driver has these records (told from its own thread, before it asks anything else of the ledger)."""
+        if self.ledger is not None:
+            self.ledger.received.remote(records.column("id").to_pylist())
+
+    def settle(self) -> pa.Table | None:
+        """Once the run is stopped: no write starts after this, those under way end, and the records of every image
+        written whose record has not come through the stream are read back from the output (each image carries its
+        record). None when a writer died mid-write (the next run takes over what it left)."""
+        if self.ledger is None:
+            return SCHEMA.empty_table().select(RECORD_SCHEMA.names)
+        written = settle(self.ledger)
+        if written is None:
+            return None
+        loc = locate(self.output, self.cfg.s3)
+        fmt = FORMATS[self.cfg.output.format]
+        units = [fmt.read_unit(loc, unit) for unit in sorted(set(written.values()))]
+        records = [r for u in units for r in u.records or [] if r["id"] in written]
+        return pa.Table.from_pylist(records, schema=SCHEMA).select(RECORD_SCHEMA.names)
 
     def close(self) -> None:
         """Stop every stream this session started, before its placement groups and cluster go. A stream the run
@@ -131,9 +159,11 @@ def build_dataset(
     actors=None,
     models: dict | None = None,
     run_id: str = "run",
+    ledger=None,
 ):
     """The lazy Ray Data pipeline. groups: {stage: placement group} from a plan (cluster.reserve), each stage's
-    actors then land in its group's bundles; actors: the stage actor classes (default STAGE_ACTORS)."""
+    actors then land in its group's bundles; actors: the stage actor classes (default STAGE_ACTORS); ledger: what
+    the writers ask before each write (ledger.py)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -171,16 +201,16 @@ def build_dataset(
             ds = _map_stage(
                 ds, actors[stage], cfg, sc, rows_per_call, where, in_flight(images, rows_per_call, sc.replicas)
             )
-    return _write(ds, cfg, output, run_id, models or {})
+    return _write(ds, cfg, output, run_id, models or {}, ledger)
 
 
-def _write(ds, cfg: CascadeConfig, output: str, run_id: str, models: dict):
+def _write(ds, cfg: CascadeConfig, output: str, run_id: str, models: dict, ledger=None):
     """The writer pools of the output's format (writer.writer_steps), each sized to its share of output.writers
     (sized to the plan)."""
     import ray
 
     writers = cfg.output.writers or 1
-    for step in writer_steps(cfg, output, run_id, models):
+    for step in writer_steps(cfg, output, run_id, models, ledger):
         ds = ds.map_batches(
             step.cls,
             fn_constructor_kwargs=step.kwargs,

@@ -22,8 +22,9 @@ from ifbatch.models.text import preprocessing
 from ..inputs.params import param_fields
 from ..outputs.images import EXTENSIONS, encode_image, image_relpath
 from ..outputs.manifest import RECORD_SCHEMA
-from ..outputs.shards import Sample, build_shard, sample_key, shard_name, write_shard
+from ..outputs.shards import SHARDS_DIR, Sample, build_shard, sample_key, shard_name, write_shard
 from ..storage import locate
+from .ledger import STOPPED, writing
 from .stages import cell
 
 # Copied from the row as they are: what the row was, and what shaped its image
@@ -121,8 +122,11 @@ class ImageWriter:
     file, durable before its record is returned. webdataset: hands the encoded bytes on (`payload`, `meta`) to
     ShardWriter, which records them once their shard is written."""
 
-    def __init__(self, cfg: CascadeConfig, output: str, models: dict | None = None, run_id: str = ""):
+    def __init__(
+        self, cfg: CascadeConfig, output: str, models: dict | None = None, run_id: str = "", ledger: Any = None
+    ):
         self.out = cfg.output
+        self.ledger = ledger if cfg.output.format == "files" else None  # (a shard's writer writes shards)
         self.loc = locate(output, cfg.s3)
         self.models = models or {}
         self.files = cfg.output.format == "files"
@@ -139,29 +143,37 @@ class ImageWriter:
         status, error = ["ok"] * n, [None] * n
         uri, width, height, sha, size, seconds = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n, [0.0] * n
         payload, meta = [None] * n, [None] * n
-        for i in range(n):
-            t0 = time.perf_counter()
-            if errors[i]:
-                status[i], error[i] = "failed", str(errors[i])
-                continue
-            if filtered[i]:  # under data.min_clip_score: recorded, not made
-                status[i] = "filtered"
-                continue
-            try:
-                pixels = batch["image"][i]
-                how = provenance(batch, i, self.models, self.text_preprocessing, self.run)
-                data = encode_image(pixels, self.out, how)
-                if self.files:
-                    path = self.loc.path(image_relpath(str(batch["id"][i]), self.out))
-                    self.loc.write_bytes(path, data)
-                    uri[i] = self.loc.uri(path)
-                else:
-                    payload[i], meta[i] = data, json.dumps(how, sort_keys=True, ensure_ascii=False)
-                sha[i], size[i] = hashlib.sha256(data).hexdigest(), len(data)
-                height[i], width[i] = int(pixels.shape[0]), int(pixels.shape[1])
-            except Exception as e:
-                status[i], error[i] = "failed", f"write: {type(e).__name__}: {e}"[:2000]
-            seconds[i] = time.perf_counter() - t0
+        paths = {
+            i: self.loc.path(image_relpath(str(batch["id"][i]), self.out))
+            for i in range(n)
+            if self.files and not errors[i] and not filtered[i]
+        }
+        with writing(self.ledger, [(str(batch["id"][i]), p) for i, p in paths.items()]) as go:
+            for i in range(n):
+                t0 = time.perf_counter()
+                if errors[i]:
+                    status[i], error[i] = "failed", str(errors[i])
+                    continue
+                if filtered[i]:  # under data.min_clip_score: recorded, not made
+                    status[i] = "filtered"
+                    continue
+                if not go:  # the run stopped: nothing is written after
+                    status[i], error[i] = "failed", STOPPED
+                    continue
+                try:
+                    pixels = batch["image"][i]
+                    how = provenance(batch, i, self.models, self.text_preprocessing, self.run)
+                    data = encode_image(pixels, self.out, how)
+                    if self.files:
+                        self.loc.write_bytes(paths[i], data)
+                        uri[i] = self.loc.uri(paths[i])
+                    else:
+                        payload[i], meta[i] = data, json.dumps(how, sort_keys=True, ensure_ascii=False)
+                    sha[i], size[i] = hashlib.sha256(data).hexdigest(), len(data)
+                    height[i], width[i] = int(pixels.shape[0]), int(pixels.shape[1])
+                except Exception as e:
+                    status[i], error[i] = "failed", f"write: {type(e).__name__}: {e}"[:2000]
+                seconds[i] = time.perf_counter() - t0
         columns = {  # NaN: null; a stage the run did not have (the scorer) has no seconds
             c: pa.array(batch[c], RECORD_SCHEMA.field(c).type, from_pandas=True)
             if c in batch or not c.startswith("seconds_")
@@ -210,8 +222,9 @@ class ShardWriter:
 
     HEADERS = 3 * 1536  # tar headers of a sample's three members, at most
 
-    def __init__(self, cfg: CascadeConfig, output: str, run_id: str):
+    def __init__(self, cfg: CascadeConfig, output: str, run_id: str, ledger: Any = None):
         self.out = cfg.output
+        self.ledger = ledger
         self.loc = locate(output, cfg.s3)
         self.run_id = run_id
         self.tag = uuid.uuid4().hex[:6]  # this actor's shards; a restarted actor gets another
@@ -257,9 +270,15 @@ class ShardWriter:
                     seconds=round(time.perf_counter() - t0, 6),
                     written_at=_now(),
                 )
-                where = self.loc.uri(write_shard(self.loc, name, data, stats))
+                with writing(self.ledger, [(ids[i], self.loc.path(SHARDS_DIR, name)) for i in rows]) as go:
+                    if not go:  # the run stopped: nothing is written after
+                        raise Stopped(STOPPED)
+                    where = self.loc.uri(write_shard(self.loc, name, data, stats))
                 for i, m in zip(rows, members, strict=True):
                     shard[i], member[i], offset[i] = where, m.name, m.offset
+            except Stopped:
+                for i in rows:
+                    status[i], error[i] = "failed", STOPPED
             except Exception as e:
                 for i in rows:
                     status[i], error[i] = "failed", f"write: shard {name}: {type(e).__name__}: {e}"[:2000]
@@ -277,6 +296,10 @@ class ShardWriter:
         )
         cols = [done[c] if c in done else batch.column(c) for c in RECORD_SCHEMA.names]
         return pa.Table.from_arrays(cols, schema=RECORD_SCHEMA)
+
+
+class Stopped(Exception):
+    """The run stopped before a shard was written."""
 
 
 SHARD_WRITER_CPUS = 0.25
@@ -297,12 +320,12 @@ class WriterStep:
     calls: int = 1
 
 
-def writer_steps(cfg: CascadeConfig, output: str, run_id: str, models: dict) -> list[WriterStep]:
+def writer_steps(cfg: CascadeConfig, output: str, run_id: str, models: dict, ledger: Any = None) -> list[WriterStep]:
     """The writers of the run's output format, in order -- the one place the stream chooses by format. files: the
     encoders write each image as a file. webdataset: the encoders hand the bytes on to the shard writers, which take
     output.shard_samples images a call and write each batch as a shard (tar assembly and one upload: a quarter of
-    the encoders' count is plenty)."""
-    encoder = dict(cfg=cfg, output=output, models=models, run_id=run_id)
+    the encoders' count is plenty). ledger: a Ray run's (stream/ledger.py), which every write asks first."""
+    encoder = dict(cfg=cfg, output=output, models=models, run_id=run_id, ledger=ledger)
     steps = [
         WriterStep(
             ImageWriter, encoder, cfg.stage_3.batch_size, "numpy", 1.0, cfg.output.writer_cpus,
@@ -312,7 +335,8 @@ def writer_steps(cfg: CascadeConfig, output: str, run_id: str, models: dict) -> 
     if cfg.output.format == "webdataset":
         steps.append(
             WriterStep(
-                ShardWriter, dict(cfg=cfg, output=output, run_id=run_id), cfg.output.shard_samples, "pyarrow", 0.25,
+                ShardWriter, dict(cfg=cfg, output=output, run_id=run_id, ledger=ledger), cfg.output.shard_samples,
+                "pyarrow", 0.25,
                 SHARD_WRITER_CPUS,
             )
         )  # fmt: skip

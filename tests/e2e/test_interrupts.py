@@ -17,6 +17,7 @@ foreground job, and Ctrl-C is sent to the whole group, as a terminal sends it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -64,14 +65,15 @@ def wait_for_images(proc: subprocess.Popen, out: str, started: float, n: int, ti
 
 
 def stopped(proc, out: str, signum: int, seen: set[str], code: int, before: int) -> None:
-    """The run ended as a graceful stop should: soon, with its exit code, one line (none after a hangup: the
-    terminal is gone), every image seen finished before the signal recorded, a run record saying `interrupted` by
-    that signal with what this run made, the output free."""
+    """The run ended as a graceful stop should: within 10 s, with its exit code, one line (none after a hangup: the
+    terminal is gone), every image whole in the output when it ended recorded, a run record saying `interrupted`
+    by that signal with what this run made, the output free, nothing left for a next run to take over."""
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=60)
     took = time.monotonic() - t0
     assert proc.returncode == code, err[-3000:]
-    assert took < 20, f"took {took:.0f} s to stop"
+    assert took < 10, f"took {took:.0f} s to stop"
+    seen = seen | images_on_disk(out)  # (any image written after the signal must be recorded too)
     assert "Error logging to API" not in err and "Traceback" not in err, err[-3000:]
     recorded = {r["id"] for r in manifest_rows(out) if r["status"] == "ok"}
     assert seen <= recorded, f"finished before the signal but not recorded: {sorted(seen - recorded)}"
@@ -87,6 +89,7 @@ def stopped(proc, out: str, signum: int, seen: set[str], code: int, before: int)
     assert record["status"] == "interrupted" and record["counts"]["done"] == made, record
     assert record["reason"] == f"stopped by {signal.Signals(signum).name}", record
     assert not Path(out, ".ifbatch-lease.json").exists()  # the output is free again
+    assert not list(Path(out, "runs").glob("*.open"))  # every image it wrote is recorded: nothing to take over
 
 
 @pytest.fixture(scope="module")
@@ -95,21 +98,36 @@ def prefect_home(tmp_path_factory):
     return tmp_path_factory.mktemp("prefect")
 
 
-@pytest.mark.alone  # the records of finished images must reach the driver within the 3 s grace
-def test_ctrl_c_keeps_every_finished_image_and_the_rerun_makes_only_the_rest(
-    tiny_dir, tmp_path, prefect_home, machine_share
+@contextlib.contextmanager
+def busy(n: int = 2):
+    """n processes spinning on the CPUs (another heavy job on the machine)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_ctrl_c_on_a_busy_machine_keeps_every_finished_image_and_the_rerun_makes_only_the_rest(
+    tiny_dir, tmp_path, prefect_home
 ):
+    """Ray, with two other processes holding both CPUs (and whatever else the suite runs beside it): the records of
+    images already written reach the driver late, or not at all, through Ray Data; the run still records each one
+    (stream/ledger.py) and ends within 10 s."""
     prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a red car number {i}" for i in range(IMAGES)]})
     out = str(tmp_path / "out")
 
     # Ctrl-C on the terminal: SIGINT to the whole foreground group.
     t, proc = time.time(), start(prompts, out, tiny_dir, prefect_home)
     seen = wait_for_images(proc, out, t, 4)
-    os.killpg(proc.pid, signal.SIGINT)
-    stopped(proc, out, signal.SIGINT, seen, 130, before=0)
+    with busy(2):
+        time.sleep(1.0)  # busy before the stop
+        os.killpg(proc.pid, signal.SIGINT)
+        stopped(proc, out, signal.SIGINT, seen, 130, before=0)
     wait_gone(proc.pid)
     assert 4 <= len(manifest_rows(out)) < IMAGES
-    machine_share.share()  # the rerun times nothing: other tests may run beside it
 
     # The rerun makes only the rest; every image once, those recorded before kept. (Resume is the run engine's,
     # whatever runs the stream: the rerun is the local executor's, without Prefect, to keep the test short.)

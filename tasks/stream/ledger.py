@@ -1,0 +1,99 @@
+"""What a Ray run's writers are writing, and which images they wrote whose records the driver has not had yet: so that
+a stopped run (Ctrl-C, SIGTERM) records every image it wrote, with no grace period to guess.
+
+An image's record reaches the driver through Ray Data's stream, after the image is durable; on a busy machine that
+took longer than any fixed wait (a run stopped with 4 images whole and none recorded). With the ledger the writers
+ask before each write (`begin`: refused once the run stops, so nothing is written after) and say when it is done
+(`end`); the driver says which records it has (`received`). Once stopped, the driver waits until no write is under
+way (`settled`), then reads the images written but not received back from the output: each carries its record
+(outputs/unrecorded.py). A writer that dies mid-write leaves its entry open: after STUCK_S without any write ending,
+the driver leaves what it left to the next run, which takes it over (outputs/adopt.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+STUCK_S = 60.0  # no write ended for this long, some still open: their writer is gone
+
+
+class Ledger:
+    """The Ray actor (num_cpus=0, one per stream) the writers and the driver share."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.seq = 0
+        self.pending: dict[int, list[tuple[str, str]]] = {}  # writes under way: (image id, its file or shard)
+        self.written: dict[str, str] = {}  # image id -> its file or shard, its record not received yet
+        self.ended_at = time.monotonic()
+
+    def begin(self, items: list[tuple[str, str]]) -> int | None:
+        """Before a write of these (id, file or shard): its number, or None once the run has stopped."""
+        if not self.open:
+            return None
+        self.seq += 1
+        self.pending[self.seq] = items
+        return self.seq
+
+    def end(self, seq: int) -> None:
+        for image, unit in self.pending.pop(seq, []):
+            self.written[image] = unit
+        self.ended_at = time.monotonic()
+
+    def received(self, ids: list[str]) -> None:
+        for image in ids:
+            self.written.pop(image, None)
+
+    def close(self) -> None:
+        self.open = False
+
+    def state(self) -> tuple[int, float, dict[str, str]]:
+        """(writes under way, seconds since one last ended, the written images whose records the driver lacks)."""
+        return len(self.pending), time.monotonic() - self.ended_at, dict(self.written)
+
+
+def start_ledger():
+    """A Ledger actor for one stream (no CPU of the plan's: it only keeps lists). One call at a time: the calls of
+    one caller run in the order made (the driver's `received` before its `close` and `state`)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(Ledger).remote()
+
+
+@contextlib.contextmanager
+def writing(ledger, items: list[tuple[str, str]]) -> Iterator[bool]:
+    """In a writer: whether to write `items` (False once the run has stopped); the ledger is told when done. No
+    ledger (the local executor, whose writes finish on the driver's own thread): always."""
+    if ledger is None or not items:
+        yield True
+        return
+    import ray
+
+    seq = ray.get(ledger.begin.remote(items))
+    if seq is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        ledger.end.remote(seq)
+
+
+def settle(ledger, poll_s: float = 0.05) -> dict[str, str] | None:
+    """In the driver, once stopped: refuse new writes, wait until none is under way; the images written whose
+    records the driver has not received, with their file or shard. None when a writer died mid-write."""
+    import ray
+
+    ray.get(ledger.close.remote())
+    while True:
+        under_way, quiet_s, written = ray.get(ledger.state.remote())
+        if not under_way:
+            return written
+        if quiet_s > STUCK_S:
+            return None
+        time.sleep(poll_s)
+
+
+STOPPED = "stopped: the run was stopped before this image was written"
