@@ -2,9 +2,11 @@
 private local Ray cluster, the tiny cascade. The run is started in a process group of its own, as a shell starts a
 foreground job, and Ctrl-C is sent to the whole group, as a terminal sends it.
 
-- first Ctrl-C: the run stops within seconds, every image finished before it is recorded, the run record says
-  `interrupted`, the output's lease is freed, one line says what was kept and how to resume; exit 130; and no
-  process of the run is left;
+- first Ctrl-C, on a machine whose CPUs are busy: the run stops within 10 s, every image written before it ends is
+  recorded, the run record says `interrupted`, the output's lease is freed, one line says what was kept and how to
+  resume; exit 130; and no process of the run is left;
+- SIGKILL to every process of a run: the rerun takes over every image whole before the kill (bytes and times
+  unchanged) and makes exactly the rest;
 - SIGTERM to the run's whole process group (what Slurm's scancel and systemd send): the same, exit 143 -- the
   temporary API and a private Ray cluster run apart and outlive it;
 - SIGHUP to the group (the SSH connection or the terminal went): the same, exit 129, its lines gone with the
@@ -12,7 +14,7 @@ foreground job, and Ctrl-C is sent to the whole group, as a terminal sends it.
 - Ctrl-C twice: it leaves at once, and no process of the run is left (the temporary API included);
 - the rerun makes only the rest: every image exactly once.
 
-(Two tests of two runs each, so that neither takes over 3 minutes on 2 cores.)
+(Two tests of three or four runs each, so that neither takes over 3 minutes on 2 cores.)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from ..helpers import manifest_rows, wait_gone, write_table
@@ -110,12 +113,13 @@ def busy(n: int = 2):
             p.wait()
 
 
-def test_ctrl_c_on_a_busy_machine_keeps_every_finished_image_and_the_rerun_makes_only_the_rest(
+def test_ctrl_c_on_a_busy_machine_records_every_finished_image_and_after_sigkill_the_rerun_takes_them_over(
     tiny_dir, tmp_path, prefect_home
 ):
     """Ray, with two other processes holding both CPUs (and whatever else the suite runs beside it): the records of
     images already written reach the driver late, or not at all, through Ray Data; the run still records each one
-    (stream/ledger.py) and ends within 10 s."""
+    (stream/ledger.py) and ends within 10 s. Then SIGKILL to every process of a run on Ray, and a rerun that takes
+    over what it left (outputs/adopt.py)."""
     prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a red car number {i}" for i in range(IMAGES)]})
     out = str(tmp_path / "out")
 
@@ -129,16 +133,37 @@ def test_ctrl_c_on_a_busy_machine_keeps_every_finished_image_and_the_rerun_makes
     wait_gone(proc.pid)
     assert 4 <= len(manifest_rows(out)) < IMAGES
 
-    # The rerun makes only the rest; every image once, those recorded before kept. (Resume is the run engine's,
-    # whatever runs the stream: the rerun is the local executor's, without Prefect, to keep the test short.)
     kept = {r["id"]: r["sha256"] for r in manifest_rows(out)}
+
+    # SIGKILL to every process of the next run (the OOM killer, a preempted VM, the head node lost with the driver
+    # on it): the records held back die with the driver, the images written stay.
+    t, proc = time.time(), start(prompts, out, tiny_dir, prefect_home)
+    wait_for_images(proc, out, t, 4)
+    doomed = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in doomed:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait(30)
+    wait_gone(proc.pid)
+    recorded = {r["id"] for r in manifest_rows(out)}
+    whole = {p.stem: p.stat().st_mtime_ns for p in Path(out, "images").rglob("*.png")}
+    unrecorded = set(whole) - recorded
+    assert unrecorded and recorded == set(kept), (recorded, kept)  # (its records were held back: none written)
+
+    # The rerun takes over every image whole before the kill, as it is, and makes only the rest; every image once,
+    # those recorded before kept. (Resume is the run engine's, whatever runs the stream: the rerun is the local
+    # executor's, without Prefect, to keep the test short.)
     proc = start(prompts, out, tiny_dir, prefect_home, "executor=local", flags=["--no-prefect"])
     so, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     rows = manifest_rows(out)
     assert len(rows) == IMAGES and all(r["status"] == "ok" for r in rows)
     assert all(kept[r["id"]] == r["sha256"] for r in rows if r["id"] in kept)
-    assert f"{len(kept)} images already in the manifest are skipped" in so + err
+    assert {p.stem: p.stat().st_mtime_ns for p in Path(out, "images").rglob("*.png") if p.stem in whole} == whole
+    record = json.loads(max(Path(out, "runs").glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert record["counts"]["adopted"] == len(unrecorded) and record["counts"]["skipped"] == len(kept)
+    assert record["counts"]["done"] == IMAGES - len(kept) - len(unrecorded)  # exactly the rest
+    assert f"{len(unrecorded)} taken over" in so + err
 
 
 def test_sigterm_or_sighup_to_the_group_stops_like_ctrl_c_and_a_second_ctrl_c_leaves_at_once(
