@@ -209,6 +209,9 @@ class Run:
             if adopted.left
             else "",
         )
+        if adopted.others:  # whole images another table's rerun will take over: the marks stay for it
+            log.info("%d unrecorded files or shards hold images of another table: left for its rerun", adopted.others)
+            return
         for run in unclean:  # every image they left is recorded now, or will be made again
             mark_closed(ctx.loc, run)
 

@@ -63,6 +63,7 @@ class Adopted:
     units: list[str] = field(default_factory=list)  # their files or shards
     left: list[Unit] = field(default_factory=list)  # unrecorded, not taken over (made again), with why
     parts: list[str] = field(default_factory=list)
+    others: int = 0  # of `left`, whole with their records, of images this run's table does not ask for
 
 
 def unrecorded(loc: Location) -> tuple[list[Unit], pa.Table]:
@@ -84,7 +85,8 @@ def take_over(loc: Location, rows: pa.Table, cfg: CascadeConfig, run_id: str) ->
     found = pa.Table.from_pylist([r for u in readable for r in u.records], schema=SCHEMA)
     drift = compare(filled(found, cfg), rows, cfg)
     done = manifest.filter(pc.is_in(manifest.column("status"), pa.array(DONE))).column("id").to_pylist()
-    ours = set(drift.compared.to_pylist()) - set(drift.ids.to_pylist()) - set(done)
+    mine = set(drift.compared.to_pylist())
+    ours = mine - set(drift.ids.to_pylist()) - set(done)
     taken: list[Unit] = []
     for u in readable:
         ids = u.ids
@@ -94,6 +96,10 @@ def take_over(loc: Location, rows: pa.Table, cfg: CascadeConfig, run_id: str) ->
         else:
             u.why = u.why or "its images are not this run's, or were made otherwise, or are recorded elsewhere"
             out.left.append(u)
+            out.others += not set(ids) & mine and not set(ids) & set(done)
+    for u in taken:  # its best candidate passes this run's floor, if any (compared: drift._floor_changes)
+        for r in u.records or []:
+            r["min_clip_score"] = cfg.data.min_clip_score
     out.parts = record(loc, taken, run_id)
     out.images = sum(len(u.records or []) for u in taken)
     out.units = [u.uri for u in taken]

@@ -23,7 +23,7 @@ from .manifest import RECORD_SCHEMA
 NEEDED = (
     "id", "row", "prompt_id", "image_index", "prompt", "negative_prompt", "seed", "text_preprocessing",
     "params", "models", "truncated", "negative_truncated", "nsfw", "watermark_detected", "watermarked", "clip_score",
-    "candidates_per_image", "min_clip_score",
+    "candidates_per_image",
 )  # fmt: skip
 COPIED = [n for n in NEEDED if n not in ("params", "models")]
 
@@ -44,8 +44,8 @@ class Unit:
 
 def record_of(meta: dict | None, data: bytes, **where) -> dict | str:
     """The manifest record (RECORD_SCHEMA, plus the part's `models`) of an image from its bytes and the provenance
-    it carries; `where`: image_uri, or shard, member and offset. A string says why it cannot be. (Its run's times
-    and placement are not in the image: null. Its `run_id` is the run that records it.)"""
+    it carries; `where`: image_uri, or shard, member and offset. A string says why it cannot be. (Its run's times,
+    placement and score floor are not in the image: null. Its `run_id` is the run that records it.)"""
     if not isinstance(meta, dict):
         return "it carries no ifbatch provenance"
     missing = [k for k in NEEDED if k not in meta]

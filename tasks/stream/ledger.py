@@ -5,9 +5,9 @@ An image's record reaches the driver through Ray Data's stream, after the image 
 took longer than any fixed wait (a run stopped with 4 images whole and none recorded). With the ledger the writers
 ask before each write (`begin`: refused once the run stops, so nothing is written after) and say when it is done
 (`end`); the driver says which records it has (`received`). Once stopped, the driver waits until no write is under
-way (`settled`), then reads the images written but not received back from the output: each carries its record
-(outputs/unrecorded.py). A writer that dies mid-write leaves its entry open: after STUCK_S without any write ending,
-the driver leaves what it left to the next run, which takes it over (outputs/adopt.py).
+way (`settle`), then reads the images written but not received back from the output: each carries its record
+(outputs/unrecorded.py). A writer that dies mid-write leaves its entry open: once it is STUCK_S old, the driver
+stops waiting for it and leaves what it wrote to the next run, which takes it over (outputs/adopt.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-STUCK_S = 60.0  # no write ended for this long, some still open: their writer is gone
+STUCK_S = 120.0  # a write open this long: its writer is gone (a 1 GiB shard's PUT takes seconds)
 
 
 class Ledger:
@@ -25,22 +25,21 @@ class Ledger:
     def __init__(self) -> None:
         self.open = True
         self.seq = 0
-        self.pending: dict[int, list[tuple[str, str]]] = {}  # writes under way: (image id, its file or shard)
+        # writes under way: when each began, and its (image id, its file or shard)
+        self.pending: dict[int, tuple[float, list[tuple[str, str]]]] = {}
         self.written: dict[str, str] = {}  # image id -> its file or shard, its record not received yet
-        self.ended_at = time.monotonic()
 
     def begin(self, items: list[tuple[str, str]]) -> int | None:
         """Before a write of these (id, file or shard): its number, or None once the run has stopped."""
         if not self.open:
             return None
         self.seq += 1
-        self.pending[self.seq] = items
+        self.pending[self.seq] = (time.monotonic(), items)
         return self.seq
 
     def end(self, seq: int) -> None:
-        for image, unit in self.pending.pop(seq, []):
+        for image, unit in self.pending.pop(seq, (0.0, []))[1]:
             self.written[image] = unit
-        self.ended_at = time.monotonic()
 
     def received(self, ids: list[str]) -> None:
         for image in ids:
@@ -49,9 +48,12 @@ class Ledger:
     def close(self) -> None:
         self.open = False
 
-    def state(self) -> tuple[int, float, dict[str, str]]:
-        """(writes under way, seconds since one last ended, the written images whose records the driver lacks)."""
-        return len(self.pending), time.monotonic() - self.ended_at, dict(self.written)
+    def state(self, stuck_s: float = STUCK_S) -> tuple[int, int, dict[str, str]]:
+        """(writes under way, of which open longer than stuck_s, the written images whose records the driver
+        lacks)."""
+        now = time.monotonic()
+        stuck = sum(now - began > stuck_s for began, _ in self.pending.values())
+        return len(self.pending), stuck, dict(self.written)
 
 
 def start_ledger():
@@ -88,11 +90,9 @@ def settle(ledger, poll_s: float = 0.05) -> dict[str, str] | None:
 
     ray.get(ledger.close.remote())
     while True:
-        under_way, quiet_s, written = ray.get(ledger.state.remote())
-        if not under_way:
-            return written
-        if quiet_s > STUCK_S:
-            return None
+        under_way, stuck, written = ray.get(ledger.state.remote())
+        if under_way == stuck:
+            return None if stuck else written
         time.sleep(poll_s)
 
 

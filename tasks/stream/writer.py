@@ -61,7 +61,7 @@ def _flag(x) -> bool | None:
 
 def provenance(batch: dict[str, np.ndarray], i: int, models: dict, text_preprocessing: str, run: dict) -> dict:
     """How row i's image was made, as stored in the file itself (outputs/images.py) and read back by anyone: with
-    the checks' flags, its score and `run` (the run's k and score floor), every fact of its manifest record that
+    the checks' flags, its score and `run` (the run's k), every fact of its manifest record that
     is not of the file, so that a whole image whose record was lost (the run killed before its records were
     written) is taken over by the next run as it is (outputs/adopt.py). Of a best-of-k image also the chosen
     candidate, its stage I seed (which stages II and III ran with) and every candidate's score."""
@@ -133,8 +133,9 @@ class ImageWriter:
         # what shaped every image of the run, recorded with each (outputs/drift.py compares them on a resume)
         self.text_preprocessing = preprocessing(cfg.text_encoder.clean_caption)
         self.k, self.floor = cfg.data.candidates_per_image, cfg.data.min_clip_score
-        # not the run's id: the same rows, seeds and settings give the same bytes, run after run
-        self.run = {"candidates_per_image": self.k, "min_clip_score": self.floor}
+        # Not the run's id, nor its score floor (which decides whether an image is made, not how): the same rows,
+        # seeds and settings give the same bytes, run after run
+        self.run = {"candidates_per_image": self.k}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])

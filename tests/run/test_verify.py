@@ -62,14 +62,14 @@ def test_verify_repair_rerun_and_compact(where, layout, tmp_path, tiny_dir, s3_s
         stray = loc.path("images", "zz", "stray.png")
         expect = [
             f"missing  {gone['id']}: {gone['image_uri']}",
-            f"orphan   {loc.uri(stray)}",
+            f"orphan   {loc.uri(stray)} (no record names it; it cannot be read as an image",
         ]
     else:  # one image per shard: a shard deleted, another truncated, a stray shard
         gone_at, cut_at = _path(gone["shard"]), _path(cut["shard"])
         stray = loc.path("shards", "stray.tar")
         expect = [
             f"missing  {gone['id']}: {gone['shard']}#{gone['member']} (the shard is missing)",
-            f"orphan   {loc.uri(stray)} (a shard no record names)",
+            f"orphan   {loc.uri(stray)} (no record names it; it holds no sample)",
         ]
     loc.fs.rm_file(gone_at)
     data = loc.fs.cat_file(cut_at)
