@@ -16,6 +16,12 @@ import contextlib
 import time
 from collections.abc import Iterator
 
+import pyarrow as pa
+
+from ..outputs.formats import FORMATS
+from ..outputs.manifest import RECORD_SCHEMA, SCHEMA
+from ..storage import Location
+
 STUCK_S = 120.0  # a write open this long: its writer is gone (a 1 GiB shard's PUT takes seconds)
 
 
@@ -94,6 +100,13 @@ def settle(ledger, poll_s: float = 0.05) -> dict[str, str] | None:
         if under_way == stuck:
             return None if stuck else written
         time.sleep(poll_s)
+
+
+def read_back(written: dict[str, str], loc: Location, fmt: str) -> pa.Table:
+    """The records of the images `written` (id -> its file or shard, from `settle`), read from the images."""
+    units = [FORMATS[fmt].read_unit(loc, unit) for unit in sorted(set(written.values()))]
+    records = [r for u in units for r in u.records or [] if r["id"] in written]
+    return pa.Table.from_pylist(records, schema=SCHEMA).select(RECORD_SCHEMA.names)
 
 
 STOPPED = "stopped: the run was stopped before this image was written"

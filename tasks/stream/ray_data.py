@@ -18,10 +18,9 @@ import pyarrow as pa
 from ifbatch.configs.schema import CascadeConfig
 
 from ..inputs.expand import image_count
-from ..outputs.formats import FORMATS
 from ..outputs.manifest import RECORD_SCHEMA, SCHEMA
 from ..storage import Location, locate
-from .ledger import settle, start_ledger
+from .ledger import read_back, settle, start_ledger
 from .pipeline import PipelineResult
 from .placing import Calibration, Placement, placed
 from .ray_session import ray_session
@@ -111,11 +110,7 @@ class RaySession:
         written = settle(self.ledger)
         if written is None:
             return None
-        loc = locate(self.output, self.cfg.s3)
-        fmt = FORMATS[self.cfg.output.format]
-        units = [fmt.read_unit(loc, unit) for unit in sorted(set(written.values()))]
-        records = [r for u in units for r in u.records or [] if r["id"] in written]
-        return pa.Table.from_pylist(records, schema=SCHEMA).select(RECORD_SCHEMA.names)
+        return read_back(written, locate(self.output, self.cfg.s3), self.cfg.output.format)
 
     def close(self) -> None:
         """Stop every stream this session started, before its placement groups and cluster go. A stream the run

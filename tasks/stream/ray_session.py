@@ -71,21 +71,36 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         yield
     finally:
         if spare:
-            _no_sigterm_wait()
-        ray.shutdown()
+            _shutdown_private()
+        else:
+            ray.shutdown()
 
 
-def _no_sigterm_wait() -> None:
+def _shutdown_private() -> None:
     """`ray.shutdown` stops a cluster's processes one by one with SIGTERM, giving each 1 s before SIGKILL. This run's
     private cluster blocks SIGTERM (above): it waited out every second, ~5 s at the end of every run (a Ctrl-C then
-    took over 10 s on a busy machine). Its processes are killed at once: nothing of the run is left in them."""
+    took over 10 s on a busy machine). Its processes are killed at once -- nothing of the run is left in them -- and
+    so is every process they started that outlives them (Ray's agents, workers)."""
+    import psutil
     import ray
 
     node = ray._private.worker._global_node  # (Ray 2.60: what ray.shutdown stops)
     if node is None:
+        ray.shutdown()
         return
+    cluster = []
+    for infos in node.all_processes.values():
+        for info in infos:
+            with contextlib.suppress(psutil.Error):
+                top = psutil.Process(info.process.pid)
+                cluster += [top, *top.children(recursive=True)]
     kill = node.kill_all_processes
     node.kill_all_processes = lambda **kw: kill(**{**kw, "allow_graceful": False})
+    ray.shutdown()
+    for p in cluster:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(cluster, timeout=5)
 
 
 @contextlib.contextmanager
