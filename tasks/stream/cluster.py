@@ -77,7 +77,10 @@ def cluster_gpus() -> ClusterGpus:
         res = node["Resources"]
         total = int(res["GPU"])
         kinds = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
-        avail = free.get(node["NodeID"], {}).get("GPU", total)
+        # Ray leaves a resource out of a node's view when none of it is free: every GPU held is no GPU, not all
+        # of them (a node not in the view at all, just joined, has not been reported yet: all free)
+        seen = free.get(node["NodeID"])
+        avail = total if seen is None else seen.get("GPU", 0.0)
         nodes.append(
             GpuNode(
                 node_id=node["NodeID"],

@@ -149,6 +149,51 @@ def test_gpus_another_job_holds_are_left_alone_and_what_cannot_be_reserved_is_sa
         ray.kill(holder)
 
 
+def test_a_node_whose_every_gpu_another_job_holds_has_none_free_and_all_held_is_refused_at_once(cluster):
+    """Ray leaves a resource out of a node's view when none of it is free: read as "all free", a plan promised the
+    held node's GPUs and the run failed to reserve them on every rerun (and "every GPU is held" could never be
+    said). Plan and run read the cluster the same way (make_plan -> cluster_gpus)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    _, nodes = cluster
+    all_free()
+
+    @ray.remote(num_cpus=0)
+    class Holder:
+        def ready(self):
+            return True
+
+    def hold(node_id: str, gpus: int):
+        h = Holder.options(num_gpus=gpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, False)).remote()
+        ray.get(h.ready.remote(), timeout=60)
+        return h
+
+    two = nodes[SHAPE.index(2)]
+    held = [hold(two.node_id, 2)]  # the 2-GPU node, whole
+    try:
+        deadline = time.monotonic() + 20  # (the resource view catches up a moment later)
+        while cluster_gpus().gpus != 8 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        c = cluster_gpus()
+        assert c.gpus == 8 and {n.node_id: n.gpus for n in c.nodes}[two.node_id] == 0, c
+        placement = make_plan(load_config("if-xl"), frozenset(), 100, None)
+        assert placement.plan.gpus == 8
+        groups = reserve(placement.plan, placement.cluster.nodes, timeout_s=30)  # on the free GPUs, at once
+        release(groups)
+        held += [hold(n.node_id, g) for n, g in zip(nodes, SHAPE, strict=True) if n is not two]  # every GPU now
+        deadline = time.monotonic() + 20
+        while cluster_gpus().gpus and time.monotonic() < deadline:
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(PlanError, match=r"every GPU of the Ray cluster \(4 \+ 4 \+ 2 GPUs on 3 nodes, 0 free\)"):
+            make_plan(load_config("if-xl"), frozenset(), 100, None)
+        assert time.monotonic() - t0 < 30
+    finally:
+        for h in held:
+            ray.kill(h)
+
+
 def test_a_plain_run_starts_its_own_cluster_beside_a_dead_ones_address_file():
     """`ray start` leaves its address in <tmp>/ray/ray_current_cluster; plain ray.init() joins it, and waits for
     ever when that cluster has died. A run's session (ray_session) starts a private cluster instead."""
