@@ -89,7 +89,10 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
             f"{key} = {value!r}: {key} is a section, not a value; set one of its keys, e.g. {key}.{example}=..., "
             f"from {keys}"
         )
-    return f"{key} = {value!r}: {err['msg']}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if isinstance(value, Mapping):  # a rule across keys (a model's validator): its message names them, not the dump
+        return msg if key == "<config>" else f"{key}: {msg}"
+    return f"{key} = {value!r}: {msg}"
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:

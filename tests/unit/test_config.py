@@ -87,8 +87,12 @@ def test_best_of_k_needs_a_scorer_and_adds_its_stage():
     assert c.stages == ("text_encoder", "stage_1", "scorer", "stage_2", "stage_3")
     assert (c.rows_per_call("stage_1"), c.rows_per_call("scorer"), c.rows_per_call("stage_2")) == (2, 16, 4)
     assert load_config("if-xl", ["data.min_clip_score=20"]).stages == c.stages  # a filter alone scores too
-    with pytest.raises(ConfigError, match=r"candidates_per_image = 4 .* need a scorer, but scorer.source is null"):
+    with pytest.raises(ConfigError, match=r"candidates_per_image = 4 .* need a scorer, but scorer.source is null") as e:
         load_config("if-xl", ["data.candidates_per_image=4", "scorer.source=null"])
+    # one sentence that says what to do: the config the rule was checked on is not dumped before it
+    said = str(e.value)
+    assert said.split("if-xl.yaml: ", 1)[1].startswith("data.candidates_per_image = 4"), said
+    assert len(said) < 300 and "{" not in said, said
     with pytest.raises(ConfigError, match=r"data.candidates_per_image.*65.*less than or equal to 64"):
         load_config("if-xl", ["data.candidates_per_image=65"])
 
