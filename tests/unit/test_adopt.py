@@ -71,3 +71,23 @@ def test_verify_lists_whole_unrecorded_images_as_adoptable_and_repair_records_th
         assert have["run_id"].endswith("-verify") and have["models"] == '{"stage_1": {"commit": "abc"}}'
     report, _ = verify(loc)
     assert report.count("adoptable") == 0 and report.checked == 6
+
+
+def test_a_shard_samples_json_carries_the_images_scores_and_flags_so_a_loader_needs_no_join(tmp_path):
+    """Each WebDataset sample's .json has the per-image columns of images/metadata.parquet that say what an image
+    is (its safety flags, its CLIP score, best of k's choice), not only how it was made."""
+    import json
+
+    from ifbatch.tasks.outputs.shards import members, shard_paths
+
+    out = str(tmp_path / "out")
+    records = {r["id"]: r for r in written(out, "webdataset", 4, "run").to_pylist()}
+    loc = locate(out)
+    for path in shard_paths(loc):
+        data = loc.fs.cat_file(path)
+        for name, offset, size in members(data):
+            if name.endswith(".json"):
+                meta = json.loads(data[offset : offset + size])
+                r = records[meta["id"]]
+                for key in ("nsfw", "watermark_detected", "watermarked", "clip_score", "row", "truncated"):
+                    assert meta[key] == r[key], key
