@@ -4,9 +4,11 @@ summary and a contact sheet (a PNG grid of the first images with their ids, writ
 from __future__ import annotations
 
 import io
+import os
 import re
 import time
 from typing import Any
+from urllib.parse import quote
 
 from PIL import Image, ImageDraw
 
@@ -75,11 +77,25 @@ def contact_sheet(loc: Location, run_id: str, n: int = 16, thumb: int = 128, col
     return loc.uri(path)
 
 
-def _link(uri: str | None) -> str:
+LINKED = ("file", "s3", "http", "https")  # the schemes a link may have; anything else is shown as text only
+_TEXT_SPECIAL = re.compile(r"([\\`*_\[\]<>~|])")  # what means something inside a link's text
+
+
+def link(uri: str | None) -> str:
+    """A markdown link to a file or object, from a path or URI anyone who starts a run may have typed: its text
+    escaped, its destination percent-encoded (spaces, parentheses, brackets, quotes and angle brackets cannot end
+    or break it), and only for file:, s3: and http(s): -- `javascript:` and other schemes are shown, not linked."""
     if not uri:
         return "-"
-    href = f"file://{uri}" if uri.startswith("/") else uri
-    return f"[{md_escape(uri)}]({href})"
+    text = _TEXT_SPECIAL.sub(r"\\\1", " ".join(str(uri).split()))
+    scheme, sep, rest = uri.partition("://")
+    if not sep:  # a path: the file it names on this machine
+        scheme, rest = "file", os.path.abspath(uri)
+    scheme = scheme.lower()
+    if scheme not in LINKED:
+        return text
+    keep = "/:@?=&%#+,;" if scheme.startswith("http") else "/"  # a URL's own syntax; a path's or key's characters
+    return f"[{text}]({scheme}://{quote(rest, safe=keep)})"
 
 
 def counts_table(s: RunSummary) -> list[dict[str, Any]]:
@@ -161,12 +177,12 @@ def summary_markdown(
         "",
         f"{status}: {s.line}, in {s.seconds:.0f} s.",
         "",
-        f"- prompts: {_link(prompts)}",
-        f"- output: {_link(s.output)}",
-        f"- manifest: {_link(manifest_dir)}",
-        f"- run record: {_link(s.run_record)}",
-        f"- contact sheet: {_link(sheet)}",
-        f"- rejected rows: {_link(s.rejected_file)}",
+        f"- prompts: {link(prompts)}",
+        f"- output: {link(s.output)}",
+        f"- manifest: {link(manifest_dir)}",
+        f"- run record: {link(s.run_record)}",
+        f"- contact sheet: {link(sheet)}",
+        f"- rejected rows: {link(s.rejected_file)}",
         f"- preset: `{md_escape(preset)}`",
         "",
         "## Models",

@@ -1,10 +1,15 @@
-"""What the Prefect UI shows: prompt text is data, keys are valid, shares add up."""
+"""What the Prefect UI shows: prompt text is data, links are safe links to the path given, keys are valid, shares
+add up."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from ifbatch.configs import load_config
 from ifbatch.configs.costs import load_costs
-from ifbatch.tasks.artifacts import artifact_key, counts_table, md_escape, plan_markdown
+from ifbatch.tasks.artifacts import artifact_key, counts_table, link, md_escape, plan_markdown
 from ifbatch.tasks.context import RunSummary
 from ifbatch.tasks.stream.planner import plan
 
@@ -80,3 +85,36 @@ def test_the_summary_names_a_split_and_a_re_plan():
     assert "the GPUs are split 4 x (stage_3), 2 x (stage_1), 2 x (text_encoder + stage_2)" in md
     assert "Re-planned after the run's first 64 images" in md and f"{estimated.images_per_second:.3f} images/s" in md
     assert "costs from this run's first 64 images" in md
+
+
+HOSTILE = [
+    "/data/out (v2) <img src=x> [a](javascript:alert(1))",
+    "My Drive/out",
+    "s3://bucket/runs (2026)/nasty.parquet",
+    "javascript:alert('path-link')//x",  # a relative path (a folder named so): a file link, encoded
+    "javascript://x%0aalert(1)",  # a URI of another scheme: shown, not linked
+    'out "quoted" & `ticks` *stars* _under_ |pipe| %41',
+]
+
+
+@pytest.mark.parametrize("path", HOSTILE)
+def test_a_link_from_any_path_renders_as_one_safe_link_to_that_path(path):
+    """Rendered by a CommonMark renderer (markdown-it, what Prefect's UI follows): one link, or none for a scheme
+    that is not a file's or an object's, whose href is the path itself, percent-encoded; its text is the path."""
+    from urllib.parse import unquote
+
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt()
+    md.validateLink = lambda url: True  # (markdown-it itself refuses javascript: and file:; this checks ifbatch's)
+    tokens = [t for b in md.parse(f"- output: {link(path)}") if b.children for t in b.children]
+    hrefs = [t.attrGet("href") for t in tokens if t.type == "link_open"]
+    shown = "".join(t.content for t in tokens if t.type in ("text", "code_inline"))
+    assert not any(t.type.startswith("html") for t in tokens)  # no raw HTML got through
+    if path.startswith("javascript://"):
+        assert hrefs == [] and path in shown  # shown, not linked
+        return
+    assert len(hrefs) == 1 and hrefs[0].split(":", 1)[0] in ("file", "s3")
+    want = path if "://" in path else "file://" + os.path.abspath(path)
+    assert unquote(hrefs[0]) == want and " " not in hrefs[0]
+    assert shown.endswith(path) or path.replace("`", "") in shown  # the text is the path as given
