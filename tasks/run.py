@@ -244,14 +244,20 @@ class Run:
                 ctx.startup_seconds, ctx.stage_plan = time.monotonic() - t0, session.record
                 mark_open(ctx.loc, ctx.run_id)  # until every image it writes is recorded (outputs/adopt.py)
                 stream = lambda phase, stop: session.records(phase, ctx.output, ctx.run_id, ctx.models, stop)  # noqa: E731
+
+                def on_batch(result) -> None:  # what the session has to say (a re-plan) is said when it happens
+                    session.on_batch(result)
+                    for line in session.said():
+                        log.info("%s", line)
+
                 try:
                     for phase in session.phases(rows, ctx.result):
                         run_pipeline(
                             phase, session.cfg, ctx.loc, ctx.run_id, ctx.models, stream,
-                            result=ctx.result, on_batch=session.on_batch, total=images, in_process=session.in_process,
+                            result=ctx.result, on_batch=on_batch, total=images, in_process=session.in_process,
                             settler=session,
                         )  # fmt: skip
-                        for line in session.said():
+                        for line in session.said():  # (a re-plan between phases)
                             log.info("%s", line)
                 except Interrupted as e:  # the user stopped it: what was done is recorded, no error to show
                     ctx.interrupted = e

@@ -327,3 +327,49 @@ def test_a_store_fault_mid_run_leaves_every_image_exactly_once(fault, tmp_path, 
     stdout, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr[-3000:]
     each_image_once(out, prompts)
+
+
+def test_what_the_session_has_to_say_mid_run_is_said_when_it_happens(tmp_path, tiny_set):
+    """A re-plan from the run's first images (Calibration, on Ray) was logged only after the stream ended, after
+    `progress: 64/64`. The engine says a session's lines after the batch that made them: here a local session that
+    says something once 2 of 6 images are out (the local executor, as it runs; only what it says is the test's)."""
+    import contextlib
+    import logging
+
+    from ifbatch.configs import load_config
+    from ifbatch.tasks.run import Run
+    from ifbatch.tasks.stream.local import LocalExecutor, LocalSession
+
+    class Talking(LocalSession):
+        told, pending = False, []
+
+        def on_batch(self, result) -> None:
+            if result.done >= 2 and not self.told:
+                self.told, self.pending = True, [f"re-planned after {result.done} images"]
+
+        def said(self) -> list[str]:
+            out, self.pending = self.pending, []
+            return out
+
+    class Executor(LocalExecutor):
+        @contextlib.contextmanager
+        def open(self, cfg, explicit, images, loc):
+            yield Talking(cfg, self)
+
+    heard: list[str] = []
+
+    class Ear(logging.Handler):
+        def emit(self, record):
+            heard.append(record.getMessage())
+
+    log = logging.getLogger("test.talking")
+    log.addHandler(Ear())
+    log.setLevel(logging.INFO)
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:6]})
+    sets = [*tiny_set, *SMALL_BATCHES, "executor=local"]
+    cfg = load_config("tiny", sets)
+    Run({"prompts": prompts, "output": str(tmp_path / "out"), "overrides": sets}, cfg, log=log,
+        executor=Executor(), log_every_s=0.0)()  # fmt: skip
+    said = next(i for i, line in enumerate(heard) if line.startswith("re-planned after"))
+    last = next(i for i, line in enumerate(heard) if line.startswith("progress: 6/6"))
+    assert said < last, heard
