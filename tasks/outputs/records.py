@@ -99,7 +99,8 @@ def measured_costs(loc: Location, cfg: CascadeConfig, lookback: int = 20) -> tup
     runs = loc.path(RUNS_DIR)
     if not loc.fs.exists(runs):
         return None
-    for path in sorted(loc.fs.glob(f"{runs}/*.json"), reverse=True)[:lookback]:
+    records = [p for p in loc.fs.ls(runs, detail=False) if p.endswith(".json")]  # (not a glob: any path is literal)
+    for path in sorted(records, reverse=True)[:lookback]:
         try:
             rec = json.loads(loc.fs.cat_file(path))
             plan, per = rec.get("plan") or {}, rec.get("stage_seconds_per_image") or {}

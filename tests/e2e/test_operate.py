@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from PIL import Image
@@ -228,11 +229,12 @@ SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "prefect-run.png"
 def test_run_from_the_dashboard_in_a_real_browser_completes_with_artifacts(server, served, tmp_path):
     """Debian's chromium, headless, driven by Playwright: Custom run with a changed parameter, then the run page and
     its artifacts. (The run is the deployment's default: the local executor. The artifacts are Prefect's, whatever
-    runs the stream.)"""
+    runs the stream.) The output path typed in the form is hostile, as anyone who may start a run can type it: the
+    summary's links are links to that folder, and nothing in it becomes a javascript: link or an element."""
     assert Path(CHROMIUM).exists(), "the UI test needs Debian's chromium: apt-get install -y chromium"
     from playwright.sync_api import sync_playwright
 
-    out = str(tmp_path / "from-the-ui")
+    out = str(tmp_path / "from the ui (v2) <img src=x> [a](javascript:alert(1))")
     prompts = write_table(tmp_path / "p.parquet", {"prompt": ["a cat *wearing* a [hat](http://x)", *SMALL[:3]]})
     with sync_playwright() as p:
         browser = p.chromium.launch(
@@ -270,9 +272,15 @@ def test_run_from_the_dashboard_in_a_real_browser_completes_with_artifacts(serve
         page.wait_for_timeout(1500)  # let the timeline settle for the picture
         page.screenshot(path=str(tmp_path / "run.png"), full_page=False)
         page.get_by_text("Artifacts", exact=True).click()
-        page.get_by_text("ifbatch-summary-").first.wait_for()
         page.get_by_text("ifbatch-counts-").first.wait_for()
+        page.get_by_text("ifbatch-summary-").first.click()  # the summary, rendered by Prefect's UI
+        page.get_by_text("contact sheet").first.wait_for()
+        hrefs = page.locator("a").evaluate_all("els => els.map(e => e.getAttribute('href') || '')")
+        injected = page.locator("img[src='x']").count()
         browser.close()
+    assert not [h for h in hrefs if h.strip().lower().startswith(("javascript:", "data:", "vbscript:"))], hrefs
+    assert injected == 0  # the path's '<img src=x>' is text, not an element
+    assert "file://" + quote(out) in hrefs, hrefs  # the output's link: the folder itself, percent-encoded
     assert run.name.startswith("generate[tiny] ")
     assert read_manifest(locate(out)).num_rows == 4
     if os.environ.get("IFBATCH_UPDATE_SCREENSHOT"):
@@ -289,7 +297,7 @@ def test_run_from_the_dashboard_in_a_real_browser_completes_with_artifacts(serve
     assert "contact sheet" in md and "manifest" in md and "tiny" in md
     assert r"a cat \*wearing\* a \[hat\]\(http://x\)" in md  # prompt text is escaped, not rendered
     sheet = next(Path(out, "runs").glob("*-contact-sheet.png"))
-    assert str(sheet) in md
+    assert f"(file://{quote(str(sheet))})" in md
     with Image.open(sheet) as im:
         assert im.size == (4 * 128, 128 + 14)
 
