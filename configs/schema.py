@@ -259,6 +259,12 @@ class PlanConfig(Section):
     gpu_memory_gb: float | None = Field(
         None, gt=0, description="One GPU's memory (GB); null = as read on the nodes, else the cost table's."
     )
+    gpu_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Dense fp16 tensor TFLOP/s of a GPU kind the cost table does not know (its spec sheet): what "
+        "it is costed from; null = as the slowest GPU the table knows.",
+    )
     calibrate: bool = Field(
         True,
         description="When the costs are estimates (a GPU kind the table has not measured), time the run's first "

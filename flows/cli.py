@@ -263,7 +263,7 @@ def _plan(args: argparse.Namespace) -> int:
         cfg = load_config(args.preset, [*args.overrides, *extra])
         cluster = None if args.gpus is not None else _cluster_gpus(args.ray_address)
         gpus = args.gpus if cluster is None else cluster.gpus
-        costs = load_costs(cfg.plan.costs)
+        costs = load_costs(cfg.plan.costs, cfg.plan.gpu_tflops)
         found_kind = cluster.kind if cluster else None
         kind = args.gpu_kind or cfg.plan.gpu_kind or found_kind or DEFAULT_KIND  # as a run picks it (placing.py)
         p = plan(

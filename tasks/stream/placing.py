@@ -79,7 +79,7 @@ def make_plan(
     if measured is None and loc is not None and cfg.plan.use_measured:
         measured = measured_costs(loc, cfg)
     try:
-        costs = load_costs(cfg.plan.costs)
+        costs = load_costs(cfg.plan.costs, cfg.plan.gpu_tflops)
         p = plan(
             cfg,
             costs,

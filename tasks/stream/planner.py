@@ -143,6 +143,7 @@ def plan(
     if gpus < 1:
         raise PlanError(f"--gpus {gpus}: a plan needs at least one GPU")
     how = costs.costed_as(kind)
+    kind = how.kind  # the table's spelling (`h100` -> H100)
     memory = memory_gb or how.memory_gb
     if memory is None:
         raise PlanError(

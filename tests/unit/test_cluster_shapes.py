@@ -25,7 +25,8 @@ H200 = {s: COSTS.cost("H200", s, getattr(load_config("if-xl"), s).source) for s 
 @pytest.mark.parametrize(
     "kind, memory, factor",
     [("H100", None, 1.0), ("A100", None, 989 / 312), ("A100", 40, 989 / 312), ("L40S", None, 989 / 362),
-     ("L4", None, 989 / 121), ("A10G", None, 989 / 125), ("RTX-PRO-6000", 96, 1.0)],
+     ("L4", None, 989 / 121), ("A10G", None, 989 / 125),
+     ("RTX-PRO-6000", 96, 989 / 65)],  # unknown: as the slowest GPU the table knows (T4), never as an H200
 )  # fmt: skip
 def test_a_kind_the_table_did_not_measure_is_planned_as_an_estimate(kind, memory, factor):
     p = plan(load_config("if-xl"), COSTS, 8, kind, memory_gb=memory)
@@ -37,6 +38,29 @@ def test_a_kind_the_table_did_not_measure_is_planned_as_an_estimate(kind, memory
     measured = plan(load_config("if-xl"), COSTS, 8, kind, memory_gb=memory, measured={"stage_3": 9.0}, measured_by="x")
     assert not measured.estimated  # a run's own timings replace the estimate
     assert not plan(load_config("if-xl"), COSTS, 8, "H200").estimated
+
+
+@pytest.mark.parametrize(
+    "given, name", [("h100", "H100"), ("NVIDIA-H100-80GB-HBM3", "H100"), ("a10g", "A10G"), ("l40s", "L40S")]
+)
+def test_a_kind_is_found_in_any_case_and_as_ray_or_nvidia_smi_spell_it(given, name):
+    p = plan(load_config("if-xl"), COSTS, 8, given)
+    assert p.kind == name and p.memory_gb == COSTS.gpus[name].memory_gb
+
+
+def test_an_unknown_kind_is_costed_conservatively_says_how_and_suggests_a_name():
+    cfg = load_config("if-xl", ["plan.gpu_memory_gb=24"])
+    slow = plan(cfg, COSTS, 8, "RTX4090", memory_gb=24)
+    assert (
+        "RTX4090 is not in the table" in slow.costs_from and "as the slowest GPU the table knows, T4" in slow.costs_from
+    )
+    assert slow.stages["stage_3"].seconds_per_image == pytest.approx(H200["stage_3"].seconds_per_image * 989 / 65)
+    told = plan(cfg, load_costs(None, assumed_tflops=165.0), 8, "RTX4090", memory_gb=24)  # plan.gpu_tflops=165
+    assert "plan.gpu_tflops = 165" in told.costs_from
+    assert told.stages["stage_3"].seconds_per_image == pytest.approx(H200["stage_3"].seconds_per_image * 989 / 165)
+    assert told.images_per_second > slow.images_per_second  # and never the H200's figure
+    assert told.images_per_second < plan(cfg, COSTS, 8, "H200", memory_gb=24).images_per_second
+    assert "did you mean H100?" in plan(cfg, COSTS, 8, "H10", memory_gb=24).costs_from
 
 
 def fits(p, memory: float) -> bool:
