@@ -28,6 +28,7 @@ class StageCost(Section):
     seconds_per_image: float = Field(gt=0, description="Seconds per image at that batch.")
     weights_gb: float = Field(ge=0, description="The model's weights on the GPU.")
     activations_gb: float = Field(ge=0, description="Peak memory above the weights at that batch.")
+    measured: bool = Field(True, description="false: worked out, not measured (a plan that uses it says so).")
 
 
 class Gpu(Section):

@@ -250,12 +250,18 @@ def plan(
         memory_gb=memory,
         groups=groups,
         stages=stages,
-        costs_from=measured_by or how.source,
+        costs_from=measured_by or how.source + _unmeasured(table),
         estimated=how.estimated and not measured,
         notes=tuple(notes),
         candidates=cfg.data.candidates_per_image,
     )
     return _with_writers(p, cfg, costs, "output.writers" in explicit, cpus_per_gpu)
+
+
+def _unmeasured(table: dict[str, StageCost]) -> str:
+    """What a plan from the table says of the rows it used that the table marks as worked out, not measured."""
+    rows = [s for s, c in table.items() if not c.measured]
+    return f"; estimate: {', '.join(rows)} {'is' if len(rows) == 1 else 'are'} not measured" if rows else ""
 
 
 def _split(planned, gpus, seconds, mem, cap, kind, memory) -> tuple[GpuGroup, ...]:

@@ -244,3 +244,9 @@ def test_a_node_watch_stops_a_stream_left_waiting_and_survives_a_failed_check(mo
     with w:
         time.sleep(0.5)
     assert w.lost and not called.is_set() and not w.stopped_stream
+
+
+def test_a_cost_row_the_table_marks_unmeasured_is_said_to_be_an_estimate():
+    p = plan(load_config("if-xl", ["data.candidates_per_image=2"]), COSTS, 8, "H200")
+    assert p.costs_from == "the cost table (H200); estimate: scorer is not measured"
+    assert plan(load_config("if-xl"), COSTS, 8, "H200").costs_from == "the cost table (H200)"
