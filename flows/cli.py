@@ -146,10 +146,10 @@ def _run(args: argparse.Namespace) -> int:
     except (*USER_ERRORS, ValueError) as e:  # ValueError: pydantic's, for a parameter
         print(f"ifbatch: {e}", file=sys.stderr)
         return 2
-    from ifbatch.tasks.preflight import preflight
+    from ifbatch.tasks.run import preflight
 
-    try:
-        preflight(params.prompts, params.output, cfg)  # the table's columns, the output writable: before Prefect
+    try:  # the cluster answers, the table's columns, the output writable: before Prefect
+        preflight(params.prompts, params.output, cfg)
     except USER_ERRORS as e:
         print(f"ifbatch: {e}", file=sys.stderr)
         return 2
@@ -294,7 +294,9 @@ def _cluster_gpus(address: str | None):
     import ray
 
     from ifbatch.tasks.stream.cluster import cluster_gpus
+    from ifbatch.tasks.stream.ray_session import reach
 
+    reach(address, "--ray-address")
     ray.init(address=address, include_dashboard=False, logging_level="ERROR")
     try:
         c = cluster_gpus()

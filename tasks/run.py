@@ -43,7 +43,8 @@ from .outputs.manifest import MANIFEST_DIR
 from .outputs.records import RUNS_DIR, versions, write_rejected, write_run_record
 from .outputs.shards import SHARDS_DIR
 from .outputs.spill import StoreDown, unspill
-from .preflight import OutputError, preflight
+from .preflight import OutputError
+from .preflight import preflight as check_table_and_output
 from .storage import storage_errors
 from .stream.cluster import ClusterChanged
 from .stream.executors import executor_for
@@ -51,11 +52,14 @@ from .stream.interrupt import Interrupted
 from .stream.pipeline import run_pipeline
 from .stream.plan import PlanError
 from .stream.progress import Progress, listen
+from .stream.ray_session import ClusterUnreachable, address_origin, join_address, reach
 
 T = TypeVar("T")
 
 # What only the user can fix: a step that raises one is not retried (it would fail the same way).
-USER_ERRORS: tuple[type[BaseException], ...] = (PromptTableError, ConfigError, PlanError, OutputError, SettingsChanged)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    PromptTableError, ConfigError, PlanError, OutputError, SettingsChanged, ClusterUnreachable,
+)  # fmt: skip
 
 
 def operator_errors() -> tuple[type[BaseException], ...]:
@@ -69,6 +73,14 @@ class RunEnded(Exception):
     def __init__(self, run: StoppedRun):
         super().__init__(run.line)
         self.run = run
+
+
+def preflight(prompts: str, output: str, cfg: CascadeConfig) -> None:
+    """Before anything starts: the cluster to join answers (bounded: stream/ray_session.reach), the table's columns
+    can be read and the output written (tasks/preflight.py)."""
+    if cfg.executor == "ray" and join_address(cfg.ray):
+        reach(join_address(cfg.ray), address_origin(cfg.ray))
+    check_table_and_output(prompts, output, cfg)
 
 
 def plain_step(name: str, fn: Callable[[], T], retries: int) -> T:

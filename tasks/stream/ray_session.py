@@ -28,6 +28,52 @@ def quiet_ray_data() -> None:
             handler.setLevel(logging.ERROR)
 
 
+REACH_S = 15.0  # a cluster address that does not answer within this is refused (exit 2), not waited on
+
+
+class ClusterUnreachable(ConnectionError):
+    """The Ray cluster a run is to join does not answer: the message names the address as given and where it
+    came from."""
+
+
+def reach(address: str, origin: str, timeout_s: float = REACH_S) -> None:
+    """Raise ClusterUnreachable unless the cluster at `address` accepts a connection within `timeout_s`: its GCS
+    (host:port), its Ray Client server (ray://host:port), or for `auto` the cluster a `ray start` on this machine
+    recorded. Ray itself retries a dead address for minutes, then for ever, saying only `Failed to connect to
+    GCS` (with an address other than the one given)."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    given = f"{address!r} ({origin})"
+    target = address.removeprefix("ray://")
+    if address == "auto":
+        try:
+            target = canonicalize_bootstrap_address("auto") or ""
+        except Exception:
+            target = ""
+        if not target:
+            raise ClusterUnreachable(
+                f"Ray cluster {given}: no cluster was started on this machine (`ray start --head`); give its address"
+            )
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachable(f"Ray cluster {given}: expected host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        seen = f" (its address on this machine: {target})" if target != address.removeprefix("ray://") else ""
+        raise ClusterUnreachable(
+            f"Ray cluster {given} does not answer{seen}: {type(e).__name__}: {e}. Is the head node up? Check the "
+            f"address, or leave it unset to run on a private local cluster"
+        ) from None
+
+
+def address_origin(rc: RayConfig) -> str:
+    return "--ray-address / ray.address" if rc.address else "RAY_ADDRESS"
+
+
 def join_address(rc: RayConfig) -> str | None:
     """The cluster a run joins: ray.address (--ray-address), else RAY_ADDRESS when the environment sets it (as
     `ray job submit` does for the job's driver), else none: the run starts a private local cluster."""
@@ -48,6 +94,7 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         kwargs["runtime_env"] = {"env_vars": {VERBOSE_ENV: os.environ[VERBOSE_ENV]}}
     address = join_address(rc)
     if address:
+        reach(address, address_origin(rc))
         kwargs["address"] = address
     else:
         # "local": a private cluster of this run's own. Plain ray.init() would join the cluster whose address a

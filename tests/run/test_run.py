@@ -373,3 +373,21 @@ def test_what_the_session_has_to_say_mid_run_is_said_when_it_happens(tmp_path, t
     said = next(i for i, line in enumerate(heard) if line.startswith("re-planned after"))
     last = next(i for i, line in enumerate(heard) if line.startswith("progress: 6/6"))
     assert said < last, heard
+
+
+def test_a_cluster_address_that_does_not_answer_is_refused_before_anything_starts(tmp_path):
+    """`ifbatch run` and `ifbatch plan` with a dead head's address: exit 2 in seconds, naming the address and where
+    it came from (Ray waited for minutes, then for ever). `ifbatch run` says it before Prefect starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:2]})
+    t0 = time.monotonic()
+    res = cli("run", prompts, str(tmp_path / "out"), "--no-progress", env={"RAY_ADDRESS": dead}, timeout=120)
+    assert res.returncode == 2 and f"Ray cluster '{dead}' (RAY_ADDRESS) does not answer" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "prefect" not in res.stderr.lower()
+    res = cli("plan", prompts, "--ray-address", dead, timeout=120)
+    assert res.returncode == 2 and f"Ray cluster '{dead}' (--ray-address) does not answer" in res.stdout + res.stderr
+    assert time.monotonic() - t0 < 60

@@ -1,0 +1,35 @@
+"""Reaching a Ray cluster is bounded (tasks/stream/ray_session.py `reach`): an address that does not answer is
+refused at once, naming the address as given and where it came from. Ray itself retried a dead head for minutes,
+then for ever, saying only `Failed to connect to GCS` with another address."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from ifbatch.tasks.stream.ray_session import ClusterUnreachable, reach
+
+
+def test_an_address_nothing_listens_on_is_refused_at_once_naming_it_and_where_it_came_from():
+    with socket.socket() as s:  # a port just freed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ClusterUnreachable, match=rf"Ray cluster '127.0.0.1:{port}' \(RAY_ADDRESS\) does not answer"):
+        reach(f"127.0.0.1:{port}", "RAY_ADDRESS")
+    with pytest.raises(ClusterUnreachable, match=rf"'ray://127.0.0.1:{port}' \(--ray-address"):
+        reach(f"ray://127.0.0.1:{port}", "--ray-address / ray.address")
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_listening_cluster_passes_and_nonsense_is_named():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        reach(f"127.0.0.1:{s.getsockname()[1]}", "RAY_ADDRESS")  # answers: no error
+    with pytest.raises(ClusterUnreachable, match=r"'head-node' \(RAY_ADDRESS\): expected host:port"):
+        reach("head-node", "RAY_ADDRESS")
+    # (`auto`: the address a `ray start` recorded, else any cluster running on this machine, as Ray finds it: the
+    # same check on that address; not tested here, where the suite's own clusters run)
