@@ -85,8 +85,7 @@ class Files:
         index = loc.path(IMAGES_DIR, METADATA)
         # a local write in flight (or killed in flight) is not an image yet; the metadata table is the output's own
         paths = [p for p in sorted(set(files) - named) if TMP_MARK not in p and p != index]
-        with ThreadPoolExecutor(max_workers=READERS) as pool:
-            return list(pool.map(lambda p: self.read_unit(loc, p), paths))
+        return read_units(self, loc, paths)
 
     def read_unit(self, loc: Location, path: str) -> Unit:
         uri = loc.uri(path)
@@ -160,8 +159,7 @@ class WebDataset:
         one atomic put: it is taken over whole, or not at all)."""
         ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
         paths = orphan_shards(loc, recorded_shards(ok, loc))
-        with ThreadPoolExecutor(max_workers=READERS) as pool:
-            return list(pool.map(lambda p: self.read_unit(loc, p), paths))
+        return read_units(self, loc, paths)
 
     def read_unit(self, loc: Location, path: str) -> Unit:
         uri = loc.uri(path)
@@ -209,6 +207,12 @@ class WebDataset:
                 broken[i] = Problem("missing", loc.uri(shard_path(loc, shard)), i, "in a damaged shard, removed")
         orphans = [p.uri for p in problems if p.kind == "orphan" and p.id is None and p.uri.endswith(".tar")]
         return sorted(damaged | {shard_path(loc, u) for u in orphans})
+
+
+def read_units(fmt: Files | WebDataset, loc: Location, paths: list[str]) -> list[Unit]:
+    """Each unrecorded file or shard read by its format, READERS at once (the work is I/O)."""
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        return list(pool.map(lambda p: fmt.read_unit(loc, p), paths))
 
 
 FORMATS: dict[str, Files | WebDataset] = {f.name: f for f in (Files(), WebDataset())}
