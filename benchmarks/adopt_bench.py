@@ -33,6 +33,7 @@ from ifbatch.tasks.outputs import adopt  # noqa: E402
 from ifbatch.tasks.outputs.manifest import write_part  # noqa: E402
 from ifbatch.tasks.storage import locate  # noqa: E402
 from ifbatch.tasks.stream.writer import ImageWriter  # noqa: E402
+from tests.services import bench_s3  # noqa: E402
 
 BUCKET = "adopt-bench"
 BATCH = 100
@@ -72,18 +73,6 @@ def counted(loc):
         loc.fs.s3.meta.events.unregister("before-call.s3", handler)
 
 
-@contextlib.contextmanager
-def s3_server(tmp: Path):
-    from tests.services import SeaweedS3
-
-    (tmp / "weed").mkdir()
-    server = SeaweedS3(tmp / "weed").start().use(BUCKET, "bench", "bench-secret")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, nargs="+", default=[10_000, 50_000])
@@ -92,7 +81,7 @@ def main() -> int:
     args = ap.parse_args()
 
     results = []
-    with tempfile.TemporaryDirectory() as tmp, s3_server(Path(tmp)):
+    with tempfile.TemporaryDirectory() as tmp, bench_s3(Path(tmp), BUCKET):
         for n in args.images:
             uri = f"s3://{BUCKET}/out-{n}"
             t0 = time.perf_counter()

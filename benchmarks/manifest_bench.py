@@ -27,6 +27,7 @@ import pyarrow as pa  # noqa: E402
 from ifbatch.configs.schema import S3Config  # noqa: E402
 from ifbatch.tasks.outputs import manifest  # noqa: E402
 from ifbatch.tasks.storage import locate  # noqa: E402
+from tests.services import bench_s3  # noqa: E402
 
 BUCKET = "manifest-bench"
 
@@ -56,18 +57,6 @@ def timed_read(uri: str, readers: int, endpoint: str | None = None) -> tuple[flo
     return time.perf_counter() - t0, t.num_rows
 
 
-@contextlib.contextmanager
-def s3_server(tmp: Path):
-    from tests.services import SeaweedS3
-
-    (tmp / "weed").mkdir()
-    server = SeaweedS3(tmp / "weed").start().use(BUCKET, "bench", "bench-secret")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", type=int, nargs="+", default=[5000, 40000])
@@ -81,7 +70,7 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
-        server = stack.enter_context(s3_server(tmp)) if any(t.startswith("s3") for t in args.targets) else None
+        server = stack.enter_context(bench_s3(tmp, BUCKET)) if any(t.startswith("s3") for t in args.targets) else None
         proxy = None
         if "s3+latency" in args.targets:
             from tests.services import FaultyS3Proxy

@@ -106,6 +106,17 @@ class SeaweedS3:
         self.start()
 
 
+@contextlib.contextmanager
+def bench_s3(tmp: Path, bucket: str):
+    """A SeaweedFS server for a benchmark, under `tmp`, with `bucket` made and this process pointed at it."""
+    (tmp / "weed").mkdir()
+    server = SeaweedS3(tmp / "weed").start().use(bucket, "bench", "bench-secret")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 class PrefectServer:
     """`prefect server start` on loopback with its own PREFECT_HOME and database (UI included)."""
 

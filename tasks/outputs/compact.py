@@ -12,10 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-import pyarrow as pa
-
 from ..storage import Location
-from .manifest import SCHEMA, _read_part, latest_per_id, part_paths, write_table
+from .manifest import part_paths, read_manifest, write_table
 
 PART = re.compile(r"^part-(?P<run>.+?)-(?:c\d{8}T\d{6}\d{6}Z-)?\d{5}\.parquet$")
 
@@ -38,8 +36,7 @@ def compact(loc: Location, run_id: str | None = None, part_rows: int = 1_000_000
     if len(parts) < 2:
         return [], []
     written = merge(loc, parts, part_rows)
-    for p in parts:  # a crash before or during this loop leaves duplicates that read_manifest already hides
-        loc.fs.rm_file(p)
+    loc.fs.rm(parts)  # on S3 a thousand per request; a crash in between leaves duplicates read_manifest hides
     return written, parts
 
 
@@ -47,7 +44,7 @@ def merge(loc: Location, parts: list[str], part_rows: int = 1_000_000) -> list[s
     """Write the latest record per id of `parts` (in manifest order) as new parts that sort right after the last of
     them: the same run id, then "c" and a stamp (a plain part's sequence is digits, which sort before "c"; a later
     merge of the same run has a later stamp). Later runs' parts still sort after."""
-    table = latest_per_id(pa.concat_tables([_read_part(loc, p, SCHEMA.names) for p in parts]))
+    table = read_manifest(loc, paths=parts)  # in batches: memory follows the records kept, not the parts
     stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%fZ}"
     last_run = run_of(parts[-1])
     written = []

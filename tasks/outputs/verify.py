@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,10 +24,31 @@ from .adopt import record
 from .formats import FORMATS, Problem
 from .images import IMAGES_DIR
 from .loadable import write_image_metadata
-from .manifest import MANIFEST_DIR, RECORD_SCHEMA, read_manifest, write_part
+from .manifest import MANIFEST_DIR, RECORD_SCHEMA, part_paths, read_manifest, write_part
 from .records import RUNS_DIR
 from .shards import remove_shard
 from .unrecorded import Unit
+
+CHECKED = ["id", "status", "image_uri", "shard", "member", "sha256", "bytes"]  # the manifest columns verify reads
+CHUNK = 10_000  # records turned into checks at once (a million records as Python dicts would hold ~1 GB)
+
+
+@dataclass
+class Figures:
+    """Where verify's time went: reading the manifest, finding and reading what no record names, reading images."""
+
+    parts: int = 0
+    manifest_s: float = 0.0
+    unrecorded: int = 0  # image files and shards no record names, each read for the record it carries
+    unrecorded_s: float = 0.0
+    images_s: float = 0.0
+
+    def line(self, checked: int) -> str:
+        return (
+            f"manifest: {self.parts:,} parts read in {self.manifest_s:.1f} s; "
+            f"unrecorded: {self.unrecorded:,} files or shards found and read in {self.unrecorded_s:.1f} s; "
+            f"images: {checked:,} read and hashed in {self.images_s:.1f} s"
+        )
 
 
 @dataclass
@@ -37,6 +58,7 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
     adoptable: list[Unit] = field(default_factory=list)  # unrecorded, whole, with their records
+    figures: Figures = field(default_factory=Figures)
 
     @property
     def whole(self) -> bool:
@@ -52,6 +74,7 @@ class Report:
             f"{self.count('missing')} missing, {self.count('corrupt')} corrupt, {self.count('orphan')} orphaned"
             + (f", {self.count('adoptable')} unrecorded but whole (adoptable)" if self.count("adoptable") else "")
             + (f", {self.count('unfinished')} unfinished writes" if self.count("unfinished") else "")
+            + f"\n  ({self.figures.line(self.checked)})"
         )
 
 
@@ -59,32 +82,56 @@ def verify(
     loc: Location, workers: int = 16, progress: Callable[[int, int], None] | None = None
 ) -> tuple[Report, pa.Table]:
     """Check every ok image (a file, or a member of a shard: each shard is read once) and list the image files
-    and shards no record names. Returns the report and the manifest's ok records (for repair)."""
+    and shards no record names. Returns the report and the manifest's ok records (CHECKED columns, for repair).
+    Memory follows the records, not the parts or the images: the manifest is read in batches (read_manifest) and
+    the images CHUNK records at a time."""
     t0 = time.monotonic()
     report = Report(loc.uri(loc.root))
-    manifest = read_manifest(loc)
+    fig = report.figures
+    paths = part_paths(loc)
+    manifest = read_manifest(loc, CHECKED, paths=paths)
+    fig.parts, fig.manifest_s = len(paths), time.monotonic() - t0
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
-    records = ok.select(["id", "image_uri", "shard", "member", "sha256", "bytes"]).to_pylist()
     for path in loc.temp_files(IMAGES_DIR, MANIFEST_DIR, RUNS_DIR):
         report.problems.append(Problem("unfinished", loc.uri(path), None, "a write cut short: --repair removes it"))
-    jobs = []
-    for fmt in FORMATS.values():  # each record is checked by the format that holds it (an output may hold both)
-        held = [r for r in records if fmt.holds(r)]
+    t1 = time.monotonic()
+    for fmt in FORMATS.values():  # an output may hold both formats' images
         for unit in fmt.unrecorded(loc, manifest):
             report.adoptable += [unit] if unit.records else []
             report.problems.append(_unrecorded(unit))
-        jobs += fmt.checks(loc, held)
+            fig.unrecorded += 1
+    del manifest
+    t2 = time.monotonic()
+    fig.unrecorded_s = t2 - t1
     done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for (n, _), problems in zip(jobs, pool.map(lambda job: job[1](), jobs), strict=True):
-            done += n
-            report.problems += problems
-            if progress is not None:
-                progress(done, len(records))
-    report.checked = len(records)
+        for recs in _chunks(ok):
+            jobs = [job for fmt in FORMATS.values() for job in fmt.checks(loc, [r for r in recs if fmt.holds(r)])]
+            for (n, _), problems in zip(jobs, pool.map(lambda job: job[1](), jobs), strict=True):
+                done += n
+                report.problems += problems
+                if progress is not None:
+                    progress(done, ok.num_rows)
+    fig.images_s = time.monotonic() - t2
+    report.checked = ok.num_rows
     report.problems.sort(key=lambda p: (p.kind, p.uri))
     report.seconds = time.monotonic() - t0
     return report, ok
+
+
+def _chunks(ok: pa.Table) -> Iterator[list[dict]]:
+    """The ok records, about CHUNK at a time, every record of a shard in the same chunk (a shard is read once)."""
+    carry: list[dict] = []
+    for batch in ok.sort_by([("shard", "ascending")]).to_batches(max_chunksize=CHUNK):
+        recs = carry + batch.to_pylist()
+        cut = len(recs)
+        while cut and recs[-1]["shard"] and recs[cut - 1]["shard"] == recs[-1]["shard"]:
+            cut -= 1  # the last shard may go on in the next batch
+        if cut:
+            yield recs[:cut]
+        carry = recs[cut:]
+    if carry:
+        yield carry
 
 
 def _unrecorded(unit: Unit) -> Problem:
@@ -110,13 +157,14 @@ def repair(loc: Location, report: Report, ok: pa.Table) -> Repair:
     removed, so that readers of shards/ never meet the damage or, after the rerun, a second copy of a sample --
     and orphaned shards are removed too; orphaned files are listed, not deleted (a rerun overwrites any it makes
     again). Rewrites images/metadata.parquet."""
-    adopted = [u for u in report.adoptable if not set(u.ids) & set(ok.column("id").to_pylist())]
+    recorded = set(ok.column("id").to_pylist())
+    adopted = [u for u in report.adoptable if not set(u.ids) & recorded]
     parts = record(loc, adopted, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-verify")
     broken = {p.id: p for p in report.problems if p.id is not None}
     doomed: list[str] = []
     for fmt in FORMATS.values():
         doomed += fmt.unit(loc, ok, broken, report.problems)  # adds to `broken` what goes with a broken image
-    parts += _record_failed(loc, ok, broken) if broken else []
+    parts += _record_failed(loc, broken) if broken else []
     # after the failed records are durable: a crash in between leaves a file that verify lists
     removed = [loc.uri(p) for p in sorted(set(doomed)) if remove_shard(loc, p)]
     for p in report.problems:  # files a cut-short write left aside: never part of the output
@@ -128,8 +176,9 @@ def repair(loc: Location, report: Report, ok: pa.Table) -> Repair:
     return Repair(parts, len(broken), removed, sum(len(u.ids) for u in adopted))
 
 
-def _record_failed(loc: Location, ok: pa.Table, broken: dict[str, Problem]) -> list[str]:
-    rows = ok.filter(pc.is_in(ok.column("id"), value_set=pa.array(list(broken), pa.string())))
+def _record_failed(loc: Location, broken: dict[str, Problem]) -> list[str]:
+    rows = read_manifest(loc, ids=broken)  # their whole records (verify read only the columns it checks)
+    rows = rows.filter(pc.equal(rows.column("status"), "ok"))
     reason = [f"verify: {broken[i].kind}: {broken[i].detail or broken[i].uri}" for i in rows.column("id").to_pylist()]
     now = dt.datetime.now(dt.UTC)
     n = rows.num_rows

@@ -7,6 +7,7 @@ import io
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ifbatch.tasks.outputs import manifest
 from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA, SCHEMA, done_records, part_paths, read_manifest, write_part
 from ifbatch.tasks.storage import locate
 
@@ -62,3 +63,20 @@ def test_the_last_written_record_wins_whatever_the_parts_names(tmp_path):
     write_part(loc, earlier, "20261129T155454Z-verify", "{}", 0)  # sorts last by name, was written first
     t = read_manifest(loc, ["id", "status"]).to_pylist()
     assert sorted((r["id"], r["status"]) for r in t) == [("a", "ok"), ("b", "ok")]
+
+
+def test_read_in_batches_gives_what_one_read_of_every_part_gives(tmp_path, monkeypatch):
+    """Parts are read BATCH at a time, each batch cut down to its latest records: the latest record of an id may
+    be in an earlier batch (written later), or tie on written_at with one in a later batch (the later part wins)."""
+    loc = locate(str(tmp_path))
+    stamps = ["2026-12-06T10:00:05", "2026-12-06T10:00:01", "2026-12-06T10:00:01", None, "2026-12-06T10:00:03"]
+    for seq, (ids, stamp) in enumerate(zip([["a", "b"], ["a"], ["b", "c"], ["c"], ["a", "c"]], stamps, strict=True)):
+        t = records(ids, [f"s{seq}"] * len(ids))
+        t = t.set_column(RECORD_SCHEMA.get_field_index("written_at"), "written_at", pa.array([stamp] * len(ids)))
+        write_part(loc, t, "run", "{}", seq)
+    whole = read_manifest(loc).to_pylist()
+    assert [(r["id"], r["status"]) for r in whole] == [("a", "s0"), ("b", "s0"), ("c", "s4")]
+    for batch in (1, 2, 3):
+        monkeypatch.setattr(manifest, "BATCH", batch)
+        assert read_manifest(loc).to_pylist() == whole
+        assert read_manifest(loc, ["id", "status"], ids=["c"]).to_pylist() == [{"id": "c", "status": "s4"}]
