@@ -30,27 +30,35 @@ TOOLS = ("resume", "verify", "compact")  # compact last: it replaces the parts
 
 
 def write_parts(out: str, first: int, last: int) -> None:
-    """Parts first..last-1 of the output at `out` (a local folder), one ok record and its image file each."""
+    """Parts first..last-1 of the output in the folder `out`, one ok record and its image file each (plain writes:
+    set-up needs no fsync, which made it ~50x slower)."""
+    import io
+
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from ifbatch.tasks.outputs import manifest
-    from ifbatch.tasks.storage import locate
 
-    loc = locate(out)
+    root = Path(out)
     models = json.dumps({s: {"source": f"DeepFloyd/{s}", "revision": "0" * 40, "dtype": "float16"} for s in "IJK"})
     for seq in range(first, last):
         image_id = f"img-{seq:08d}"
         data = f"an image, {seq}".encode()
-        path = loc.path("images", f"{seq % 256:02x}", f"{image_id}.png")
-        loc.write_bytes(path, data)
+        image = root / "images" / f"{seq % 256:02x}" / f"{image_id}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(data)
         rec = {
             "id": image_id, "row": seq, "prompt_id": image_id, "image_index": 0, "seed": seq, "status": "ok",
-            "prompt": f"a watercolour of a lighthouse at dusk, number {seq}", "image_uri": loc.uri(path),
+            "prompt": f"a watercolour of a lighthouse at dusk, number {seq}", "image_uri": str(image),
             "width": 1024, "height": 1024, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
             "written_at": f"2026-12-06T00:00:00.{seq:06d}", "text_preprocessing": "card",
+            "models": models, "run_id": f"20261206T000000Z-r{seq // 10_000:05d}",
         }  # fmt: skip
-        table = pa.Table.from_pylist([rec], schema=manifest.RECORD_SCHEMA)
-        manifest.write_part(loc, table, f"20261206T000000Z-r{seq // 10_000:05d}", models, seq % 10_000)
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist([rec], schema=manifest.SCHEMA), buf, compression="zstd")
+        part = root / "manifest" / f"part-{rec['run_id']}-{seq % 10_000:05d}.parquet"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_bytes(buf.getvalue())
 
 
 def fill(folder: Path, parts: int) -> None:
@@ -126,7 +134,7 @@ def main() -> int:
                 shutil.copytree(tmp / "out", uri)
                 server = None
             else:
-                server = bench_s3(tmp, BUCKET)
+                server = bench_s3(tmp, BUCKET, volumes=64)  # ~1.3 GB of parts and images
                 server.__enter__()
                 import s3fs
 

@@ -153,13 +153,19 @@ def _run(args: argparse.Namespace) -> int:
     except USER_ERRORS as e:
         print(f"ifbatch: {e}", file=sys.stderr)
         return 2
-    from .terminal import filtered_stderr, on_terminal, prefect_api
+    from .terminal import filtered_stderr, on_terminal, prefect_api, quiet_prefect_console, without_ray_notices
+
+    if not args.verbose:
+        quiet_prefect_console()
 
     with on_terminal():  # Ctrl-C / SIGTERM stop the run gracefully, a second one at once
         try:
             if not args.no_prefect:
                 prefect_api()  # before the filter: the API's process keeps the terminal's own stderr
-            with contextlib.nullcontext() if args.verbose else filtered_stderr():
+            with (
+                contextlib.nullcontext() if args.verbose else filtered_stderr(),
+                contextlib.nullcontext() if args.verbose else without_ray_notices(),
+            ):
                 return _generate(params, cfg, progress_bar=not args.no_progress, prefect=not args.no_prefect)
         except (KeyboardInterrupt, TerminationSignal) as e:  # before any image was made: nothing to keep
             signum = getattr(e, "signal", signal.SIGINT)

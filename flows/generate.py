@@ -14,12 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ifbatch.configs import load_config, preset_names
 from ifbatch.configs.schema import CascadeConfig
 from ifbatch.tasks.artifacts import LiveProgress
-from ifbatch.tasks.context import RunSummary
-from ifbatch.tasks.run import Run, RunEnded, operator_errors
+from ifbatch.tasks.context import RunStopped, RunSummary
+from ifbatch.tasks.run import Run, RunEnded, cause_traceback, operator_errors
 from ifbatch.tasks.steps import prefect_step, publish_artifacts
 
 from .blocks import with_block_credentials
 from .gpu_slot import gpu_slot
+from .terminal import DETAIL
 
 Preset = Literal[tuple(preset_names())]  # type: ignore[valid-type]  # the dashboard renders a dropdown
 
@@ -79,7 +80,9 @@ def generate(params: GenerateParams):
         if s.run.status == "interrupted":  # the user stopped it (Ctrl-C on a terminal)
             log.warning("run %s", s.run.line)
             return PrefectCancelled(message=s.run.line, data=s.run)
-        log.error("run stopped: %s", s.run.line)
+        log.error("run stopped: %s", s.run.line, extra=DETAIL)  # (on a terminal, ifbatch's last line says it)
+        if isinstance(s.__cause__, RunStopped):  # the whole cause, for the dashboard (the terminal shows the line)
+            log.error("what stopped it:\n%s", cause_traceback(s.__cause__), extra=DETAIL)
         return Failed(message=s.run.line, data=s.run)
     except operator_errors() as e:
         reason = f"{type(e).__name__}: {e}"

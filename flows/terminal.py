@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +27,15 @@ STARTUP_TIMEOUT_S = 300
 
 # Ray Data's actor pools always pass their constructor arguments through the object store and restart dead actors,
 # so Ray's core logs ray-project/ray#53727 as an error for every pool; nothing in it is the user's to act on.
-STDERR_NOISE = ("has constructor arguments in the object store and max_restarts > 0",)
+STDERR_NOISE = (
+    "has constructor arguments in the object store and max_restarts > 0",
+    # the driver's core after a node left: it reconstructs what it can, and the run says what stopped it
+    "Attempting to recover",
+)
+# The cluster's notices that Ray's driver prints on stdout, `(raylet) ...` (a node marked dead, a raylet's last
+# log lines, task retries): after a node left, ~50 lines. They are in the Ray session's logs (raylet.out,
+# gcs_server.out); the run says in its own line what they came to.
+RAY_NOTICE = re.compile(r"^(\x1b\[\d+m)?\(raylet(, ip=[^)]*)?\)")
 
 
 def prefect_api(say=print) -> str | None:
@@ -104,6 +114,68 @@ def on_terminal() -> Iterator[None]:
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+DETAIL = {"ifbatch_detail": True}  # a log record's `extra`: for the dashboard's logs, not for the terminal
+
+
+class _ForTheTerminal(logging.Filter):
+    """What the terminal of a run leaves out (the dashboard's logs keep all of it): records marked DETAIL (a
+    stopped run's reason and traceback: ifbatch's last line says it), and Prefect's lines on a task or the flow
+    that did not complete (`Task run failed with state ...`, `Finished in state Failed(...)`: the same reason
+    again, and an empty traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "ifbatch_detail", False):
+            return False
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        msg = str(record.msg)
+        ended = msg.startswith("Finished in state") and not msg.startswith("Finished in state Completed")
+        return not (ended or msg.startswith("Task run failed with state"))
+
+
+def quiet_prefect_console() -> None:
+    """Filter the console handler of Prefect's logging (on the root logger) with _ForTheTerminal."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, _ForTheTerminal) for f in handler.filters
+        ):
+            handler.addFilter(_ForTheTerminal())
+
+
+class _WithoutRayNotices:
+    """A stream that passes every write on but Ray's cluster notices (RAY_NOTICE): Ray prints each with one
+    print(), so the notice and the newline that ends it are dropped."""
+
+    def __init__(self, real):
+        self.real = real
+        self._dropped = False
+
+    def write(self, text: str) -> int:
+        dropped, self._dropped = self._dropped, False
+        if dropped and text == "\n":
+            return len(text)
+        if RAY_NOTICE.match(text):
+            self._dropped = True
+            return len(text)
+        return self.real.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+@contextlib.contextmanager
+def without_ray_notices() -> Iterator[None]:
+    """sys.stdout without Ray's cluster notices while it is open."""
+    real = sys.stdout
+    sys.stdout = _WithoutRayNotices(real)
+    try:
+        yield
+    finally:
+        sys.stdout = real
 
 
 @contextlib.contextmanager

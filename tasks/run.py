@@ -16,6 +16,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -65,6 +66,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 def operator_errors() -> tuple[type[BaseException], ...]:
     """Failures an operator can act on from the message alone: reported as one line (no traceback)."""
     return (*USER_ERRORS, ModelLoadError, ClusterChanged, LeaseHeld, *storage_errors())
+
+
+TRACEBACK_CHARS = 20_000  # of a stopped run's cause in its run record: the end (where it was raised) is kept
+
+
+def cause_traceback(stopped: RunStopped) -> str:
+    """The whole chain of what stopped a run (the stream's error and what caused it), as Python prints it."""
+    text = "".join(traceback.format_exception(stopped))
+    return text if len(text) <= TRACEBACK_CHARS else "...\n" + text[-TRACEBACK_CHARS:]
 
 
 class RunEnded(Exception):
@@ -397,6 +407,8 @@ class Run:
             manifest_parts=result.parts,
             errors=result.errors,
         )
+        if not interrupted and not isinstance(stopped.cause, Cancelled):
+            record["traceback"] = cause_traceback(stopped)  # the terminal shows one line; the whole cause is here
         try:
             where = write_run_record(ctx.loc, ctx.run_id, record)
             if ctx.settled:  # (else the next run looks for what it left unrecorded)

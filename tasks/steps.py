@@ -8,29 +8,43 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
 from .artifacts import artifact_key, contact_sheet, counts_table, summary_markdown
-from .context import RunContext, RunSummary
+from .context import RunContext, RunStopped, RunSummary
 from .outputs.manifest import MANIFEST_DIR
 from .run import USER_ERRORS
 
+HANDLED = (*USER_ERRORS, RunStopped)  # the run says what happened on one line: no task traceback on the terminal
+
 
 def _transient(task, task_run, state) -> bool:
-    """Retry a step only for what may pass (a store that hiccuped), not for what only the user can fix: a retry
-    would fail the same way, and Prefect logs a traceback before each."""
-    return not isinstance(state.data, USER_ERRORS)
+    """Retry a step only for what may pass (a store that hiccuped), not for what only the user can fix or what
+    the run handles (a stop after generation started): a retry would fail the same way, and Prefect logs a
+    traceback before each."""
+    return not isinstance(state.data, HANDLED)
 
 
 def prefect_step(name: str, fn: Callable[[], Any], retries: int) -> Any:
-    """Run one step of a Run as a Prefect task of that name (what the dashboard shows), retried `retries` times."""
+    """Run one step of a Run as a Prefect task of that name (what the dashboard shows), retried `retries` times.
+    An error the run handles (HANDLED) ends the task Failed with its one-line reason, not with Prefect's traceback
+    of it, and is raised again here for the run to handle; what stopped a run is in its run record whole."""
     kw: dict = dict(name=name, cache_policy=NO_CACHE)
     if retries:
         kw.update(retries=retries, retry_delay_seconds=2, retry_condition_fn=_transient)
+    handled: list[BaseException] = []
 
     def step() -> Any:
-        return fn()
+        try:
+            return fn()
+        except HANDLED as e:
+            handled.append(e)
+            return Failed(message=f"{type(e).__name__}: {e}", data=e)
 
-    return task(**kw)(step)()
+    state = task(**kw)(step)(return_state=True)
+    if handled:
+        raise handled[-1]
+    return state.result()
 
 
 @task(name="publish-artifacts", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=NO_CACHE)

@@ -107,10 +107,11 @@ class SeaweedS3:
 
 
 @contextlib.contextmanager
-def bench_s3(tmp: Path, bucket: str):
-    """A SeaweedFS server for a benchmark, under `tmp`, with `bucket` made and this process pointed at it."""
+def bench_s3(tmp: Path, bucket: str, volumes: int = 8):
+    """A SeaweedFS server for a benchmark, under `tmp`, with `bucket` made and this process pointed at it.
+    volumes: of 64 MB each (the server's default 8 hold ~500 MB; more answer a PUT with 500 InternalError)."""
     (tmp / "weed").mkdir()
-    server = SeaweedS3(tmp / "weed").start().use(bucket, "bench", "bench-secret")
+    server = SeaweedS3(tmp / "weed", [f"-volume.max={volumes}"]).start().use(bucket, "bench", "bench-secret")
     try:
         yield server
     finally:

@@ -234,6 +234,7 @@ class NodeWatch:
         self.lost: str | None = None
         self.on_lost: Callable[[], None] | None = None
         self.stopped_stream = False  # on_lost was called: the stream did not end by itself
+        self.holders: dict[str, set[str]] = {}  # stage -> the nodes its bundles were seen on
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ifbatch-node-watch", daemon=True)
 
@@ -267,14 +268,25 @@ class NodeWatch:
                 return
 
     def check(self) -> str | None:
+        """None while every node holding the groups' bundles is alive; else which left, by id and address."""
         import ray
         from ray.util import placement_group_table
 
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        nodes = {n["NodeID"]: n for n in ray.nodes()}  # a node that left is still listed, not alive
+        alive = {i for i, n in nodes.items() if n.get("Alive")}
         for stage, pg in self.groups.items():
             table = placement_group_table(pg)
-            gone = sorted({n for n in table.get("bundles_to_node_id", {}).values() if n and n not in alive})
+            held = {n for n in table.get("bundles_to_node_id", {}).values() if n}
+            self.holders.setdefault(stage, set()).update(held)  # while rescheduling, Ray no longer says where
+            gone = sorted((held if held - alive else self.holders[stage]) - alive)
             if table.get("state") == "RESCHEDULING" or gone:
-                which = f"node {', '.join(n[:12] for n in gone)}" if gone else "a node"
-                return f"{which} holding {stage}'s planned GPUs left the Ray cluster"
+                which = ", ".join(_node_name(n, nodes.get(n)) for n in gone) if gone else "an unnamed node"
+                return f"node {which} holding {stage}'s planned GPUs left the Ray cluster"
         return None
+
+
+def _node_name(node_id: str, node: dict | None) -> str:
+    """A node as an operator finds it: the id's first 12 characters (`ray list nodes` shows the whole) and its
+    address."""
+    address = (node or {}).get("NodeManagerAddress")
+    return f"{node_id[:12]} ({address})" if address else node_id[:12]

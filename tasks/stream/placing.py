@@ -45,7 +45,7 @@ class Placement:
         if lost:
             return ClusterChanged(
                 f"{lost} mid-run, so the run stopped; a rerun plans for the GPUs that remain "
-                f"(stream error: {type(error).__name__}: {str(error)[:300]})"
+                f"(stream error: {type(error).__name__}: {' '.join(str(error).split())[:300]})"
             )
         return error
 

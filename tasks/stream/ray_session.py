@@ -17,15 +17,16 @@ from . import interrupt
 
 
 def quiet_ray_data() -> None:
-    """Ray Data prints its execution plan, start and finish lines on the console; they stay in its own log file
-    (the session's logs/ray-data/), the console shows its errors only. `IFBATCH_VERBOSE=1` keeps them all."""
+    """Ray Data prints its execution plan, start and finish lines on the console, and an operator's failure as
+    tracebacks (a lost node: two chained, ~100 lines); all of it stays in its own log file (the Ray session's
+    logs/ray-data.log) and the run says what stopped it in one line. `IFBATCH_VERBOSE=1` keeps them all."""
     import ray.data  # noqa: F401  (configures the "ray.data" logger)
 
     if verbose():
         return
     for handler in logging.getLogger("ray.data").handlers:
         if handler.get_name() == "console":
-            handler.setLevel(logging.ERROR)
+            handler.setLevel(logging.CRITICAL + 1)
 
 
 REACH_S = 15.0  # a cluster address that does not answer within this is refused (exit 2), not waited on

@@ -36,7 +36,7 @@ def cluster():
     import ray
 
     assert not ray.is_initialized(), "run before any test that uses the session's ray_cluster (see the docstring)"
-    with fake_gpu_cluster(SHAPE, object_store_mb=128, head_cpus=2) as (c, nodes):
+    with fake_gpu_cluster(SHAPE, object_store_mb=128, head_cpus=2, quick_node_death=True) as (c, nodes):
         ray.init(address=c.address, logging_level="WARNING")
         try:
             yield c, nodes
@@ -275,3 +275,31 @@ def test_ifbatch_plan_counts_the_clusters_nodes_and_free_gpus(cluster):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "cluster: 4 + 4 + 2 GPUs on 3 nodes" in res.stdout and "plan: 10 x H200 (48 GB)" in res.stdout
     assert "the GPUs are split 7 x (stage_2 + stage_3), 3 x (text_encoder + stage_1)" in res.stdout, res.stdout
+
+
+def test_a_node_that_leaves_is_named_by_id_and_address(cluster):
+    """The node watch's reason names the node that left as an operator finds it (`ray list nodes`): its id and
+    address, also once Ray has begun to reschedule the group and no longer says where its bundles were."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from ifbatch.tasks.stream.cluster import NodeWatch
+
+    c, _ = cluster
+    extra = c.add_node(num_cpus=1, num_gpus=1, resources={"leaving": 1}, object_store_memory=128 << 20)
+    c.wait_for_nodes()
+    pg = placement_group([{"GPU": 1, "leaving": 1}])
+    ray.get(pg.ready(), timeout=60)
+    watch = NodeWatch({"stage_3": pg})
+    assert watch.check() is None
+    c.remove_node(extra, allow_graceful=False)
+    deadline, lost = time.monotonic() + 60, None
+    while lost is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        lost = watch.check()
+    assert (
+        lost
+        == f"node {extra.node_id[:12]} ({extra.node_ip_address}) holding stage_3's planned GPUs left the Ray cluster"
+    )
+    release({"stage_3": pg})
+    all_free()

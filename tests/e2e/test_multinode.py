@@ -122,11 +122,17 @@ def test_plans_for_every_gpu_of_uneven_nodes_and_survives_losing_one(cluster, ti
     done_before = ok_records(out)
     if proc.returncode != 0:  # generation had started: exit 1, not "could not start", and a run record says why
         assert proc.returncode == 1 and "stopped after generation started" in stderr, stderr[-3000:]
-        assert re.search(r"(node [0-9a-f]{12}|a node) holding stage_\d's planned GPUs left the Ray cluster", stderr)
-        assert "Rerun the same command" in stderr, stderr[-3000:]
+        lost = workers[0]  # named as an operator finds it: id and address
+        named = rf"node {lost.node_id[:12]} \({re.escape(lost.node_ip_address)}\) holding stage_\d's planned GPUs left"
+        assert re.search(named, stderr) and "Rerun the same command" in stderr, stderr[-3000:]
+        # the terminal has ifbatch's lines, not the libraries' tracebacks (Ray Data's, Ray core's, Prefect's: 167
+        # lines before); the whole cause is in the run record (and the flow run's logs on the dashboard)
+        assert "Traceback" not in stdout + stderr and "  File " not in stdout + stderr, stderr[-5000:]
         assert 0 < len(done_before) < images
         stopped = [json.loads(p.read_text()) for p in Path(out, "runs").glob("*.json")]
-        assert [r["counts"]["done"] for r in stopped if r.get("status") == "stopped"] == [len(done_before)]
+        stopped = [r for r in stopped if r.get("status") == "stopped"]
+        assert [r["counts"]["done"] for r in stopped] == [len(done_before)]
+        assert "Traceback" in stopped[0]["traceback"] and "ClusterChanged" in stopped[0]["traceback"]
     res = run_cli(prompts, out, c.address, env, *tiny)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{len(done_before)} images already in the manifest are skipped" in res.stdout + res.stderr or (

@@ -48,12 +48,21 @@ def test_bad_table_fails_before_any_model_loads(tmp_path, ray_cluster, prefect_a
     assert not never.exists()  # the tiny cascade was not even built
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.logging.handlers import APILogHandler
 
+    APILogHandler().flush()  # the run's logs, sent in batches, are in the API
     with get_client(sync_client=True) as client:  # a table only the user can fix is not retried
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         )
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     assert [(r.name.split("-")[0], r.run_count, r.state.type.value) for r in runs] == [("preflight", 1, "FAILED")]
+    assert "no column 'prompt'" in runs[0].state.message  # the task's state says why, in one line ...
+    assert logs and not [g.message for g in logs if "Traceback" in g.message]  # ... with no traceback of it
 
 
 def test_manual_placement_follows_the_config_and_auto_plans_the_gpu(tmp_path, tiny_set, ray_cluster, prefect_api):

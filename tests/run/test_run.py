@@ -291,6 +291,9 @@ def test_a_store_failing_every_put_mid_run_stops_it_and_the_rerun_resumes(tmp_pa
         assert run.returncode == 1, stderr[-3000:]
         assert "stopped after generation started" in stderr and str(tmp_path / "spill") in stderr, stderr[-3000:]
         assert "InternalError" in stderr and "Rerun the same command to resume" in stderr
+        assert "Traceback" not in stdout + stderr  # one line says why; the whole cause is in the run record
+        records = [json.loads(p.read_text()) for p in (tmp_path / "spill").rglob("*.json")]
+        assert [r["status"] for r in records] == ["stopped"] and "InternalError" in records[0]["traceback"]
         assert proxy.refused > 0
         proxy.failing.clear()
         spilled = [p for p in (tmp_path / "spill").rglob("*.parquet")]
