@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 from ifbatch.configs.schema import RayConfig
@@ -37,11 +38,19 @@ class ClusterUnreachable(ConnectionError):
     came from."""
 
 
+# HTTP/2's connection preface and an empty SETTINGS frame (RFC 9113, 3.4): a gRPC server -- Ray's GCS and its
+# Client server are -- answers with a SETTINGS frame of its own at once; a head that is hung (stopped, swapping,
+# deadlocked) still has its port accept connections (the kernel does that) but says nothing.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+H2_SETTINGS = 4  # the frame type a server's first frame must have
+
+
 def reach(address: str, origin: str, timeout_s: float = REACH_S) -> None:
-    """Raise ClusterUnreachable unless the cluster at `address` accepts a connection within `timeout_s`: its GCS
-    (host:port), its Ray Client server (ray://host:port), or for `auto` the cluster a `ray start` on this machine
-    recorded. Ray itself retries a dead address for minutes, then for ever, saying only `Failed to connect to
-    GCS` (with an address other than the one given)."""
+    """Raise ClusterUnreachable unless the cluster at `address` answers within `timeout_s`: its GCS (host:port),
+    its Ray Client server (ray://host:port), or for `auto` the cluster a `ray start` on this machine recorded,
+    accepts a connection and speaks gRPC's HTTP/2 (its first frame, SETTINGS). Ray itself retries a dead address
+    for minutes, then for ever, saying only `Failed to connect to GCS` (with an address other than the one
+    given), and waits for ever on a head that accepts connections and does not answer."""
     import socket
 
     from ray._private.services import canonicalize_bootstrap_address
@@ -60,15 +69,34 @@ def reach(address: str, origin: str, timeout_s: float = REACH_S) -> None:
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise ClusterUnreachable(f"Ray cluster {given}: expected host:port, ray://host:port or auto")
+    seen = f" (its address on this machine: {target})" if target != address.removeprefix("ray://") else ""
+    deadline = time.monotonic() + timeout_s
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+            sock.sendall(H2_PREFACE)
+            first = b""
+            while len(first) < 9:  # a frame's header
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                got = sock.recv(9 - len(first))
+                if not got:
+                    break
+                first += got
+    except TimeoutError:
+        raise ClusterUnreachable(
+            f"Ray cluster {given} accepted the connection but did not answer in {timeout_s:.0f} s{seen}: is the "
+            f"head node hung (stopped, swapping, overloaded)? Check it (`ray status` on the head), or leave the "
+            f"address unset to run on a private local cluster"
+        ) from None
     except OSError as e:
-        seen = f" (its address on this machine: {target})" if target != address.removeprefix("ray://") else ""
         raise ClusterUnreachable(
             f"Ray cluster {given} does not answer{seen}: {type(e).__name__}: {e}. Is the head node up? Check the "
             f"address, or leave it unset to run on a private local cluster"
         ) from None
+    if len(first) < 9 or first[3] != H2_SETTINGS:
+        raise ClusterUnreachable(
+            f"Ray cluster {given}: what answers there is not a Ray cluster (no gRPC){seen}; the GCS port (6379 by "
+            f"default) or the Ray Client port (ray://, 10001) is expected"
+        )
 
 
 def address_origin(rc: RayConfig) -> str:

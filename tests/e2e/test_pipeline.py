@@ -65,6 +65,33 @@ def test_bad_table_fails_before_any_model_loads(tmp_path, ray_cluster, prefect_a
     assert logs and not [g.message for g in logs if "Traceback" in g.message]  # ... with no traceback of it
 
 
+def test_a_clusters_gcs_passes_reach_and_the_same_gcs_hung_is_refused(ray_cluster):
+    """`reach` speaks to Ray's real GCS (gRPC's HTTP/2): it answers at once; stopped (SIGSTOP: its port still
+    accepts connections) it is refused after the time given, and answers again once continued."""
+    import psutil
+
+    from ifbatch.tasks.stream.ray_session import ClusterUnreachable, reach
+
+    reach(ray_cluster, "RAY_ADDRESS")
+    port = int(ray_cluster.rsplit(":", 1)[1])
+    gcs = [  # the process listening on the cluster's address
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "gcs_server" in " ".join(p.info["cmdline"] or [])
+        and any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in p.net_connections("tcp"))
+    ]
+    assert len(gcs) == 1, gcs
+    gcs[0].suspend()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ClusterUnreachable, match="accepted the connection but did not answer in 1 s"):
+            reach(ray_cluster, "RAY_ADDRESS", timeout_s=1.0)
+        assert time.monotonic() - t0 < 3
+    finally:
+        gcs[0].resume()
+    reach(ray_cluster, "RAY_ADDRESS")
+
+
 def test_manual_placement_follows_the_config_and_auto_plans_the_gpu(tmp_path, tiny_set, ray_cluster, prefect_api):
     """The session's Ray cluster has 1 fake GPU. plan.mode=manual: each stage's actors get what the config asks,
     no placement group. Auto (the default): the plan's groups, recorded in the run record. The images of both
