@@ -140,7 +140,7 @@ class SafetyConfig(Section):
         None,
         description="Repo or directory with safety_checker/, feature_extractor/, watermarker/; null = stage_1.source.",
     )
-    revision: str | None = None
+    revision: str | None = Field(None, description="Hub branch, tag or commit of safety.source; null = its default.")
     p_threshold: float = Field(0.5, ge=0.0, le=1.0, description="NSFW score threshold.")
     w_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Watermark score threshold.")
 

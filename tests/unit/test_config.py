@@ -100,3 +100,18 @@ def test_best_of_k_needs_a_scorer_and_adds_its_stage():
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"unknown preset 'if-xxl'.*'if-xl'"):
         load_config("if-xxl")
+
+
+def test_the_configuration_reference_describes_every_key_and_is_current():
+    """docs/configuration.md is made from the schema (configs/reference.py): each key `--set` takes, described."""
+    from pathlib import Path
+
+    from ifbatch.configs.reference import keys, markdown
+
+    undescribed = [key for key, _, text in keys() if not text]
+    assert not undescribed, f"keys without a description in configs/schema.py: {undescribed}"
+    page = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert page.read_text() == markdown(), "stale: run python -m ifbatch.configs.reference > docs/configuration.md"
+    documented = {key for key, _, _ in keys()}
+    assert {"stage_1.steps", "data.min_clip_score", "output.format", "plan.gpu_tflops", "s3.endpoint_url"} <= documented
+    assert not {k for k in documented if k.startswith("s3.credentials")}  # secrets are never set by key
