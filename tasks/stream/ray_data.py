@@ -116,16 +116,25 @@ class RaySession:
         """Stop every stream this session started, before its placement groups and cluster go. A stream the run
         stopped taking records from (Ctrl-C, a failed write) is still running on Ray Data's executor thread; left
         to find the cluster gone, it printed a traceback ("Ray has not been started yet") after the run's last
-        line. Ray Data keeps a dataset's running executor as `_current_executor` (what its own `take` shuts)."""
+        line."""
         for ds in self.streams:
-            executor = getattr(ds, "_current_executor", None)
-            if executor is not None:
-                with contextlib.suppress(Exception):
-                    executor.shutdown(force=True)
+            stop_stream(ds)
         self.streams.clear()
 
     def failed(self, error: BaseException) -> BaseException:
         return self.placement.failed(error)
+
+
+def stop_stream(ds) -> bool:
+    """Shut the executor of a dataset whose stream is running, from any thread; whether one was running. Ray Data
+    keeps it as `_current_executor` (what its own `take` shuts), a private name: tests/e2e/test_ledger.py fails
+    when an upgrade changes it."""
+    executor = getattr(ds, "_current_executor", None)
+    if executor is None:
+        return False
+    with contextlib.suppress(Exception):
+        executor.shutdown(force=True)
+    return True
 
 
 class RayExecutor:

@@ -58,3 +58,28 @@ def test_a_stopped_run_reads_back_every_image_written_that_the_driver_had_not_ta
     after = write(batch(4, 2))  # after the stop: nothing written
     assert after.column("error").to_pylist() == [STOPPED] * 2
     assert after.column("sha256" if layout == "files" else "shard").null_count == 2
+
+
+def test_a_running_stream_is_stopped_from_another_thread(ray_cluster):
+    """RaySession.close stops a stream the run no longer reads (Ctrl-C, a lost node) through Ray Data's private
+    `_current_executor`: this fails when an upgrade of Ray Data moves it."""
+    import contextlib
+    import time
+
+    import ray
+
+    from ifbatch.tasks.stream.ray_data import stop_stream
+
+    def slow(batch):
+        time.sleep(0.2)
+        return batch
+
+    ds = ray.data.range(200, override_num_blocks=200).map_batches(slow, batch_size=1)
+    rows = iter(ds.iter_batches(batch_size=None))
+    next(rows)
+    assert stop_stream(ds), "Ray Data keeps no `_current_executor` on a running dataset: RaySession.close is blind"
+    t0, rest = time.monotonic(), 0
+    with contextlib.suppress(Exception):  # the stream ends, or fails: either way it stops
+        for _ in rows:
+            rest += 1
+    assert rest < 100 and time.monotonic() - t0 < 30, (rest, time.monotonic() - t0)
