@@ -45,8 +45,8 @@ class Figures:
 
     def line(self, checked: int) -> str:
         return (
-            f"manifest: {self.parts:,} parts read in {self.manifest_s:.1f} s; "
-            f"unrecorded: {self.unrecorded:,} files or shards found and read in {self.unrecorded_s:.1f} s; "
+            f"manifest: {self.parts:,} part{'s' if self.parts != 1 else ''} read in {self.manifest_s:.1f} s; "
+            f"unrecorded files and shards: {self.unrecorded:,} found and read in {self.unrecorded_s:.1f} s; "
             f"images: {checked:,} read and hashed in {self.images_s:.1f} s"
         )
 
