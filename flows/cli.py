@@ -148,11 +148,6 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     from ifbatch.tasks.run import preflight
 
-    try:  # the cluster answers, the table's columns, the output writable: before Prefect
-        preflight(params.prompts, params.output, cfg)
-    except USER_ERRORS as e:
-        print(f"ifbatch: {e}", file=sys.stderr)
-        return 2
     from .terminal import filtered_stderr, on_terminal, prefect_api, quiet_prefect_console, without_ray_notices
 
     if not args.verbose:
@@ -160,6 +155,11 @@ def _run(args: argparse.Namespace) -> int:
 
     with on_terminal():  # Ctrl-C / SIGTERM stop the run gracefully, a second one at once
         try:
+            try:  # the cluster answers, the table's columns, the output writable: before Prefect
+                preflight(params.prompts, params.output, cfg)
+            except USER_ERRORS as e:
+                print(f"ifbatch: {e}", file=sys.stderr)
+                return 2
             if not args.no_prefect:
                 prefect_api()  # before the filter: the API's process keeps the terminal's own stderr
             with (

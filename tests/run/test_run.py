@@ -394,3 +394,27 @@ def test_a_cluster_address_that_does_not_answer_is_refused_before_anything_start
     res = cli("plan", prompts, "--ray-address", dead, timeout=120)
     assert res.returncode == 2 and f"Ray cluster '{dead}' (--ray-address) does not answer" in res.stdout + res.stderr
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_run_stopped_while_it_waits_on_a_hung_cluster_says_so(sig, tmp_path):
+    """A head whose port accepts and never answers (hung): Ctrl-C or SIGTERM while `ifbatch run` waits on it ends
+    the run at once with its line and 128 + the signal, not a KeyboardInterrupt traceback or a silent death."""
+    import socket
+
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:2]})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        hung = f"127.0.0.1:{s.getsockname()[1]}"
+        run = start(["run", prompts, str(tmp_path / "out"), "--ray-address", hung], stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True)  # fmt: skip
+        s.settimeout(60)
+        conn, _ = s.accept()  # the run is in the check, waiting for the head's first frame
+        with conn:
+            t0 = time.monotonic()
+            run.send_signal(sig)
+            _, stderr = run.communicate(timeout=30)
+    assert run.returncode == 128 + sig, stderr[-3000:]
+    assert f"interrupted ({sig.name}) before any image was made" in stderr and "Traceback" not in stderr
+    assert time.monotonic() - t0 < 10
