@@ -189,6 +189,7 @@ def _plain_run(params, cfg) -> tuple[object, str, bool]:
     """The run without Prefect (tasks/run.py), its log lines on the terminal."""
     import logging
 
+    from ifbatch.tasks.context import RunParams
     from ifbatch.tasks.run import Run, RunEnded, operator_errors
 
     log = logging.getLogger("ifbatch.run")
@@ -199,7 +200,7 @@ def _plain_run(params, cfg) -> tuple[object, str, bool]:
         log.setLevel(logging.INFO)
         log.propagate = False  # the root logger's handlers (a library's) would print each line again
     try:
-        summary = Run(params.model_dump(), cfg, log=log)()
+        summary = Run(RunParams.of(params), cfg, log=log)()
     except RunEnded as e:
         return e.run, e.run.line, False
     except operator_errors() as e:

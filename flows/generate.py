@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ifbatch.configs import load_config, preset_names
 from ifbatch.configs.schema import CascadeConfig
 from ifbatch.tasks.artifacts import LiveProgress
-from ifbatch.tasks.context import RunStopped, RunSummary
+from ifbatch.tasks.context import RunParams, RunStopped, RunSummary
 from ifbatch.tasks.run import Run, RunEnded, cause_traceback, operator_errors
 from ifbatch.tasks.steps import prefect_step, publish_artifacts
 
@@ -101,7 +101,7 @@ def _generate(params: GenerateParams, log) -> RunSummary:
     ended Cancelled by Prefect's Cancel; then its artifacts."""
     cfg = params.config()
     run = Run(
-        params.model_dump(),
+        RunParams.of(params),
         cfg,
         log=log,
         step=prefect_step,

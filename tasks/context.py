@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import secrets
 import time
@@ -19,11 +20,43 @@ def new_run_id() -> str:
     return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
+@dataclass(frozen=True)
+class RunParams:
+    """A run's parameters as given (the flow's, `GenerateParams`; the CLI's arguments), typed; recorded in the run
+    record as they are. The config resolved from them is the run's `cfg`."""
+
+    prompts: str
+    output: str
+    preset: str = "tiny"
+    overrides: tuple[str, ...] = ()
+    prompt_column: str | None = None
+    ray_address: str | None = None
+    overwrite: bool = False
+    wait: bool = False
+    aws_credentials: str | None = None
+
+    @classmethod
+    def of(cls, given: Any) -> RunParams:
+        """From a mapping or any object with these fields (the flow's pydantic parameters)."""
+        if isinstance(given, RunParams):
+            return given
+        values = given if isinstance(given, dict) else {f: getattr(given, f) for f in cls.__dataclass_fields__}
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(
+                f"unknown run parameters {sorted(unknown)}; expected some of {list(cls.__dataclass_fields__)}"
+            )
+        return cls(**{**values, "overrides": tuple(values.get("overrides") or ())})
+
+    def record(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "overrides": list(self.overrides)}
+
+
 @dataclass
 class RunContext:
     """Filled in as the flow goes: the table's plan, what resume skipped, the pipeline's result, the models."""
 
-    params: dict[str, Any]  # the flow's parameters, as given
+    params: RunParams
     cfg: CascadeConfig
     run_id: str = field(default_factory=new_run_id)
     started: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
@@ -43,7 +76,7 @@ class RunContext:
 
     @property
     def output(self) -> str:
-        return self.params["output"]
+        return self.params.output
 
     @property
     def loc(self) -> Location:

@@ -30,7 +30,7 @@ from ifbatch.models.cascade import resolve_cascade
 from ifbatch.models.loading import ModelLoadError
 from ifbatch.models.tiny import tiny_ready
 
-from .context import Cancelled, RunContext, RunStopped, RunSummary, StoppedRun
+from .context import Cancelled, RunContext, RunParams, RunStopped, RunSummary, StoppedRun
 from .inputs.expand import image_count, without_done
 from .inputs.prompts import PromptPlan, PromptTableError, read_prompts
 from .outputs.adopt import mark_closed, mark_open, open_runs, take_over
@@ -99,12 +99,12 @@ def plain_step(name: str, fn: Callable[[], T], retries: int) -> T:
 
 
 class Run:
-    """params: the run's parameters as given (prompts, output, overrides, overwrite, wait ...; recorded);
-    cfg: the resolved config."""
+    """params: the run's parameters as given (RunParams, or a mapping of its fields; recorded); cfg: the resolved
+    config."""
 
     def __init__(
         self,
-        params: dict[str, Any],
+        params: RunParams | dict[str, Any],
         cfg: CascadeConfig,
         *,
         log: logging.Logger | logging.LoggerAdapter | None = None,
@@ -115,7 +115,7 @@ class Run:
         executor=None,
         log_every_s: float = 10.0,
     ):
-        self.ctx = RunContext(params, cfg)
+        self.ctx = RunContext(RunParams.of(params), cfg)
         self.log = log or logging.getLogger("ifbatch.run")
         self.step = step
         self.slot = slot or (lambda ctx: contextlib.nullcontext())
@@ -126,11 +126,11 @@ class Run:
 
     def __call__(self) -> RunSummary:
         ctx, log = self.ctx, self.log
-        log.info("run %s: preset %s, %s -> %s", ctx.run_id, ctx.cfg.preset, ctx.params["prompts"], ctx.output)
+        log.info("run %s: preset %s, %s -> %s", ctx.run_id, ctx.cfg.preset, ctx.params.prompts, ctx.output)
         self.step("preflight", self.preflight, 1)
         with (
             self.slot(ctx) as ctx.gpu_slot,  # the flow's: runs that share the GPUs queue
-            Lease(ctx.loc, ctx.run_id).held(wait=bool(ctx.params.get("wait")), log=log.info),  # one run per output
+            Lease(ctx.loc, ctx.run_id).held(wait=ctx.params.wait, log=log.info),  # one run per output
         ):
             ctx.plan = self.step("read-prompts", self.read, 2)
             rows, ctx.skipped = self.step("plan-resume", self.resume, 2)
@@ -150,10 +150,10 @@ class Run:
 
     def preflight(self) -> None:
         """Before any model or cluster: the table's columns can be read and the output can be written."""
-        preflight(self.ctx.params["prompts"], self.ctx.output, self.ctx.cfg)
+        preflight(self.ctx.params.prompts, self.ctx.output, self.ctx.cfg)
 
     def read(self) -> PromptPlan:
-        prompts = self.ctx.params["prompts"]
+        prompts = self.ctx.params.prompts
         plan = read_prompts(prompts, self.ctx.cfg)
         self.log.info(
             "read %d rows from %s: %d valid, %d rejected", plan.total, prompts, plan.rows.num_rows, len(plan.rejected)
@@ -164,7 +164,7 @@ class Run:
         """Rows still to generate. overwrite deletes earlier outputs first; otherwise rows already ok are skipped."""
         ctx, log = self.ctx, self.log
         loc, rows = ctx.loc, ctx.plan.rows
-        if ctx.params.get("overwrite"):
+        if ctx.params.overwrite:
             for sub in (MANIFEST_DIR, *(fmt.folder for fmt in FORMATS.values())):
                 if loc.fs.exists(loc.path(sub)):
                     loc.fs.rm(loc.path(sub), recursive=True)
@@ -259,7 +259,7 @@ class Run:
 
         stops = [listen(log_progress), *(listen(make(ctx.run_id, images)) for make in self.listeners)]
         try:
-            explicit = override_keys(ctx.params.get("overrides") or [])
+            explicit = override_keys(list(ctx.params.overrides))
             with self.executor.open(cfg, explicit, images, ctx.loc) as session:
                 for line in session.lines:
                     log.info("%s", line)
@@ -310,7 +310,7 @@ class Run:
             run_id=ctx.run_id,
             started=ctx.started,
             finished=dt.datetime.now(dt.UTC).isoformat(),
-            params=ctx.params,
+            params=ctx.params.record(),
             config=ctx.cfg.model_dump(mode="json"),
             gpu_slot=ctx.gpu_slot,
             models=ctx.models,

@@ -61,7 +61,7 @@ def publish_artifacts(summary: RunSummary, ctx: RunContext) -> str | None:
     )
     sample = ctx.plan.rows.slice(0, 5).select(["id", "prompt"]).to_pylist()
     md = summary_markdown(
-        summary, ctx.cfg.preset, ctx.models, ctx.params["prompts"], loc.uri(loc.path(MANIFEST_DIR)), sheet, sample
+        summary, ctx.cfg.preset, ctx.models, ctx.params.prompts, loc.uri(loc.path(MANIFEST_DIR)), sheet, sample
     )
     create_markdown_artifact(
         key=artifact_key(summary.run_id, "summary"), markdown=md, description=f"ifbatch run {summary.run_id}: summary"

@@ -396,7 +396,7 @@ def test_a_cluster_address_that_does_not_answer_is_refused_before_anything_start
     assert time.monotonic() - t0 < 60
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_run_stopped_while_it_waits_on_a_hung_cluster_says_so(sig, tmp_path):
     """A head whose port accepts and never answers (hung): Ctrl-C or SIGTERM while `ifbatch run` waits on it ends
     the run at once with its line and 128 + the signal, not a KeyboardInterrupt traceback or a silent death."""

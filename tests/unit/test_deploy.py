@@ -69,3 +69,22 @@ def test_prefect_yaml_is_written_from_the_definitions_serve_uses():
     assert doc["deployments"][0]["description"] == served["generate"].description
     path, func = ENTRYPOINT.split(":")
     assert (ROOT / path).exists() and f"def {func}(" in (ROOT / path).read_text()
+
+
+def test_the_run_takes_every_flow_parameter_typed():
+    """The flow's parameters (the Run form, the CLI's arguments) and the run's typed parameters are the same set:
+    a parameter added to one and not the other fails here, not by a key missing mid-run."""
+    import dataclasses
+
+    import pytest
+
+    from ifbatch.flows.generate import GenerateParams
+    from ifbatch.tasks.context import RunParams
+
+    assert set(GenerateParams.model_fields) == {f.name for f in dataclasses.fields(RunParams)}
+    given = GenerateParams(prompts="p.parquet", output="s3://b/o", overrides=["seed=3"], wait=True)
+    params = RunParams.of(given)
+    assert params.overrides == ("seed=3",) and params.wait and params.record()["overrides"] == ["seed=3"]
+    assert params.record() == given.model_dump()  # the run record keeps them as given
+    with pytest.raises(TypeError, match=r"unknown run parameters \['outptu'\]"):
+        RunParams.of({"prompts": "p", "outptu": "o"})
