@@ -108,7 +108,9 @@ def on_terminal() -> Iterator[None]:
     from ifbatch.tasks.stream import interrupt
 
     interrupt.arm()
-    before = {s: signal.signal(s, interrupt.raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too: a process started with it ignored (a shell's background job, a test runner's worker) would
+    # otherwise ignore Ctrl-C until the stream starts, and the stream heeds it
+    before = {s: signal.signal(s, interrupt.raise_interrupt) for s in interrupt.STOPS}
     try:
         yield
     finally:

@@ -77,11 +77,10 @@ def write_table(loc: Location, table: pa.Table, name: str, spill: bool = False) 
     return path
 
 
-def _read_part(loc: Location, path: str, columns: list[str], data: bytes | None = None) -> pa.Table:
-    """A part's columns (from its bytes, `data`, when they were fetched already); one an older ifbatch did not write
-    comes back as nulls. Read whole in one request (a part is one flush of records, small; a ranged open costs a
-    HEAD and a GET per footer and column)."""
-    pf = pq.ParquetFile(pa.BufferReader(loc.fs.cat_file(path) if data is None else data))
+def _read_part(loc: Location, path: str, columns: list[str]) -> pa.Table:
+    """A part's columns; one an older ifbatch did not write comes back as nulls. Read whole in one request (a part
+    is one flush of records, small; a ranged open costs a HEAD and a GET per footer and column)."""
+    pf = pq.ParquetFile(pa.BufferReader(loc.fs.cat_file(path)))
     have = set(pf.schema_arrow.names)
     t = pf.read(columns=[c for c in columns if c in have])
     for c in columns:
@@ -100,20 +99,16 @@ def read_manifest(
     when nothing was written yet. Memory follows the records, not the parts: parts are read BATCH at a time and each
     batch is cut down to its latest records and made one contiguous table before the next is read (a part read on
     its own costs ~80 KB of Arrow and Python objects, whatever it holds: 100,000 parts held at once took ~8 GB).
-    A batch's parts are fetched together (on S3, READERS requests at once) while the one before is decoded."""
+    A batch's parts are read READERS at once (on S3, as many requests)."""
     cols = list(columns) if columns else SCHEMA.names
     need = list(dict.fromkeys(["id", "written_at", *cols]))
     wanted = None if ids is None else pa.array(sorted(set(ids)), pa.string())
     paths = part_paths(loc) if paths is None else paths
-    batches = [paths[start : start + BATCH] for start in range(0, len(paths), BATCH)]
-    fetch = lambda batch: loc.fs.cat(batch, batch_size=READERS)  # noqa: E731  {path: bytes}
     kept = []
-    with ThreadPoolExecutor(max_workers=1) as fetcher:
-        coming = fetcher.submit(fetch, batches[0]) if batches else None
-        for i, batch in enumerate(batches):
-            data = coming.result()
-            coming = fetcher.submit(fetch, batches[i + 1]) if i + 1 < len(batches) else None
-            t = pa.concat_tables([_read_part(loc, p, need, data.pop(p)) for p in batch])
+    with ThreadPoolExecutor(max_workers=min(READERS, max(1, len(paths)))) as pool:  # parts are I/O: read at once
+        for start in range(0, len(paths), BATCH):
+            # one path at a time: a list given to fsspec's cat is globbed, and an output's name may hold [ ] or *
+            t = pa.concat_tables(pool.map(lambda path: _read_part(loc, path, need), paths[start : start + BATCH]))
             if wanted is not None:
                 t = t.filter(pc.is_in(t.column("id"), value_set=wanted))
             # the latest of a batch's records keep their order: the latest of the batches' latest is the latest

@@ -80,3 +80,14 @@ def test_read_in_batches_gives_what_one_read_of_every_part_gives(tmp_path, monke
         monkeypatch.setattr(manifest, "BATCH", batch)
         assert read_manifest(loc).to_pylist() == whole
         assert read_manifest(loc, ["id", "status"], ids=["c"]).to_pylist() == [{"id": "c", "status": "s4"}]
+
+
+def test_an_output_whose_name_holds_glob_characters_reads(tmp_path):
+    """An output path is anything a user types (the Run form): [ ] and * are not patterns to the manifest reader."""
+    loc = locate(str(tmp_path / "out (v2) [a](x) *"))
+    write_part(loc, records(["a", "b"], ["ok", "ok"]), "run1", "{}", 0)
+    write_part(loc, records(["b"], ["failed"]), "run2", "{}", 0)
+    assert [(r["id"], r["status"]) for r in read_manifest(loc, ["id", "status"]).to_pylist()] == [
+        ("a", "ok"),
+        ("b", "failed"),
+    ]
