@@ -10,6 +10,7 @@ flushed one record at a time: the worst case per part), every record an `ok` ima
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -129,27 +130,22 @@ def main() -> int:
         fill(tmp / "out", args.parts)
         print(f"  {args.parts:,} parts and images written in {time.perf_counter() - t0:.0f} s", flush=True)
         for target in args.targets:
-            if target == "folder":
-                uri = str(tmp / "folder")
-                shutil.copytree(tmp / "out", uri)
-                server = None
-            else:
-                server = bench_s3(tmp, BUCKET, volumes=64)  # ~1.3 GB of parts and images
-                server.__enter__()
-                import s3fs
+            with contextlib.ExitStack() as stack:
+                if target == "folder":
+                    uri = str(tmp / "folder")
+                    shutil.copytree(tmp / "out", uri)
+                else:
+                    stack.enter_context(bench_s3(tmp, BUCKET, volumes=64))  # ~1.3 GB of parts and images
+                    import s3fs
 
-                t0 = time.perf_counter()
-                s3fs.S3FileSystem().put(str(tmp / "out") + "/", f"{BUCKET}/out", recursive=True)
-                print(f"  uploaded to S3 in {time.perf_counter() - t0:.0f} s", flush=True)
-                uri = f"s3://{BUCKET}/out"
-            try:
+                    t0 = time.perf_counter()
+                    s3fs.S3FileSystem().put(str(tmp / "out") + "/", f"{BUCKET}/out", recursive=True)
+                    print(f"  uploaded to S3 in {time.perf_counter() - t0:.0f} s", flush=True)
+                    uri = f"s3://{BUCKET}/out"
                 for tool in TOOLS:
                     r = run_tool(tool, uri)
                     results.append({"target": target, "parts": args.parts, "tool": tool, **r})
                     print(f"  {target} {tool}: {r}", flush=True)
-            finally:
-                if server is not None:
-                    server.__exit__(None, None, None)
 
     print(f"\nmachine: {platform.node()} ({os.cpu_count()} CPUs), {platform.platform()}; S3: a local SeaweedFS server")
     print(f"\n{args.parts:,} manifest parts of one record each, every record an ok image\n")

@@ -276,9 +276,9 @@ class NodeWatch:
         alive = {i for i, n in nodes.items() if n.get("Alive")}
         for stage, pg in self.groups.items():
             table = placement_group_table(pg)
-            held = {n for n in table.get("bundles_to_node_id", {}).values() if n}
-            self.holders.setdefault(stage, set()).update(held)  # while rescheduling, Ray no longer says where
-            gone = sorted((held if held - alive else self.holders[stage]) - alive)
+            held = self.holders.setdefault(stage, set())  # while rescheduling, Ray no longer says where: remembered
+            held.update(n for n in table.get("bundles_to_node_id", {}).values() if n)
+            gone = sorted(held - alive)
             if table.get("state") == "RESCHEDULING" or gone:
                 which = ", ".join(_node_name(n, nodes.get(n)) for n in gone) if gone else "an unnamed node"
                 return f"node {which} holding {stage}'s planned GPUs left the Ray cluster"
