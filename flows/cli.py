@@ -139,13 +139,14 @@ def _run(args: argparse.Namespace) -> int:
 
     from ifbatch.flows.generate import GenerateParams
     from ifbatch.tasks.run import USER_ERRORS
+    from ifbatch.tasks.run_record import NOT_STARTED
 
     try:
         params = GenerateParams(**{name: getattr(args, name) for name in GenerateParams.model_fields})
         cfg = params.config()  # refuse bad overrides before anything starts
     except (*USER_ERRORS, ValueError) as e:  # ValueError: pydantic's, for a parameter
         print(f"ifbatch: {e}", file=sys.stderr)
-        return 2
+        return NOT_STARTED
     from ifbatch.tasks.run import preflight
 
     from .terminal import filtered_stderr, on_terminal, prefect_api, quiet_prefect_console, without_ray_notices
@@ -159,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
                 preflight(params.prompts, params.output, cfg)
             except USER_ERRORS as e:
                 print(f"ifbatch: {e}", file=sys.stderr)
-                return 2
+                return NOT_STARTED
             if not args.no_prefect:
                 prefect_api()  # before the filter: the API's process keeps the terminal's own stderr
             with (
@@ -177,20 +178,20 @@ def _run(args: argparse.Namespace) -> int:
             return 128 + signum
 
 
-def _flow_run(params) -> tuple[object, str, bool]:
-    """The run as a Prefect flow run: (its summary or stopped run, the state's message, whether it completed)."""
+def _flow_run(params) -> tuple[object, str]:
+    """The run as a Prefect flow run: (its run record, or what stopped it before it had one; the state's message)."""
     from ifbatch.flows.generate import generate
 
     state = generate(params, return_state=True)
-    return state.result(raise_on_failure=False), state.message, state.is_completed()
+    return state.result(raise_on_failure=False), state.message
 
 
-def _plain_run(params, cfg) -> tuple[object, str, bool]:
+def _plain_run(params, cfg) -> tuple[object, str]:
     """The run without Prefect (tasks/run.py), its log lines on the terminal."""
     import logging
 
-    from ifbatch.tasks.context import RunParams
-    from ifbatch.tasks.run import Run, RunEnded, operator_errors
+    from ifbatch.tasks.run import Run, operator_errors
+    from ifbatch.tasks.run_record import RunParams
 
     log = logging.getLogger("ifbatch.run")
     if not log.handlers:
@@ -200,21 +201,18 @@ def _plain_run(params, cfg) -> tuple[object, str, bool]:
         log.setLevel(logging.INFO)
         log.propagate = False  # the root logger's handlers (a library's) would print each line again
     try:
-        summary = Run(RunParams.of(params), cfg, log=log)()
-    except RunEnded as e:
-        return e.run, e.run.line, False
+        record = Run(RunParams.of(params), cfg, log=log)()
     except operator_errors() as e:
         reason = f"{type(e).__name__}: {e}"
         log.error("run failed: %s", reason)
-        return None, reason, False
-    message = summary.report
-    return summary, message, summary.ok
+        return None, reason
+    return record, record.line
 
 
 def _generate(params, cfg, progress_bar: bool, prefect: bool = True) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ifbatch.tasks.context import RunSummary, StoppedRun
+    from ifbatch.tasks.run_record import RunRecord, exit_code
     from ifbatch.tasks.stream import progress
 
     bar = None
@@ -233,26 +231,25 @@ def _generate(params, cfg, progress_bar: bool, prefect: bool = True) -> int:
         bar.start()
     t0 = time.monotonic()
     try:
-        summary, message, completed = _flow_run(params) if prefect else _plain_run(params, cfg)
+        record, message = _flow_run(params) if prefect else _plain_run(params, cfg)
     finally:
         if bar is not None:
             bar.stop()
             stop()
-    if isinstance(summary, StoppedRun):  # generation started, then stopped (or interrupted): what was done is recorded
-        print(f"ifbatch: {summary.line}", file=sys.stderr)
-        return summary.exit_code
-    if not isinstance(summary, RunSummary):  # the run could not start: bad table, config, model or storage
-        print(f"ifbatch: run failed: {message or summary}", file=sys.stderr)
-        return 2
-    print(message)
-    wall = time.monotonic() - t0
-    print(
-        f"wall {wall:.1f} s: run {summary.seconds:.1f} s, of which start-up (cluster, models, placement) "
-        f"{summary.startup_seconds:.1f} s; {summary.rows_per_second:.2f} images/s while generating"
-    )
-    for err in summary.errors[:5]:
-        print(f"  failed {err['id']}: {err['error']}", file=sys.stderr)
-    return 0 if completed else 1
+    if not isinstance(record, RunRecord):  # the run could not start: bad table, config, model or storage
+        print(f"ifbatch: run failed: {message or record}", file=sys.stderr)
+    elif record.status not in ("done", "failed"):  # it stopped or was interrupted: what was done is recorded
+        print(f"ifbatch: {record.line}", file=sys.stderr)
+    else:
+        print(record.line)
+        wall = time.monotonic() - t0
+        print(
+            f"wall {wall:.1f} s: run {record.seconds:.1f} s, of which start-up (cluster, models, placement) "
+            f"{record.startup_seconds:.1f} s; {record.rows_per_second:.2f} images/s while generating"
+        )
+        for err in record.errors[:5]:
+            print(f"  failed {err['id']}: {err['error']}", file=sys.stderr)
+    return exit_code(record)
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ifbatch.configs import load_config, preset_names
 from ifbatch.configs.schema import CascadeConfig
 from ifbatch.tasks.artifacts import LiveProgress
-from ifbatch.tasks.context import RunParams, RunStopped, RunSummary
-from ifbatch.tasks.run import Run, RunEnded, cause_traceback, operator_errors
+from ifbatch.tasks.run import Run, operator_errors
+from ifbatch.tasks.run_record import RunParams, RunRecord
 from ifbatch.tasks.steps import prefect_step, publish_artifacts
 
 from .blocks import with_block_credentials
@@ -72,43 +72,44 @@ def _run_name() -> str:
 @flow(name="ifbatch-generate", flow_run_name=_run_name, validate_parameters=True)
 def generate(params: GenerateParams):
     """Generate data.images_per_prompt images (or a row's n) per prompt row through the IF cascade on Ray; write
-    images and a Parquet manifest."""
+    images and a Parquet manifest. The flow run's state is the run record's status (its data the record):
+    Completed when every image is done, Cancelled when interrupted, else Failed."""
     log = get_run_logger()
     try:
-        summary = _generate(params, log)
-    except RunEnded as s:  # generation had started: what was done is recorded, a rerun resumes
-        if s.run.status == "interrupted":  # the user stopped it (Ctrl-C on a terminal)
-            log.warning("run %s", s.run.line)
-            return PrefectCancelled(message=s.run.line, data=s.run)
-        log.error("run stopped: %s", s.run.line, extra=DETAIL)  # (on a terminal, ifbatch's last line says it)
-        if isinstance(s.__cause__, RunStopped):  # the whole cause, for the dashboard (the terminal shows the line)
-            log.error("what stopped it:\n%s", cause_traceback(s.__cause__), extra=DETAIL)
-        return Failed(message=s.run.line, data=s.run)
-    except operator_errors() as e:
+        record = _generate(params, log)
+    except operator_errors() as e:  # the run could not start: no record
         reason = f"{type(e).__name__}: {e}"
         log.error("run failed: %s", reason)
         return Failed(message=reason)
-    message = summary.report
-    if not summary.ok:
-        log.error("rows did not complete: %s", message)
-        return Failed(message=message, data=summary)
-    log.info(message)
-    return Completed(message=message, data=summary)
+    if record.status == "interrupted":  # the user stopped it (Ctrl-C on a terminal)
+        log.warning("run %s", record.line)
+        return PrefectCancelled(message=record.line, data=record)
+    if record.status == "stopped":  # generation had started: what was done is recorded, a rerun resumes
+        log.error("run stopped: %s", record.line, extra=DETAIL)  # (on a terminal, ifbatch's last line says it)
+        if record.traceback:  # the whole cause, for the dashboard (the terminal shows the line)
+            log.error("what stopped it:\n%s", record.traceback, extra=DETAIL)
+        return Failed(message=record.line, data=record)
+    if record.status == "failed":
+        log.error("rows did not complete: %s", record.line)
+        return Failed(message=record.line, data=record)
+    log.info(record.line)
+    return Completed(message=record.line, data=record)
 
 
-def _generate(params: GenerateParams, log) -> RunSummary:
+def _generate(params: GenerateParams, log) -> RunRecord:
     """The run (tasks/run.py), its steps as Prefect tasks, holding the GPU slot of its cluster (deployment runs),
-    ended Cancelled by Prefect's Cancel; then its artifacts."""
+    ended Cancelled by Prefect's Cancel; then, for a run that finished, its artifacts."""
     cfg = params.config()
     run = Run(
         RunParams.of(params),
         cfg,
         log=log,
         step=prefect_step,
-        slot=lambda ctx: gpu_slot(ctx.cfg.ray, log, flow_run.id, deployment.id),
+        slot=lambda cfg: gpu_slot(cfg.ray, log, flow_run.id, deployment.id),
         cancels=(TerminationSignal,),
         listeners=[LiveProgress],
     )
-    summary = run()
-    publish_artifacts(summary, run.ctx)
-    return summary
+    record = run()
+    if record.status in ("done", "failed"):
+        publish_artifacts(record, cfg)
+    return record

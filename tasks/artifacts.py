@@ -12,10 +12,10 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw
 
-from .context import RunSummary
 from .outputs.formats import read_image
 from .outputs.manifest import read_manifest
 from .outputs.records import RUNS_DIR
+from .run_record import RunRecord
 from .storage import Location
 from .stream.progress import Progress
 
@@ -54,9 +54,14 @@ class LiveProgress:
             update_progress_artifact(self.id, progress=pct, description=p.line())
 
 
-def contact_sheet(loc: Location, run_id: str, n: int = 16, thumb: int = 128, columns: int = 4) -> str | None:
-    """A grid of the first `n` ok images (by input row) with their ids; written as runs/<run>-contact-sheet.png."""
-    t = read_manifest(loc, ["id", "row", "status", "image_uri", "shard", "offset", "bytes"])
+def contact_sheet(
+    loc: Location, run_id: str, parts: list[str], n: int = 16, thumb: int = 128, columns: int = 4
+) -> str | None:
+    """A grid of the run's first `n` ok images (by input row) with their ids, from its own manifest `parts` (not the
+    whole output's); written as runs/<run>-contact-sheet.png."""
+    if not parts:
+        return None
+    t = read_manifest(loc, ["id", "row", "status", "image_uri", "shard", "offset", "bytes"], paths=parts)
     rows = sorted((r for r in t.to_pylist() if r["status"] == "ok"), key=lambda r: r["row"])[:n]
     if not rows:
         return None
@@ -98,18 +103,18 @@ def link(uri: str | None) -> str:
     return f"[{text}]({scheme}://{quote(rest, safe=keep)})"
 
 
-def counts_table(s: RunSummary) -> list[dict[str, Any]]:
-    total_stage = sum(s.stage_seconds_per_image.values()) or 1.0
+def counts_table(s: RunRecord) -> list[dict[str, Any]]:
+    total_stage, c = sum(s.stage_seconds_per_image.values()) or 1.0, s.counts
     rows: list[dict[str, Any]] = [
         {"what": k, "value": v}
         for k, v in (
-            ("rows in table", s.total),
-            ("images asked for", s.images),
-            ("done", s.done),
-            ("of them filtered (data.min_clip_score)", s.filtered),
-            ("rejected", s.rejected),
-            ("failed", s.failed),
-            ("skipped by resume", s.skipped),
+            ("rows in table", c.total),
+            ("images asked for", c.images),
+            ("done", c.done),
+            ("of them filtered (data.min_clip_score)", c.filtered),
+            ("rejected", c.rejected),
+            ("failed", c.failed),
+            ("skipped by resume", c.skipped),
             ("rows/s while generating", round(s.rows_per_second, 3)),
             ("rows/s in steady state (20-80%)", round(s.steady_rows_per_second, 3)),
             ("wall seconds", round(s.seconds, 1)),
@@ -118,9 +123,9 @@ def counts_table(s: RunSummary) -> list[dict[str, Any]]:
     if s.plan.get("images_per_second"):
         rows.append({"what": "images/s the plan estimated", "value": round(s.plan["images_per_second"], 3)})
         # this run's: its GPUs' seconds per image out in steady state, spread over the images it kept
-        k, kept = s.plan.get("candidates_per_image") or 1, s.done - s.filtered
+        k, kept = s.plan.get("candidates_per_image") or 1, c.done - c.filtered
         steady = s.steady_rows_per_second
-        per_kept = s.plan["gpus"] / steady * s.done / kept if kept and steady else None
+        per_kept = s.plan["gpus"] / steady * c.done / kept if kept and steady else None
         rows.append(
             {
                 "what": f"GPU-s per kept image, {k} candidate{'s' if k > 1 else ''} an image (planned / this run)",
@@ -133,7 +138,7 @@ def counts_table(s: RunSummary) -> list[dict[str, Any]]:
     return rows
 
 
-def plan_markdown(s: RunSummary) -> list[str]:
+def plan_markdown(s: RunRecord) -> list[str]:
     """The plan the run used, and what it estimated beside what the run measured."""
     p = s.plan
     if not p.get("stages"):
@@ -168,14 +173,13 @@ def plan_markdown(s: RunSummary) -> list[str]:
     return out
 
 
-def summary_markdown(
-    s: RunSummary, preset: str, models: dict, prompts: str, manifest_dir: str, sheet: str | None, sample: list[dict]
-) -> str:
-    status = "all images done" if s.ok else f"**{s.failed} failed, {s.rejected} rejected**"
+def summary_markdown(s: RunRecord, manifest_dir: str, sheet: str | None, sample: list[dict]) -> str:
+    status = "all images done" if s.ok else f"**{s.counts.failed} failed, {s.counts.rejected} rejected**"
+    preset, models, prompts = s.config.get("preset"), s.models, s.params.prompts
     lines = [
         f"# ifbatch run `{s.run_id}`",
         "",
-        f"{status}: {s.line}, in {s.seconds:.0f} s.",
+        f"{status}: {s.counts_line}, in {s.seconds:.0f} s.",
         "",
         f"- prompts: {link(prompts)}",
         f"- output: {link(s.output)}",

@@ -1,7 +1,8 @@
 """One run, with no Prefect in it: preflight -> (GPU slot, lease) -> read the table -> resume -> generate -> finish,
-or stop. It returns the run's summary (RunSummary) or raises RunEnded with what a stopped or interrupted run kept
-(StoppedRun); either way the run record is written. The Prefect flow (flows/generate.py) and the tests call it; what
-runs the stream is an executor (stream/executors.py): Ray by default, or this process (`executor=local`).
+or stop. Each step takes what it needs and returns what it made; the run returns its RunRecord (run_record.py),
+written as the run record, whether it finished, stopped or was interrupted. The Prefect flow (flows/generate.py)
+and the tests call it; what runs the stream is an executor (stream/executors.py): Ray by default, or this
+process (`executor=local`).
 
 Callers shape it without changing it: `step` runs each step (the flow makes each a Prefect task, retried where the
 step is idempotent); `slot` is held around the lease (the flow's GPU concurrency slot); `cancels` are the
@@ -13,11 +14,13 @@ flow's progress artifact).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -30,7 +33,6 @@ from ifbatch.models.cascade import resolve_cascade
 from ifbatch.models.loading import ModelLoadError
 from ifbatch.models.tiny import tiny_ready
 
-from .context import Cancelled, RunContext, RunParams, RunStopped, RunSummary, StoppedRun
 from .inputs.expand import image_count, without_done
 from .inputs.prompts import PromptPlan, PromptTableError, read_prompts
 from .outputs.adopt import mark_closed, mark_open, open_runs, take_over
@@ -46,11 +48,12 @@ from .outputs.shards import SHARDS_DIR
 from .outputs.spill import StoreDown, unspill
 from .preflight import OutputError
 from .preflight import preflight as check_table_and_output
-from .storage import storage_errors
+from .run_record import Cancelled, Counts, RunParams, RunRecord, RunStopped, new_run_id
+from .storage import locate, storage_errors
 from .stream.cluster import ClusterChanged
 from .stream.executors import executor_for
 from .stream.interrupt import Interrupted
-from .stream.pipeline import run_pipeline
+from .stream.pipeline import PipelineResult, run_pipeline
 from .stream.plan import PlanError
 from .stream.progress import Progress, listen
 from .stream.ray_session import ClusterUnreachable, address_origin, join_address, reach
@@ -77,14 +80,6 @@ def cause_traceback(stopped: RunStopped) -> str:
     return text if len(text) <= TRACEBACK_CHARS else "...\n" + text[-TRACEBACK_CHARS:]
 
 
-class RunEnded(Exception):
-    """A run that stopped after generation started, or was interrupted: what it kept (`run`), its record written."""
-
-    def __init__(self, run: StoppedRun):
-        super().__init__(run.line)
-        self.run = run
-
-
 def preflight(prompts: str, output: str, cfg: CascadeConfig) -> None:
     """Before anything starts: the cluster to join answers (bounded: stream/ray_session.reach), the table's columns
     can be read and the output written (tasks/preflight.py)."""
@@ -98,6 +93,28 @@ def plain_step(name: str, fn: Callable[[], T], retries: int) -> T:
     return fn()
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What resume found: the rows still to make, and what earlier runs had made."""
+
+    todo: pa.Table
+    skipped: int = 0  # images already in the manifest
+    adopted: int = 0  # whole images an earlier run left unrecorded, recorded by this one (outputs/adopt.py)
+    changed: dict | None = None  # done images remade for their other settings (outputs/drift.py)
+
+
+@dataclass
+class Generation:
+    """What generation made, filled in as it goes: what a run that stops mid-way keeps."""
+
+    result: PipelineResult = field(default_factory=PipelineResult)
+    models: dict[str, dict] = field(default_factory=dict)  # what each model is: source, commit, dtype
+    startup_seconds: float = 0.0
+    plan: dict = field(default_factory=dict)  # the placement plan the run used, or why there was none
+    settled: bool = False  # every image this run wrote is recorded (its mark on the output is removed)
+    interrupted: Interrupted | None = None  # the Ctrl-C / SIGTERM that stopped a terminal run's stream
+
+
 class Run:
     """params: the run's parameters as given (RunParams, or a mapping of its fields; recorded); cfg: the resolved
     config."""
@@ -109,69 +126,82 @@ class Run:
         *,
         log: logging.Logger | logging.LoggerAdapter | None = None,
         step: Callable[[str, Callable[[], Any], int], Any] = plain_step,
-        slot: Callable[[RunContext], contextlib.AbstractContextManager] | None = None,
+        slot: Callable[[CascadeConfig], contextlib.AbstractContextManager] | None = None,
         cancels: tuple[type[BaseException], ...] = (),
         listeners: Iterable[Callable[[str, int], Callable[[Progress], None]]] = (),
         executor=None,
         log_every_s: float = 10.0,
     ):
-        self.ctx = RunContext(RunParams.of(params), cfg)
+        self.params, self.cfg = RunParams.of(params), cfg
+        self.run_id, self.started, self.t0 = new_run_id(), dt.datetime.now(dt.UTC).isoformat(), time.monotonic()
+        self.loc = locate(self.params.output, cfg.s3)
         self.log = log or logging.getLogger("ifbatch.run")
         self.step = step
-        self.slot = slot or (lambda ctx: contextlib.nullcontext())
+        self.slot = slot or (lambda cfg: contextlib.nullcontext())
         self.cancels = cancels
         self.listeners = list(listeners)
         self.executor = executor or executor_for(cfg.executor)
         self.log_every_s = log_every_s
+        self.cancelled: RunRecord | None = None  # written once, by whichever of the stream or the run sees it first
 
-    def __call__(self) -> RunSummary:
-        ctx, log = self.ctx, self.log
-        log.info("run %s: preset %s, %s -> %s", ctx.run_id, ctx.cfg.preset, ctx.params.prompts, ctx.output)
+    def __call__(self) -> RunRecord:
+        p, log = self.params, self.log
+        log.info("run %s: preset %s, %s -> %s", self.run_id, self.cfg.preset, p.prompts, p.output)
         self.step("preflight", self.preflight, 1)
         with (
-            self.slot(ctx) as ctx.gpu_slot,  # the flow's: runs that share the GPUs queue
-            Lease(ctx.loc, ctx.run_id).held(wait=ctx.params.wait, log=log.info),  # one run per output
+            self.slot(self.cfg) as gpu_slot,  # the flow's: runs that share the GPUs queue
+            Lease(self.loc, self.run_id).held(wait=p.wait, log=log.info),  # one run per output
         ):
-            ctx.plan = self.step("read-prompts", self.read, 2)
-            rows, ctx.skipped = self.step("plan-resume", self.resume, 2)
+            plan = self.step("read-prompts", self.read, 2)
+            resumed = self.step("plan-resume", lambda: self.resume(plan.rows), 2)
+            made = Generation()
+
+            def record(status: str, stopped: RunStopped | None = None) -> RunRecord:
+                return self.record(status, gpu_slot, plan, resumed, made, stopped)
+
+            def cancel() -> None:  # what a run cancelled from outside did is recorded, once
+                if self.cancelled is None:
+                    self.cancelled = self.write(record("cancelled", RunStopped(Cancelled())))
+                    log.warning("%s", self.cancelled.line)
+
             try:
-                self.step("generate", lambda: self.generate(rows), 0)
-                if ctx.interrupted is not None:
-                    raise RunStopped(ctx.interrupted)
+                self.step("generate", lambda: self.generate(resumed.todo, made, cancel), 0)
+                if made.interrupted is not None:
+                    raise RunStopped(made.interrupted)
             except RunStopped as e:
-                stop = e
-                raise RunEnded(self.step("write-stopped-record", lambda: self.stopped(stop), 0)) from e
-            except self.cancels:  # cancelled from outside (Prefect) before or after the stream: record what was done
-                self.record_cancel()
+                stopped = e
+                status = "interrupted" if isinstance(e.cause, Interrupted) else "stopped"
+                return self.step("write-stopped-record", lambda: self.write(record(status, stopped)), 0)
+            except self.cancels:  # cancelled from outside (Prefect) before or after the stream
+                cancel()
                 raise
-            return self.step("write-run-record", self.finish, 2)
+            return self.step("write-run-record", lambda: self.finish(plan, made, record), 2)
 
     # -- the steps ------------------------------------------------------------------------------------------------
 
     def preflight(self) -> None:
         """Before any model or cluster: the table's columns can be read and the output can be written."""
-        preflight(self.ctx.params.prompts, self.ctx.output, self.ctx.cfg)
+        preflight(self.params.prompts, self.params.output, self.cfg)
 
     def read(self) -> PromptPlan:
-        prompts = self.ctx.params.prompts
-        plan = read_prompts(prompts, self.ctx.cfg)
+        prompts = self.params.prompts
+        plan = read_prompts(prompts, self.cfg)
         self.log.info(
             "read %d rows from %s: %d valid, %d rejected", plan.total, prompts, plan.rows.num_rows, len(plan.rejected)
         )
         return plan
 
-    def resume(self) -> tuple[pa.Table, int]:
+    def resume(self, rows: pa.Table) -> Resumed:
         """Rows still to generate. overwrite deletes earlier outputs first; otherwise rows already ok are skipped."""
-        ctx, log = self.ctx, self.log
-        loc, rows = ctx.loc, ctx.plan.rows
-        if ctx.params.overwrite:
+        loc, log, output = self.loc, self.log, self.params.output
+        if self.params.overwrite:
             for sub in (MANIFEST_DIR, *(fmt.folder for fmt in FORMATS.values())):
                 if loc.fs.exists(loc.path(sub)):
                     loc.fs.rm(loc.path(sub), recursive=True)
-            for run in open_runs(loc, but=ctx.run_id):  # nothing of theirs is left to take over
+            for run in open_runs(loc, but=self.run_id):  # nothing of theirs is left to take over
                 mark_closed(loc, run)
-            log.info("--overwrite: removed earlier manifest, images and shards under %s", ctx.output)
-            return rows, 0
+            log.info("--overwrite: removed earlier manifest, images and shards under %s", output)
+            return Resumed(rows)
         # from writes a full disk or a kill cut short
         leftovers = loc.temp_files(IMAGES_DIR, SHARDS_DIR, MANIFEST_DIR, RUNS_DIR)
         for path in leftovers:
@@ -181,7 +211,7 @@ class Run:
         uploaded = unspill(loc)
         if uploaded:
             log.info("wrote %d records an earlier run kept while the store was down: %s", len(uploaded), uploaded)
-        self.take_over(rows)
+        adopted = self.take_over(rows)
         for fmt in FORMATS.values():
             orphans = fmt.tidy(loc)  # what a reader would otherwise see twice once the run makes it again
             if orphans:
@@ -192,35 +222,35 @@ class Run:
                     fmt.folder,
                     ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""),
                 )
-        found = drift(loc, rows, ctx.cfg)
-        done = found.done
+        found = drift(loc, rows, self.cfg)
+        done, changed = found.done, None
         if len(done) == 0:
-            return rows, 0
+            return Resumed(rows, adopted=adopted)
         if found.changes:
-            files = ctx.cfg.output.format == "files"
-            if ctx.cfg.data.on_changed_settings == "refuse" or not files:
-                raise found.refusal(ctx.output, files)
+            files = self.cfg.output.format == "files"
+            if self.cfg.data.on_changed_settings == "refuse" or not files:
+                raise found.refusal(output, files)
             log.warning(
                 "remaking %d images made with other settings (data.on_changed_settings=remake): %s",
                 len(found.ids),
                 found.summary(),
             )
-            ctx.changed = found.record()
+            changed = found.record()
             done = pc.filter(done, pc.invert(pc.is_in(done, found.ids)))
         todo = without_done(rows, done)
-        skipped = image_count(rows) - image_count(todo) - ctx.adopted
+        skipped = image_count(rows) - image_count(todo) - adopted
         log.info("resuming: %d images already in the manifest are skipped, %d to generate", skipped, image_count(todo))
-        return todo, skipped
+        return Resumed(todo, skipped, adopted, changed)
 
-    def take_over(self, rows: pa.Table) -> None:
+    def take_over(self, rows: pa.Table) -> int:
         """After a run that ended before recording every image it wrote (its mark is left on the output): record
-        the whole images it left that this run would make exactly so, and make only the rest (outputs/adopt.py)."""
-        ctx, log = self.ctx, self.log
-        unclean = open_runs(ctx.loc, but=ctx.run_id)
+        the whole images it left that this run would make exactly so, and make only the rest (outputs/adopt.py).
+        Returns how many images it took over."""
+        loc, log = self.loc, self.log
+        unclean = open_runs(loc, but=self.run_id)
         if not unclean:
-            return
-        adopted = take_over(ctx.loc, rows, ctx.cfg, ctx.run_id)
-        ctx.adopted = adopted.images
+            return 0
+        adopted = take_over(loc, rows, self.cfg, self.run_id)
         log.info(
             "run %s ended before recording every image it wrote: %d whole images it left are taken over, not made "
             "again%s",
@@ -233,22 +263,24 @@ class Run:
         )
         if adopted.others:  # whole images another table's rerun will take over: the marks stay for it
             log.info("%d unrecorded files or shards hold images of another table: left for its rerun", adopted.others)
-            return
+            return adopted.images
         for run in unclean:  # every image they left is recorded now, or will be made again
-            mark_closed(ctx.loc, run)
+            mark_closed(loc, run)
+        return adopted.images
 
-    def generate(self, rows: pa.Table) -> None:
+    def generate(self, rows: pa.Table, made: Generation, cancel: Callable[[], None]) -> None:
         """Check the models, open the executor (Ray: start or join the cluster, plan and reserve the placement),
-        stream the rows through the stages. Fills ctx.result as records come; a stream that fails after it started
-        raises RunStopped (what was done is recorded); a Ctrl-C / SIGTERM on a terminal sets ctx.interrupted."""
-        ctx, log, t0 = self.ctx, self.log, time.monotonic()
-        cfg = ctx.cfg
+        stream the rows through the stages. Fills `made` as records come; a stream that fails after it started
+        raises RunStopped (what was done is recorded); a Ctrl-C / SIGTERM on a terminal sets made.interrupted.
+        cancel: records a run cancelled from outside (before the session's teardown: a cluster going away can hang
+        it past the 30 s Prefect gives a cancelled run before SIGKILL)."""
+        log, t0, cfg, run_id, loc = self.log, time.monotonic(), self.cfg, self.run_id, self.loc
         if cfg.tiny is not None and not tiny_ready(cfg.tiny.dir, cfg.tiny.seed):
             log.info(
                 "building the tiny random-weight cascade in %s (first use; it loads like real weights)",
                 cfg.tiny.dir,
             )
-        cfg, ctx.models = resolve_cascade(cfg)
+        cfg, made.models = resolve_cascade(cfg)
         images = image_count(rows)
         last = [0.0]
 
@@ -257,15 +289,16 @@ class Run:
                 last[0] = time.monotonic()
                 log.info("progress: %s", p.line())
 
-        stops = [listen(log_progress), *(listen(make(ctx.run_id, images)) for make in self.listeners)]
+        stops = [listen(log_progress), *(listen(make(run_id, images)) for make in self.listeners)]
         try:
-            explicit = override_keys(list(ctx.params.overrides))
-            with self.executor.open(cfg, explicit, images, ctx.loc) as session:
+            explicit = override_keys(list(self.params.overrides))
+            with self.executor.open(cfg, explicit, images, loc) as session:
                 for line in session.lines:
                     log.info("%s", line)
-                ctx.startup_seconds, ctx.stage_plan = time.monotonic() - t0, session.record
-                mark_open(ctx.loc, ctx.run_id)  # until every image it writes is recorded (outputs/adopt.py)
-                stream = lambda phase, stop: session.records(phase, ctx.output, ctx.run_id, ctx.models, stop)  # noqa: E731
+                made.startup_seconds, made.plan = time.monotonic() - t0, session.record
+                mark_open(loc, run_id)  # until every image it writes is recorded (outputs/adopt.py)
+                output, models = self.params.output, made.models
+                stream = lambda phase, stop: session.records(phase, output, run_id, models, stop)  # noqa: E731
 
                 def on_batch(result) -> None:  # what the session has to say (a re-plan) is said when it happens
                     session.on_batch(result)
@@ -273,160 +306,122 @@ class Run:
                         log.info("%s", line)
 
                 try:
-                    for phase in session.phases(rows, ctx.result):
+                    for phase in session.phases(rows, made.result):
                         run_pipeline(
-                            phase, session.cfg, ctx.loc, ctx.run_id, ctx.models, stream,
-                            result=ctx.result, on_batch=on_batch, total=images, in_process=session.in_process,
+                            phase, session.cfg, loc, run_id, models, stream,
+                            result=made.result, on_batch=on_batch, total=images, in_process=session.in_process,
                             settler=session,
                         )  # fmt: skip
                         for line in session.said():  # (a re-plan between phases)
                             log.info("%s", line)
                 except Interrupted as e:  # the user stopped it: what was done is recorded, no error to show
-                    ctx.interrupted = e
-                    ctx.settled = e.settled
+                    made.interrupted, made.settled = e, e.settled
                     if e.late:
                         log.info(
                             "recorded %d images written before the stop whose records had not come (read back from "
                             "the images)",
                             e.late,
                         )
-                except self.cancels:  # recorded now, before the session's teardown (a cluster going away can
-                    self.record_cancel()  # hang it past the 30 s Prefect gives a cancelled run before SIGKILL)
+                except self.cancels:
+                    cancel()
                     raise
                 except Exception as e:  # generation had started: record what was done (RunStopped)
                     raise RunStopped(session.failed(e)) from e
                 else:
-                    ctx.settled = True  # the stream ended: every image it wrote came with its record
+                    made.settled = True  # the stream ended: every image it wrote came with its record
                 finally:
-                    ctx.stage_plan = session.record  # a re-plan from the first images replaced it
+                    made.plan = session.record  # a re-plan from the first images replaced it
         finally:
             for stop in stops:
                 stop()
 
-    def _facts(self) -> dict:
-        """What every run record says about its run: id, times, parameters, config, models, package versions."""
-        ctx = self.ctx
-        return dict(
-            run_id=ctx.run_id,
-            started=ctx.started,
-            finished=dt.datetime.now(dt.UTC).isoformat(),
-            params=ctx.params.record(),
-            config=ctx.cfg.model_dump(mode="json"),
-            gpu_slot=ctx.gpu_slot,
-            models=ctx.models,
-            changed_settings=ctx.changed,
-            versions=versions(),
-        )
-
-    def finish(self) -> RunSummary:
-        """Compact the run's manifest parts, write images/metadata.parquet, the rejected rows and the run record."""
-        ctx = self.ctx
-        loc, result, plan = ctx.loc, ctx.result, ctx.plan
-        if ctx.cfg.output.compact and len(result.parts) > 1:  # few large parts: what every resume and verify reads
-            written, removed = compact(loc, ctx.run_id)
+    def finish(self, plan: PromptPlan, made: Generation, record: Callable[..., RunRecord]) -> RunRecord:
+        """Compact the run's manifest parts, write the format's end-of-run files, the rejected rows and the run
+        record."""
+        loc, result = self.loc, made.result
+        if self.cfg.output.compact and len(result.parts) > 1:  # few large parts: what every resume and verify reads
+            written, removed = compact(loc, self.run_id)
             if removed:
                 result.parts = written
                 self.log.info("merged the run's %d manifest parts into %d", len(removed), len(written))
         if result.done:
             write_image_metadata(loc)  # images/metadata.parquet, for load_dataset("imagefolder")
-        rejected_file = write_rejected(loc, ctx.run_id, plan.rejected)
-        images = result.done + result.failed
-        per_image = {k: v / images for k, v in result.stage_seconds.items()} if images else {}
-        counts = dict(
-            total=plan.total,
-            images=image_count(plan.rows),
+        rejected = write_rejected(loc, self.run_id, plan.rejected)
+        status = "done" if result.failed == 0 and not plan.rejected else "failed"
+        return self.write(dataclasses.replace(record(status), rejected_file=rejected), spill=False)
+
+    # -- the record -----------------------------------------------------------------------------------------------
+
+    def record(
+        self,
+        status: str,
+        gpu_slot: dict | None,
+        plan: PromptPlan | None,
+        resumed: Resumed | None,
+        made: Generation,
+        stopped: RunStopped | None = None,
+    ) -> RunRecord:
+        """The run's record as it stands: what it was given, what it made, and why it ended (`stopped`)."""
+        result = made.result
+        rows = plan.rows if plan is not None else None
+        resumed = resumed or Resumed(pa.table({}))
+        counts = Counts(
+            total=plan.total if plan else 0,
+            images=image_count(rows) if rows is not None else 0,
             done=result.done,
             failed=result.failed,
-            rejected=len(plan.rejected),
-            skipped=ctx.skipped,
-            adopted=ctx.adopted,
+            rejected=len(plan.rejected) if plan else 0,
+            skipped=resumed.skipped,
+            adopted=resumed.adopted,
             filtered=result.filtered,
         )
-        seconds = ctx.seconds
-        record = dict(
-            **self._facts(),
+        reason = signum = trace = None
+        if stopped is not None:
+            cause = stopped.cause
+            if isinstance(cause, Interrupted):
+                reason, signum = str(cause), cause.signum
+            else:
+                reason = f"{type(cause).__name__}: {cause}"
+                if not isinstance(cause, Cancelled):
+                    trace = cause_traceback(stopped)  # the terminal shows one line; the whole cause is here
+        out = result.done + result.failed
+        return RunRecord(
+            run_id=self.run_id,
+            output=self.params.output,
+            status=status,  # type: ignore[arg-type]
             counts=counts,
-            seconds=seconds,
-            startup_seconds=ctx.startup_seconds,
+            params=self.params,
+            config=self.cfg.model_dump(mode="json"),
+            started=self.started,
+            finished=dt.datetime.now(dt.UTC).isoformat(),
+            seconds=time.monotonic() - self.t0,
+            reason=reason,
+            signal=signum,
+            traceback=trace,
+            settled=made.settled,
+            startup_seconds=made.startup_seconds,
             rows_per_second=result.done / result.seconds if result.seconds else 0.0,
             steady_rows_per_second=result.steady_rows_per_second,
-            plan=ctx.stage_plan,
-            stage_seconds_per_image=per_image,
-            manifest_parts=result.parts,
-            rejected_file=rejected_file,
-            errors=result.errors,
-        )
-        uri = write_run_record(loc, ctx.run_id, record)
-        if ctx.settled:
-            mark_closed(loc, ctx.run_id)
-        return RunSummary(
-            run_id=ctx.run_id,
-            output=ctx.output,
-            seconds=seconds,
-            startup_seconds=ctx.startup_seconds,
-            rows_per_second=record["rows_per_second"],
-            steady_rows_per_second=record["steady_rows_per_second"],
-            plan=ctx.stage_plan,
-            stage_seconds_per_image=per_image,
-            run_record=uri,
-            rejected_file=rejected_file,
-            errors=result.errors,
-            **counts,
+            plan=made.plan,
+            stage_seconds_per_image={k: v / out for k, v in result.stage_seconds.items()} if out else {},
+            manifest_parts=list(result.parts),
+            errors=list(result.errors),
+            models=made.models,
+            gpu_slot=gpu_slot,
+            changed_settings=resumed.changed,
+            versions=versions(),
         )
 
-    def record_cancel(self) -> None:
-        """The run record of a run cancelled from outside, written once (the stream's records are in the manifest:
-        run_pipeline flushed them on its way out)."""
-        if self.ctx.cancelled is None:
-            self.ctx.cancelled = self.stopped(RunStopped(Cancelled()), "cancelled")
-            self.log.warning("cancelled: %s", self.ctx.cancelled.line)
-
-    def stopped(self, stopped: RunStopped, status: str = "stopped") -> StoppedRun:
-        """The run record of a run that stopped mid-way (or was cancelled, or interrupted): what was done, and why
-        it stopped; spilled when the store is still down (the next run writes it)."""
-        ctx = self.ctx
-        result, images = ctx.result, image_count(ctx.plan.rows) if ctx.plan else 0
-        reason = f"{type(stopped.cause).__name__}: {stopped.cause}"
-        interrupted = isinstance(stopped.cause, Interrupted)
-        if interrupted:
-            reason, status = str(stopped.cause), "interrupted"
-        record = dict(
-            **self._facts(),
-            status=status,
-            reason=reason,
-            counts=dict(
-                images=images,
-                done=result.done,
-                failed=result.failed,
-                skipped=ctx.skipped,
-                adopted=ctx.adopted,
-                filtered=result.filtered,
-            ),
-            seconds=ctx.seconds,
-            plan=ctx.stage_plan,
-            manifest_parts=result.parts,
-            errors=result.errors,
-        )
-        if not interrupted and not isinstance(stopped.cause, Cancelled):
-            record["traceback"] = cause_traceback(stopped)  # the terminal shows one line; the whole cause is here
+    def write(self, record: RunRecord, spill: bool = True) -> RunRecord:
+        """Write the run record; free the output of the run's mark once every image it wrote is recorded (else the
+        next run looks for what it left). spill: a run that stopped keeps its record in the spill folder while the
+        store is down (the next run writes it); a finished run's step is retried instead."""
         try:
-            where = write_run_record(ctx.loc, ctx.run_id, record)
-            if ctx.settled:  # (else the next run looks for what it left unrecorded)
-                mark_closed(ctx.loc, ctx.run_id)
+            where = write_run_record(self.loc, self.run_id, record.to_json())
+            if record.settled:
+                mark_closed(self.loc, self.run_id)
         except StoreDown as e:
+            if not spill:
+                raise
             where = str(e.spilled)
-        code = stopped.cause.exit_code if interrupted else 1
-        return StoppedRun(
-            ctx.run_id,
-            ctx.output,
-            result.done,
-            result.failed,
-            images,
-            reason,
-            where,
-            status,
-            code,
-            ctx.skipped,
-            ctx.adopted,
-            ctx.settled,
-        )
+        return dataclasses.replace(record, run_record=where)

@@ -10,10 +10,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
+from ifbatch.configs.schema import CascadeConfig
+
 from .artifacts import artifact_key, contact_sheet, counts_table, summary_markdown
-from .context import RunContext, RunStopped, RunSummary
-from .outputs.manifest import MANIFEST_DIR
+from .outputs.manifest import MANIFEST_DIR, read_manifest
 from .run import USER_ERRORS
+from .run_record import RunRecord, RunStopped
+from .storage import locate
 
 HANDLED = (*USER_ERRORS, RunStopped)  # the run says what happened on one line: no task traceback on the terminal
 
@@ -48,22 +51,22 @@ def prefect_step(name: str, fn: Callable[[], Any], retries: int) -> Any:
 
 
 @task(name="publish-artifacts", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def publish_artifacts(summary: RunSummary, ctx: RunContext) -> str | None:
-    """The counts table, the markdown summary, and the contact sheet it links to."""
+def publish_artifacts(record: RunRecord, cfg: CascadeConfig) -> str | None:
+    """The counts table, the markdown summary, and the contact sheet it links to: from the run's record and its
+    own manifest parts (what the run made, not the whole output)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    loc = ctx.loc
-    sheet = contact_sheet(loc, summary.run_id)
+    loc = locate(record.output, cfg.s3)
+    sheet = contact_sheet(loc, record.run_id, record.manifest_parts)
     create_table_artifact(
-        key=artifact_key(summary.run_id, "counts"),
-        table=counts_table(summary),
-        description=f"ifbatch run {summary.run_id}: counts and per-stage time",
+        key=artifact_key(record.run_id, "counts"),
+        table=counts_table(record),
+        description=f"ifbatch run {record.run_id}: counts and per-stage time",
     )
-    sample = ctx.plan.rows.slice(0, 5).select(["id", "prompt"]).to_pylist()
-    md = summary_markdown(
-        summary, ctx.cfg.preset, ctx.models, ctx.params.prompts, loc.uri(loc.path(MANIFEST_DIR)), sheet, sample
-    )
+    first = record.manifest_parts[:1]
+    sample = read_manifest(loc, ["id", "prompt"], paths=first).slice(0, 5).to_pylist() if first else []
+    md = summary_markdown(record, loc.uri(loc.path(MANIFEST_DIR)), sheet, sample)
     create_markdown_artifact(
-        key=artifact_key(summary.run_id, "summary"), markdown=md, description=f"ifbatch run {summary.run_id}: summary"
+        key=artifact_key(record.run_id, "summary"), markdown=md, description=f"ifbatch run {record.run_id}: summary"
     )
     return sheet

@@ -10,19 +10,16 @@ import sys
 from pathlib import Path
 
 from ifbatch.configs import load_config
-from ifbatch.tasks.run import Run, RunEnded
+from ifbatch.tasks.run import Run
 
 LOCAL = ["executor=local"]
 SMALL_BATCHES = [f"{s}.batch_size=2" for s in ("text_encoder", "stage_1", "stage_2", "stage_3")]
 
 
 def run_local(prompts: str, output: str, overrides: list[str], **params):
-    """One run in this process: its RunSummary, or the StoppedRun of a run that stopped."""
+    """One run in this process: its RunRecord."""
     cfg = load_config("tiny", [*overrides, *LOCAL])
-    try:
-        return Run({"prompts": prompts, "output": output, "overrides": overrides, **params}, cfg)()
-    except RunEnded as e:
-        return e.run
+    return Run({"prompts": prompts, "output": output, "overrides": overrides, **params}, cfg)()
 
 
 def local_args(prompts: str, output: str, overrides: list[str]) -> list[str]:

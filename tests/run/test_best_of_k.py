@@ -79,7 +79,7 @@ def test_best_of_four_upscales_the_candidate_clip_scores_highest_byte_identical_
     prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:4], "seed": [21, 22, 23, 24]})
     first, rerun, resumed = (str(tmp_path / n) for n in ("first", "rerun", "resumed"))
     summary = run_local(prompts, first, overrides)
-    assert summary.ok and summary.done == 4 and summary.filtered == 0
+    assert summary.ok and summary.counts.done == 4 and summary.counts.filtered == 0
     recs = records(first)
 
     cfg = load_config("tiny", overrides)
@@ -100,9 +100,9 @@ def test_best_of_four_upscales_the_candidate_clip_scores_highest_byte_identical_
     assert run_local(prompts, rerun, overrides).ok
     assert {i: r["sha256"] for i, r in records(rerun).items()} == {i: r["sha256"] for i, r in recs.items()}
     half = write_table(tmp_path / "half.parquet", {"prompt": SMALL[:2], "seed": [21, 22]})
-    assert run_local(half, resumed, overrides).done == 2  # stopped after two images: the rerun resumes
+    assert run_local(half, resumed, overrides).counts.done == 2  # stopped after two images: the rerun resumes
     again = run_local(prompts, resumed, overrides)
-    assert (again.done, again.skipped) == (2, 2)
+    assert (again.counts.done, again.counts.skipped) == (2, 2)
     assert {i: r["sha256"] for i, r in records(resumed).items()} == {i: r["sha256"] for i, r in recs.items()}
 
 
@@ -110,14 +110,15 @@ def test_images_under_the_score_floor_are_recorded_filtered_not_made_and_not_mad
     prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:6], "seed": list(range(31, 37))})
     kept, floored = str(tmp_path / "kept"), str(tmp_path / "floored")
     overrides = [*tiny_set, "data.candidates_per_image=2"]
-    assert run_local(prompts, kept, [*overrides, "data.min_clip_score=-100"]).done == 6
+    assert run_local(prompts, kept, [*overrides, "data.min_clip_score=-100"]).counts.done == 6
     best = {i: max(r["candidate_scores"]) for i, r in records(kept).items()}
     floor = float(np.median(list(best.values())))
     under = {i for i, s in best.items() if s < floor}
     assert 0 < len(under) < 6
 
     summary = run_local(prompts, floored, [*overrides, f"data.min_clip_score={floor}"])
-    assert (summary.done, summary.filtered, summary.failed) == (6, len(under), 0) and summary.ok
+    c = summary.counts
+    assert (c.done, c.filtered, c.failed) == (6, len(under), 0) and summary.ok
     recs = records(floored)
     assert {i for i, r in recs.items() if r["status"] == "filtered"} == under
     for i in under:  # recorded with its scores, not made
@@ -140,10 +141,10 @@ def test_images_under_the_score_floor_are_recorded_filtered_not_made_and_not_mad
     assert all(max(r["candidate_scores"]) >= floor for r in ds)
 
     same = run_local(prompts, floored, [*overrides, f"data.min_clip_score={floor}"])  # a rerun: nothing to make
-    assert (same.done, same.skipped) == (0, 6)
+    assert (same.counts.done, same.counts.skipped) == (0, 6)
     # a lower floor would make the filtered ones: said, with their count (tasks/outputs/drift.py), and made on request
     with pytest.raises(SettingsChanged, match=rf"data.min_clip_score .*\(this run: -100.0\) for {len(under)} image"):
         run_local(prompts, floored, [*overrides, "data.min_clip_score=-100"])
     lower = run_local(prompts, floored, [*overrides, "data.min_clip_score=-100", "data.on_changed_settings=remake"])
-    assert (lower.done, lower.skipped, lower.filtered) == (len(under), 6 - len(under), 0)
+    assert (lower.counts.done, lower.counts.skipped, lower.counts.filtered) == (len(under), 6 - len(under), 0)
     assert all(r["status"] == "ok" for r in records(floored).values())

@@ -29,7 +29,7 @@ def test_best_of_4_into_a_best_of_1_output_is_refused_then_remade_on_request(tmp
     """The dataset builder's case: 4 images made with k = 1, the output resumed with k = 4."""
     prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:4]})
     out = str(tmp_path / "out")
-    assert run_local(prompts, out, tiny_set).done == 4
+    assert run_local(prompts, out, tiny_set).counts.done == 4
     before = {r["id"]: r["sha256"] for r in read_manifest(locate(out)).to_pylist()}
     with pytest.raises(SettingsChanged) as refused:
         run_local(prompts, out, [*tiny_set, "data.candidates_per_image=4"])
@@ -42,7 +42,7 @@ def test_best_of_4_into_a_best_of_1_output_is_refused_then_remade_on_request(tmp
     assert res.returncode == 2 and "data.candidates_per_image 1 (this run: 4) for 4 images" in res.stderr, res.stderr
     # remake: the 4 are made again with best of 4, said and recorded
     summary = run_local(prompts, out, [*tiny_set, "data.candidates_per_image=4", "data.on_changed_settings=remake"])
-    assert (summary.done, summary.skipped) == (4, 0)
+    assert (summary.counts.done, summary.counts.skipped) == (4, 0)
     records = read_manifest(locate(out)).to_pylist()
     assert {r["candidates_per_image"] for r in records} == {4} and all(len(r["candidate_scores"]) == 4 for r in records)
     record = json.loads(read_bytes(summary.run_record))
@@ -52,7 +52,7 @@ def test_best_of_4_into_a_best_of_1_output_is_refused_then_remade_on_request(tmp
     ]
     # and now the output is of one recipe: a rerun with k = 4 skips everything, saying nothing of settings
     again = run_local(prompts, out, [*tiny_set, "data.candidates_per_image=4"])
-    assert (again.done, again.skipped) == (0, 4)
+    assert (again.counts.done, again.counts.skipped) == (0, 4)
 
 
 def test_each_setting_that_shapes_an_image_is_named_with_its_count(tmp_path, tiny_set):
@@ -93,7 +93,7 @@ def test_images_an_older_ifbatch_made_from_the_raw_prompt_are_told_apart(tmp_pat
         "text_encoder.clean_caption (text_preprocessing) 'as given' (this run: 'lower-strip') for 1 image."
     ) in str(refused.value)
     summary = run_local(prompts, out, [*tiny_set, "data.on_changed_settings=remake"])
-    assert (summary.done, summary.skipped) == (1, 1)
+    assert (summary.counts.done, summary.counts.skipped) == (1, 1)
     by_prompt = {r["prompt"]: r for r in read_manifest(locate(out)).to_pylist()}
     assert by_prompt["A Red Car in the Rain"]["text_preprocessing"] == "lower-strip"
 
@@ -113,7 +113,7 @@ def test_unrecorded_images_are_taken_over_only_when_this_run_would_make_them_so(
     prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:3]})
     out = tmp_path / "out"
     first = run_local(prompts, str(out), tiny_set)
-    assert first.done == 3
+    assert first.counts.done == 3
     made = {r["id"]: r for r in read_manifest(locate(str(out))).to_pylist()}
     for p in part_paths(locate(str(out))):  # killed before its records were written
         locate(str(out)).fs.rm_file(p)
@@ -121,7 +121,7 @@ def test_unrecorded_images_are_taken_over_only_when_this_run_would_make_them_so(
     (out / "runs" / f"{first.run_id}.json").unlink()
     changed = write_table(tmp_path / "q.parquet", {"prompt": SMALL[:3], "stage_1_steps": [None, None, 6]})
     summary = run_local(changed, str(out), tiny_set)
-    assert (summary.adopted, summary.done, summary.skipped) == (2, 1, 0)
+    assert (summary.counts.adopted, summary.counts.done, summary.counts.skipped) == (2, 1, 0)
     now = {r["id"]: r for r in read_manifest(locate(str(out))).to_pylist()}
     ids = sorted(made, key=lambda i: SMALL.index(made[i]["prompt"]))  # in the table's order
     assert [now[i]["sha256"] == made[i]["sha256"] for i in ids] == [True, True, False]

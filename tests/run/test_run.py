@@ -59,7 +59,7 @@ def test_overwrite_starts_over(tmp_path, tiny_set):
     out = str(tmp_path / "out")
     run_local(prompts, out, tiny_set)
     summary = run_local(prompts, out, tiny_set, overwrite=True)
-    assert (summary.done, summary.skipped) == (2, 0)
+    assert (summary.counts.done, summary.counts.skipped) == (2, 0)
     assert read_manifest(locate(out)).num_rows == 2 and len(part_paths(locate(out))) == 1
 
 

@@ -39,7 +39,8 @@ def test_verify_repair_rerun_and_compact(where, layout, tmp_path, tiny_dir, s3_s
     out = str(tmp_path / "out") if where == "local" else f"s3://{BUCKET}/verify-{tmp_path.name}"
     first = run_local(prompts, out, tiny_set)
     assert first.ok, first
-    assert (first.done, first.failed, first.rejected, first.skipped, first.images) == (4, 0, 0, 0, 4)
+    c = first.counts
+    assert (c.done, c.failed, c.rejected, c.skipped, c.images) == (4, 0, 0, 0, 4)
     ids = {image_id(r, k) for r, n in zip(table_ids(prompts), (2, 1, 1), strict=True) for k in range(n)}
     check_outputs(out, ids)
     record = json.loads(read_bytes(first.run_record))
@@ -88,7 +89,7 @@ def test_verify_repair_rerun_and_compact(where, layout, tmp_path, tiny_dir, s3_s
     if layout == "webdataset":  # the damaged shards and the stray one are gone: readers never meet them
         assert f"removed {loc.uri(stray)}" in res.stdout and not loc.fs.exists(cut_at)
     again = run_local(prompts, out, tiny_set)
-    assert again.ok and (again.done, again.skipped) == (2, 2), again
+    assert again.ok and (again.counts.done, again.counts.skipped) == (2, 2), again
     after = {r["id"]: r for r in read_manifest(loc).to_pylist()}
     for r in (gone, cut):
         assert after[r["id"]]["run_id"] == again.run_id  # made again (verify below checks the new files)

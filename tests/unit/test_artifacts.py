@@ -3,6 +3,7 @@ add up."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -10,8 +11,17 @@ import pytest
 from ifbatch.configs import load_config
 from ifbatch.configs.costs import load_costs
 from ifbatch.tasks.artifacts import artifact_key, counts_table, link, md_escape, plan_markdown
-from ifbatch.tasks.context import RunSummary
+from ifbatch.tasks.run_record import Counts, RunParams, RunRecord
 from ifbatch.tasks.stream.planner import plan
+
+
+def record(counts: Counts, **fields) -> RunRecord:
+    """A finished run's record, as the run makes it."""
+    return RunRecord(
+        run_id="r", output="o", status="done" if counts.failed == 0 else "failed", counts=counts,
+        params=RunParams("p.parquet", "o"), config={"preset": "if-xl"}, started="", finished="",
+        run_record="x", **fields,
+    )  # fmt: skip
 
 
 def test_prompt_text_cannot_inject_markdown_or_html():
@@ -24,19 +34,11 @@ def test_artifact_keys_are_lowercase_letters_digits_and_dashes():
 
 
 def test_counts_table_gives_each_stage_its_share():
-    s = RunSummary(
-        run_id="r",
-        output="o",
-        total=4,
-        done=3,
-        failed=1,
-        rejected=0,
-        skipped=0,
+    s = record(
+        Counts(total=4, images=4, done=3, failed=1),
         seconds=10.0,
         startup_seconds=1.0,
         rows_per_second=0.4,
-        run_record="x",
-        rejected_file=None,
         stage_seconds_per_image={"stage_1": 1.0, "stage_3": 3.0},
     )
     rows = {r["what"]: r["value"] for r in counts_table(s)}
@@ -45,9 +47,8 @@ def test_counts_table_gives_each_stage_its_share():
 
 def test_the_summary_shows_the_plans_estimate_beside_the_measured_rate():
     p = plan(load_config("if-xl"), load_costs(), 2, "H200")
-    s = RunSummary(
-        run_id="r", output="o", total=40, done=40, failed=0, rejected=0, skipped=0, seconds=300.0,
-        startup_seconds=60.0, rows_per_second=0.2, run_record="x", rejected_file=None,
+    s = record(
+        Counts(total=40, images=40, done=40), seconds=300.0, startup_seconds=60.0, rows_per_second=0.2,
         stage_seconds_per_image={"stage_3": 3.1}, steady_rows_per_second=0.35, plan=p.record(),
     )  # fmt: skip
     md = "\n".join(plan_markdown(s))
@@ -60,14 +61,15 @@ def test_the_summary_shows_the_plans_estimate_beside_the_measured_rate():
         == f"{2 / p.images_per_second:.2f} / 5.71"
     )
     four = plan(load_config("if-xl", ["data.candidates_per_image=4"]), load_costs(), 2, "H200")
-    best = RunSummary(**{**s.__dict__, "plan": four.record(), "filtered": 10})  # 30 of 40 kept
+    kept_30 = dataclasses.replace(s.counts, filtered=10)  # 30 of 40 kept
+    best = dataclasses.replace(s, plan=four.record(), counts=kept_30)
     rows = {r["what"]: r["value"] for r in counts_table(best)}
     assert rows["of them filtered (data.min_clip_score)"] == 10
     planned, measured = f"{four.gpu_seconds_per_image:.2f}", f"{2 / 0.35 * 40 / 30:.2f}"
     assert rows["GPU-s per kept image, 4 candidates an image (planned / this run)"] == (
         f"{planned} / {measured} ({four.candidate_cost:.2f}x k = 1)"
     )
-    none = RunSummary(**{**s.__dict__, "plan": {"mode": "none", "reason": "the Ray cluster has no GPUs"}})
+    none = dataclasses.replace(s, plan={"mode": "none", "reason": "the Ray cluster has no GPUs"})
     assert plan_markdown(none) == ["No plan (none): the Ray cluster has no GPUs."]
 
 
@@ -75,11 +77,10 @@ def test_the_summary_names_a_split_and_a_re_plan():
     estimated = plan(load_config("if-xl"), load_costs(), 8, "L4")
     measured = {"text_encoder": 0.01, "stage_1": 9.0, "stage_2": 5.0, "stage_3": 20.0}
     p = plan(load_config("if-xl"), load_costs(), 8, "L4", measured=measured, measured_by="this run's first 64 images")
-    record = p.record() | {"calibration": {"images": 64, "estimated": estimated.record(), "seconds_per_image": {}}}
-    s = RunSummary(
-        run_id="r", output="o", total=40, done=40, failed=0, rejected=0, skipped=0, seconds=300.0,
-        startup_seconds=60.0, rows_per_second=0.2, run_record="x", rejected_file=None,
-        stage_seconds_per_image={}, steady_rows_per_second=0.35, plan=record,
+    replanned = p.record() | {"calibration": {"images": 64, "estimated": estimated.record(), "seconds_per_image": {}}}
+    s = record(
+        Counts(total=40, images=40, done=40), seconds=300.0, startup_seconds=60.0, rows_per_second=0.2,
+        steady_rows_per_second=0.35, plan=replanned,
     )  # fmt: skip
     md = "\n".join(plan_markdown(s))
     assert "the GPUs are split 4 x (stage_3), 2 x (stage_1), 2 x (text_encoder + stage_2)" in md

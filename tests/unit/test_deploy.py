@@ -79,7 +79,7 @@ def test_the_run_takes_every_flow_parameter_typed():
     import pytest
 
     from ifbatch.flows.generate import GenerateParams
-    from ifbatch.tasks.context import RunParams
+    from ifbatch.tasks.run_record import RunParams
 
     assert set(GenerateParams.model_fields) == {f.name for f in dataclasses.fields(RunParams)}
     given = GenerateParams(prompts="p.parquet", output="s3://b/o", overrides=["seed=3"], wait=True)

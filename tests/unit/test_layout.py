@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ["configs", "models", "tasks", "flows"]  # each may import only the ones before it
 MODELS_MUST_NOT = {"ray", "prefect", "s3fs", "fsspec", "pyarrow"}
 # tasks/ inside: each part may import only the ones before it (the Prefect steps on top)
-TASK_PARTS = ["storage", "inputs", "preflight", "outputs", "stream", "context", "run", "artifacts", "steps"]
-PREFECT_FREE = {"storage", "inputs", "preflight", "outputs", "stream", "context", "run"}
+TASK_PARTS = ["storage", "inputs", "preflight", "outputs", "stream", "run_record", "run", "artifacts", "steps"]
+PREFECT_FREE = {"storage", "inputs", "preflight", "outputs", "stream", "run_record", "run"}
 
 
 def module_name(path: Path) -> str:
