@@ -141,7 +141,7 @@ def make_actors(seconds: dict[str, float], lock_dir: str, k: int = 0) -> dict[st
                 "empty_outputs": empty,
             },
         )
-        for stage, base in real.STAGE_ACTORS.items()
+        for stage, base in ((s.name, s) for s in real.STEPS)
     }
 
 

@@ -6,7 +6,7 @@ guidance 7/4/9, noise 250/100). Presets in this folder override only what differ
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -14,29 +14,15 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
 TimestepPreset = Literal["fast27", "smart27", "smart50", "smart100", "smart185", "super27", "super40", "super100"]
 
-# A run's stages, in order; each is also its config section's name, and the one name it has everywhere
-# (manifest columns, placement, per-stage timings, actor pools). The scorer runs only when it has something to
-# choose or filter (CascadeConfig.stages: best of k, data.min_clip_score).
-STAGES = ("text_encoder", "stage_1", "scorer", "stage_2", "stage_3")
-CASCADE = ("text_encoder", "stage_1", "stage_2", "stage_3")  # the stages of a run that does not choose
-DIFFUSION_STAGES = CASCADE[1:]
-CANDIDATE_STAGES = ("stage_1", "scorer")  # their work grows with data.candidates_per_image
-
-# Sub-directories of a generated tiny cascade, laid out like the real hub repos.
-TINY_LAYOUT = {
-    "text_encoder": "IF-I",
-    "stage_1": "IF-I",
-    "stage_2": "IF-II",
-    "stage_3": "x4-upscaler",
-    "safety": "IF-I",
-    "scorer": "clip",
-}
-
 
 class Section(BaseModel):
     """Strict, frozen, closed: unknown keys and wrong types are errors, never silently coerced."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+    tiny_subdir: ClassVar[str] = ""  # its models' folder in a generated tiny cascade (laid out like the hub repos)
+    tiny_subdir: ClassVar[str] = (
+        ""  # its models' sub-directory of a generated tiny cascade (laid out like the hub repos)
+    )
 
 
 class ModelRef(Section):
@@ -47,6 +33,13 @@ class ModelRef(Section):
 
 
 class Execution(Section):
+    """A stage's section: a model run by actors. What the stage is, besides its knobs, is said here once (its step,
+    tasks/stream/stages.py, and everything that plans or records it read these)."""
+
+    per_candidate: ClassVar[bool] = False  # its work grows with data.candidates_per_image (best of k)
+    chooses_only: ClassVar[bool] = False  # it runs only in a run that chooses (best of k, a score floor)
+    params: ClassVar[tuple[str, ...]] = ()  # what shapes its pass over a row (models/params.py; row overrides)
+
     batch_size: int = Field(4, ge=1, le=1024, description="Rows per model call.")
     num_gpus: float = Field(1.0, ge=0, le=8, description="GPUs per actor; fractions colocate stages on one GPU.")
     num_cpus: float = Field(1.0, ge=0, le=64, description="CPUs reserved per actor.")
@@ -54,6 +47,7 @@ class Execution(Section):
 
 
 class TextEncoderConfig(ModelRef, Execution):
+    tiny_subdir = "IF-I"
     source: str = Field(
         "DeepFloyd/IF-I-XL-v1.0",
         min_length=1,
@@ -72,6 +66,8 @@ class TextEncoderConfig(ModelRef, Execution):
 
 
 class DiffusionStage(ModelRef, Execution):
+    params = ("steps", "timesteps", "guidance_scale")
+
     steps: int | None = Field(None, ge=1, le=1000, description="Denoising steps (ignored when timesteps is set).")
     timesteps: TimestepPreset | None = Field(None, description="A named IF timestep schedule instead of steps.")
     guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="Classifier-free guidance scale (<=1 disables it).")
@@ -96,6 +92,7 @@ class DiffusionStage(ModelRef, Execution):
 
 
 class Stage1Config(DiffusionStage):
+    tiny_subdir, per_candidate = "IF-I", True
     source: str = Field("DeepFloyd/IF-I-XL-v1.0", min_length=1)
     steps: int | None = Field(100, ge=1, le=1000)
     guidance_scale: float = Field(7.0, ge=0.0, le=50.0)
@@ -103,6 +100,7 @@ class Stage1Config(DiffusionStage):
 
 
 class Stage2Config(DiffusionStage):
+    tiny_subdir, params = "IF-II", ("steps", "timesteps", "guidance_scale", "noise_level")
     source: str = Field("DeepFloyd/IF-II-L-v1.0", min_length=1)
     steps: int | None = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(4.0, ge=0.0, le=50.0)
@@ -110,6 +108,7 @@ class Stage2Config(DiffusionStage):
 
 
 class Stage3Config(DiffusionStage):
+    tiny_subdir, params = "x4-upscaler", ("steps", "guidance_scale", "noise_level")
     source: str = Field("stabilityai/stable-diffusion-x4-upscaler", min_length=1)
     steps: int | None = Field(75, ge=1, le=1000)
     timesteps: None = Field(None, description="The x4 upscaler has no named schedules; use steps.")
@@ -121,6 +120,8 @@ class Stage3Config(DiffusionStage):
 class ScorerConfig(ModelRef, Execution):
     """CLIP image-text similarity (100 x cosine): picks the best of a row's stage I candidates at 64 px, filters
     under data.min_clip_score, and scores every final image (the manifest's clip_score)."""
+
+    tiny_subdir, per_candidate, chooses_only = "clip", True, True
 
     source: str | None = Field(
         "openai/clip-vit-large-patch14",
@@ -134,6 +135,7 @@ class ScorerConfig(ModelRef, Execution):
 
 
 class SafetyConfig(Section):
+    tiny_subdir = "IF-I"
     checker: bool = Field(True, description="Run IF's safety checker; results are per-row flags, images are kept.")
     watermark: bool = Field(True, description="Stamp IF's watermark on the final images.")
     source: str | None = Field(
@@ -318,9 +320,9 @@ class CascadeConfig(Section):
     tiny: TinyCascade | None = Field(None, description="Generate a seeded random-weight cascade and load it.")
     text_encoder: TextEncoderConfig = TextEncoderConfig()
     stage_1: Stage1Config = Stage1Config()
+    scorer: ScorerConfig = ScorerConfig()
     stage_2: Stage2Config = Stage2Config()
     stage_3: Stage3Config = Stage3Config()
-    scorer: ScorerConfig = ScorerConfig()
     safety: SafetyConfig = SafetyConfig()
     data: DataConfig = DataConfig()
     output: OutputConfig = OutputConfig()
@@ -336,8 +338,9 @@ class CascadeConfig(Section):
             return data
         tiny_dir = TinyCascade(**data["tiny"]).dir.rstrip("/")
         data = dict(data)
-        for section, sub in TINY_LAYOUT.items():
-            if not isinstance(data.get(section) or {}, dict):
+        for section, field in cls.model_fields.items():
+            sub = getattr(field.annotation, "tiny_subdir", "")
+            if not sub or not isinstance(data.get(section) or {}, dict):
                 continue  # a section set to a value: validation says so
             part = dict(data.get(section) or {})
             part.setdefault("source", f"{tiny_dir}/{sub}")
@@ -366,15 +369,27 @@ class CascadeConfig(Section):
     @property
     def stages(self) -> tuple[str, ...]:
         """The stages this run has, in order (the scorer only when it chooses)."""
-        return tuple(s for s in STAGES if s != "scorer" or self.chooses)
+        return tuple(s for s in STAGES if not SECTIONS[s].chooses_only or self.chooses)
 
     def rows_per_call(self, stage: str) -> int:
         """Rows a stage takes per call: its batch_size counts images, and stage I and the scorer see
         data.candidates_per_image images per row."""
         size = getattr(self, stage).batch_size
-        if stage in CANDIDATE_STAGES:
+        if SECTIONS[stage].per_candidate:
             return max(1, size // self.data.candidates_per_image)
         return size
 
 
 RunConfig = CascadeConfig  # the whole run's configuration; the cascade is most of it
+
+# The stages, in the order a run's rows go through them: the sections that are a stage (Execution), in the order
+# the config lists them. Each section's name is its stage's one name everywhere (manifest columns, placement,
+# per-stage timings, actor pools).
+SECTIONS: dict[str, type[Execution]] = {
+    name: f.annotation
+    for name, f in CascadeConfig.model_fields.items()
+    if isinstance(f.annotation, type) and issubclass(f.annotation, Execution)
+}
+STAGES = tuple(SECTIONS)
+CASCADE = tuple(s for s in STAGES if not SECTIONS[s].chooses_only)  # the stages of a run that does not choose
+DIFFUSION_STAGES = tuple(s for s in STAGES if SECTIONS[s].params)

@@ -5,12 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# The parameters each diffusion stage takes (and the manifest records per row): said once, here.
-PARAMS: dict[str, tuple[str, ...]] = {
-    "stage_1": ("steps", "timesteps", "guidance_scale"),
-    "stage_2": ("steps", "timesteps", "guidance_scale", "noise_level"),
-    "stage_3": ("steps", "guidance_scale", "noise_level"),
-}
+from ifbatch.configs.schema import SECTIONS
+
+# The parameters each diffusion stage takes (and the manifest records per row), as its config section says them.
+PARAMS: dict[str, tuple[str, ...]] = {stage: section.params for stage, section in SECTIONS.items() if section.params}
 PARAM_TYPES: dict[str, type] = {"steps": int, "timesteps": str, "guidance_scale": float, "noise_level": int}
 # What a prompt row may override, of the parameters its stage has (columns `stage_N_steps`,
 # `stage_N_guidance_scale`, `stage_2_noise_level`, `stage_3_noise_level`)

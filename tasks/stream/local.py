@@ -7,7 +7,6 @@ Models load once per executor and stay loaded across its runs (a test session ma
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,23 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ifbatch.configs.schema import STAGES, CascadeConfig
+from ifbatch.configs.schema import CascadeConfig
 
 from ..storage import Location
 from .pipeline import PipelineResult
-from .stages import STAGE_ACTORS
+from .stages import STEPS, StageActor
 from .writer import writer_steps
 
 Batch = dict[str, np.ndarray]
-# What a stage's loaded object depends on (its batch size and replicas do not): a change reloads it.
-MODEL_KEYS = {
-    "device": True,
-    "tiny": True,
-    **{stage: True for stage in STAGES},
-    "safety": True,
-    "data": {"candidates_per_image", "min_clip_score"},  # what stage I and the scorer make
-}
-PER_CALL = {"batch_size", "replicas", "num_gpus", "num_cpus"}
 
 
 def numpy_batch(table: pa.Table) -> Batch:
@@ -86,14 +76,6 @@ def _until(stop: threading.Event, items: Iterable) -> Iterator:
         yield item
 
 
-def _model_key(cfg: CascadeConfig, stage: str) -> str:
-    dump = cfg.model_dump(mode="json", include=MODEL_KEYS)
-    for section in STAGES:
-        for k in PER_CALL:
-            dump.get(section, {}).pop(k, None)
-    return f"{stage}:{json.dumps(dump, sort_keys=True)}"
-
-
 @dataclass
 class LocalSession:
     """A run in this process: no cluster, no placement; the config as given."""
@@ -126,8 +108,8 @@ class LocalSession:
         cfg = self.cfg
         first = cfg.text_encoder.batch_size
         stream: Iterable[Batch] = (numpy_batch(rows.slice(i, first)) for i in range(0, rows.num_rows, first))
-        for stage in cfg.stages:
-            stream = map(self.executor.stage(cfg, stage), _until(stop, rebatch(stream, cfg.rows_per_call(stage))))
+        for step in STEPS.for_run(cfg, self.executor.actors):
+            stream = map(self.executor.stage(cfg, step), _until(stop, rebatch(stream, step.rows_per_call(cfg))))
         out: Iterable = stream
         for writer in writer_steps(cfg, output, run_id, models):  # the output format's writers
             cut = rebatch if writer.batch_format == "numpy" else retable
@@ -146,21 +128,22 @@ class LocalSession:
 
 
 class LocalExecutor:
-    """Runs the stream in this process. actors: the stage classes (default STAGE_ACTORS)."""
+    """Runs the stream in this process: the steps (stages.STEPS), and `actors` standing other classes in for some
+    of them (by name: a test's stand-ins)."""
 
     name = "local"
 
     def __init__(self, actors: dict | None = None):
-        self.actors = actors or STAGE_ACTORS
-        self._loaded: dict[str, tuple[str, object]] = {}  # stage -> (model key, the stage object)
+        self.actors = actors or {}
+        self._loaded: dict[type, tuple[str, object]] = {}  # step -> (what it loaded, the step object)
 
-    def stage(self, cfg: CascadeConfig, stage: str):
-        """The stage's object, loaded once for its models and kept while they stay the same."""
-        key = _model_key(cfg, stage)
-        held = self._loaded.get(stage)
+    def stage(self, cfg: CascadeConfig, step: type[StageActor]):
+        """The step's object, loaded once and kept while what it loaded stays the same (StageActor.load_key)."""
+        key = step.load_key(cfg)
+        held = self._loaded.get(step)
         if held is None or held[0] != key:
-            self._loaded[stage] = (key, self.actors[stage](cfg))
-        return self._loaded[stage][1]
+            self._loaded[step] = (key, step(cfg))
+        return self._loaded[step][1]
 
     @contextlib.contextmanager
     def open(self, cfg: CascadeConfig, explicit: frozenset[str], images: int, loc: Location) -> Iterator[LocalSession]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ifbatch.configs.schema import CANDIDATE_STAGES, CascadeConfig
+from ifbatch.configs.schema import SECTIONS, CascadeConfig
 
 PLANNED = ("replicas", "num_gpus", "num_cpus", "batch_size")  # what a plan sets per stage
 
@@ -68,9 +68,9 @@ class Plan:
         if self.candidates == 1:
             return 1.0
         once = sum(
-            s.seconds_per_image / (self.candidates if name in CANDIDATE_STAGES else 1)
+            s.seconds_per_image / (self.candidates if SECTIONS[name].per_candidate else 1)
             for name, s in self.stages.items()
-            if name != "scorer"
+            if not SECTIONS[name].chooses_only
         )
         return self.seconds_per_image / once
 

@@ -35,7 +35,7 @@ from dataclasses import replace
 
 from ifbatch.configs.costs import CostTable, StageCost
 from ifbatch.configs.loader import ConfigError
-from ifbatch.configs.schema import CANDIDATE_STAGES, TINY_LAYOUT, CascadeConfig
+from ifbatch.configs.schema import SECTIONS, CascadeConfig
 from ifbatch.models.params import PARAMS, StageParams
 
 from .plan import GpuGroup, Plan, PlanError, StagePlan
@@ -60,7 +60,7 @@ def _steps_ratio(cfg: CascadeConfig, stage: str) -> float:
 
 def candidates(cfg: CascadeConfig, stage: str) -> int:
     """Images a stage makes or scores per image out: k for stage I and the scorer (best of k), else 1."""
-    return cfg.data.candidates_per_image if stage in CANDIDATE_STAGES else 1
+    return cfg.data.candidates_per_image if SECTIONS[stage].per_candidate else 1
 
 
 def scorer_cost(cfg: CascadeConfig, costs: CostTable, kind: str) -> tuple[StageCost | None, str]:
@@ -80,8 +80,9 @@ def model_key(cfg: CascadeConfig, stage: str) -> str:
     """The cost table's name for a stage's model: its source, or `tiny/<sub>` for the generated tiny cascade
     (planned as the cascade it stands in for, so a cluster of fake GPUs gets the real plan's shape)."""
     source = getattr(cfg, stage).source
-    if cfg.tiny is not None and source == f"{cfg.tiny.dir.rstrip('/')}/{TINY_LAYOUT[stage]}":
-        return f"tiny/{TINY_LAYOUT[stage]}"
+    sub = SECTIONS[stage].tiny_subdir
+    if cfg.tiny is not None and source == f"{cfg.tiny.dir.rstrip('/')}/{sub}":
+        return f"tiny/{sub}"
     return source
 
 

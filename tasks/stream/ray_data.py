@@ -24,7 +24,7 @@ from .ledger import read_back, settle, start_ledger
 from .pipeline import PipelineResult
 from .placing import Calibration, Placement, placed
 from .ray_session import ray_session
-from .stages import STAGE_ACTORS
+from .stages import STEPS
 from .writer import writer_steps
 
 BLOCK_BYTES = 64 << 10  # see build_dataset
@@ -38,7 +38,7 @@ class RaySession:
 
     placement: Placement
     calibration: Calibration
-    actors: dict | None = None  # the stage classes (default STAGE_ACTORS; the cluster simulation's stand-ins)
+    actors: dict | None = None  # classes standing in for some steps, by name (the cluster simulation's)
     name: str = "ray"
     in_process: bool = False  # the driver's stream thread only waits on the cluster
     streams: list = field(default_factory=list)  # the Ray datasets this session started (close stops them)
@@ -166,7 +166,7 @@ def build_dataset(
     ledger=None,
 ):
     """The lazy Ray Data pipeline. groups: {stage: placement group} from a plan (cluster.reserve), each stage's
-    actors then land in its group's bundles; actors: the stage actor classes (default STAGE_ACTORS); ledger: what
+    actors then land in its group's bundles; actors: classes standing in for some steps (stages.STEPS); ledger: what
     the writers ask before each write (ledger.py)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -191,20 +191,16 @@ def build_dataset(
     # waits for ever once the placement groups (reserved before this) leave less than a whole CPU free on every
     # node: measured on a 2-CPU node, best of k's fifth stage took it to 0.75 CPU free and the run hung.
     ds = ray.data.from_blocks([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
-    actors = actors or STAGE_ACTORS
-    for stage in cfg.stages:
-        sc = getattr(cfg, stage)
-        rows_per_call = cfg.rows_per_call(stage)
+    for step in STEPS.for_run(cfg, actors):
+        rows_per_call = step.rows_per_call(cfg)
         where = {}
-        if groups and stage in groups:
-            where["scheduling_strategy"] = PlacementGroupSchedulingStrategy(groups[stage])
+        if groups and step.name in groups:
+            where["scheduling_strategy"] = PlacementGroupSchedulingStrategy(groups[step.name])
         # Ray 2.60 takes the strategy only as a "remote arg", deprecated for 2.64 with no replacement released
         # yet (ray#64090 adds per-actor placement groups to map_batches); the pin keeps it working until then.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-            ds = _map_stage(
-                ds, actors[stage], cfg, sc, rows_per_call, where, in_flight(images, rows_per_call, sc.replicas)
-            )
+            ds = _map_stage(ds, step, cfg, rows_per_call, where, images)
     return _write(ds, cfg, output, run_id, models or {}, ledger)
 
 
@@ -237,22 +233,29 @@ def in_flight(rows: int, batch_size: int, replicas: int) -> int:
     return 2 if rows >= 4 * batch_size * replicas else 1
 
 
-def _map_stage(ds, actor, cfg: CascadeConfig, sc, rows_per_call: int, where: dict, tasks_per_actor: int):
+def _map_stage(ds, step, cfg: CascadeConfig, rows_per_call: int, where: dict, images: int):
+    """One step's actor pool: a stage's replicas and resources from its section (as planned), another step's one
+    actor with its class's CPUs and no GPU."""
     import ray
+
+    sc = step.section(cfg)
+    replicas, gpus, cpus = (sc.replicas, sc.num_gpus, sc.num_cpus) if sc is not None else (1, 0.0, step.num_cpus)
 
     # Two calls per actor at once, the stage's own work one at a time (Ray Data's documented mode for GPU
     # actors): Ray Data's own part of a call -- turning the returned numpy batch into Arrow blocks and storing
     # them, fetching and formatting the next batch -- then overlaps the model call instead of following it.
     # It cost 0.3 s of every 1.1 s stage III call on the 2-core machine (GPU busy 81% -> 99% at N = 1).
     return ds.map_batches(
-        actor,
+        step,
         fn_constructor_kwargs={"cfg": cfg},
         batch_size=rows_per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
-            size=sc.replicas, max_tasks_in_flight_per_actor=tasks_per_actor, max_concurrent_calls_per_actor=2
+            size=replicas,
+            max_tasks_in_flight_per_actor=in_flight(images, rows_per_call, replicas),
+            max_concurrent_calls_per_actor=2,
         ),
-        num_gpus=sc.num_gpus,
-        num_cpus=sc.num_cpus,
+        num_gpus=gpus,
+        num_cpus=cpus,
         **where,
     )

@@ -1,5 +1,6 @@
-"""Ray Data stage actors: each holds one loaded cascade stage (or the scorer) and maps batches of rows (numpy
-dicts).
+"""The stream's steps: each holds what it loaded (a cascade stage, the scorer) and maps batches of rows (numpy
+dicts); STEPS is the one list of them, in order, that every executor runs (Ray Data actor pools, or chained in
+this process). A new step is a class and a registration (`STEPS.register`).
 
 Rows carry an `error` column: a row that failed upstream passes through untouched (as does a row the scorer
 `filtered`), a batch that raises is retried row by row so that one bad row never sinks its batch mates. Rows are
@@ -11,15 +12,17 @@ placement group; JSON).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from collections import defaultdict
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
-from ifbatch.configs.schema import CascadeConfig
+from ifbatch.configs.schema import SECTIONS, CascadeConfig, Execution
 from ifbatch.models.params import PARAM_TYPES, PARAMS, StageParams
 
 from ..inputs.expand import expand
@@ -60,12 +63,49 @@ def placement() -> str:
 
 
 class StageActor:
-    """Common batch plumbing: skip failed rows, group by parameters, fall back to row by row."""
+    """One step of the stream, constructed with the run's config and called on batches of rows. Common batch
+    plumbing: skip failed rows, group by parameters, fall back to row by row.
+
+    A step named as a config section (a stage: configs/schema.py SECTIONS) takes its model, batch, replicas and
+    resources from it, runs when the config has the stage (CascadeConfig.stages) and is planned onto the GPUs; any
+    other step runs with its class's `batch_size` and `num_cpus`, one actor, no GPU. `reads`: the config keys its
+    constructor reads besides its section, `device` and `tiny` (an executor that keeps steps loaded across runs
+    reloads one when they change)."""
 
     name = ""
     drops: tuple[str, ...] = ()  # columns no later stage needs
     expands = False  # the batch leaves as one row per image to make (inputs/expand.py)
+    reads: ClassVar[tuple[str, ...]] = ()
+    batch_size: ClassVar[int] = 16  # (a step without a config section)
+    num_cpus: ClassVar[float] = 1.0
     _where: str | None = None
+
+    @classmethod
+    def section(cls, cfg: CascadeConfig) -> Execution | None:
+        """Its config section, when it is a stage."""
+        return getattr(cfg, cls.name) if cls.name in SECTIONS else None
+
+    @classmethod
+    def runs(cls, cfg: CascadeConfig) -> bool:
+        return cls.name not in SECTIONS or cls.name in cfg.stages
+
+    @classmethod
+    def rows_per_call(cls, cfg: CascadeConfig) -> int:
+        return cfg.rows_per_call(cls.name) if cls.name in SECTIONS else cls.batch_size
+
+    @classmethod
+    def load_key(cls, cfg: CascadeConfig) -> str:
+        """What its loaded object depends on (not its batch, replicas or resources): a change reloads it."""
+        keys = {"device", "tiny", *cls.reads, *([cls.name] if cls.name in SECTIONS else [])}
+        dump = cfg.model_dump(mode="json")
+        picked = {}
+        for key in sorted(keys):
+            top, _, sub = key.partition(".")
+            value = dump.get(top)
+            if isinstance(value, dict):
+                value = value.get(sub) if sub else {k: v for k, v in value.items() if k not in PER_CALL}
+            picked[key] = value
+        return json.dumps(picked, sort_keys=True)
 
     def groups(self, batch: Batch, idx: list[int]) -> dict[StageParams | None, list[int]]:
         names = PARAMS.get(self.name)
@@ -107,7 +147,10 @@ class StageActor:
             template = next(iter(results.values()))
             for key, example in template.items():
                 arr = np.asarray(example)
-                col = np.empty(n, dtype=object) if arr.dtype.kind in "OUS" else np.zeros((n, *arr.shape), arr.dtype)
+                if key in batch:  # a column an earlier step made: rows not computed here keep its value
+                    col = np.array(batch[key], dtype=object if arr.dtype.kind in "OUS" else arr.dtype, copy=True)
+                else:
+                    col = np.empty(n, dtype=object) if arr.dtype.kind in "OUS" else np.zeros((n, *arr.shape), arr.dtype)
                 for i, r in results.items():
                     col[i] = r[key]
                 batch[key] = col
@@ -163,6 +206,7 @@ class Stage1Stage(StageActor):
     candidates (`candidates_1`, `candidate_seeds`) for the scorer, made stage_1.batch_size images a call."""
 
     name = "stage_1"
+    reads = ("text_encoder.max_length", "data.candidates_per_image", "data.min_clip_score")
 
     def __init__(self, cfg: CascadeConfig):
         from ifbatch.models.stage_1 import Stage1
@@ -204,6 +248,7 @@ class ScoreStage(StageActor):
 
     name = "scorer"
     drops = ("candidates_1", "candidate_seeds")
+    reads = ("data.candidates_per_image", "data.min_clip_score")
 
     def __init__(self, cfg: CascadeConfig):
         from ifbatch.models.scorer import ClipScorer
@@ -243,6 +288,7 @@ class ScoreStage(StageActor):
 class Stage2Stage(StageActor):
     name = "stage_2"
     drops = ("image_1", "prompt_embeds", "negative_embeds")
+    reads = ("text_encoder.max_length",)
 
     def __init__(self, cfg: CascadeConfig):
         from ifbatch.models.stage_2 import Stage2
@@ -277,6 +323,7 @@ def _unet_sample_size(section) -> int:
 class Stage3Stage(StageActor):
     name = "stage_3"
     drops = ("image_2",)
+    reads = ("stage_2", "safety", "scorer")
 
     def __init__(self, cfg: CascadeConfig):
         from ifbatch.models.safety import Safety
@@ -324,11 +371,51 @@ class Stage3Stage(StageActor):
         }
 
 
-# The actor of each stage, in the order of configs.schema.STAGES (tests check they agree).
-STAGE_ACTORS: dict[str, type[StageActor]] = {
-    "text_encoder": EncodeStage,
-    "stage_1": Stage1Stage,
-    "scorer": ScoreStage,
-    "stage_2": Stage2Stage,
-    "stage_3": Stage3Stage,
-}
+PER_CALL = {"batch_size", "replicas", "num_gpus", "num_cpus"}  # how a step is called, not what it loads
+
+
+class Steps:
+    """The stream's steps in order: the one list every executor runs. The cascade's stages are registered here in
+    the order of their config sections (a test holds them to it); another step is registered after the step it
+    follows."""
+
+    def __init__(self, steps: list[type[StageActor]]):
+        self._steps = list(steps)
+
+    def __iter__(self) -> Iterator[type[StageActor]]:
+        return iter(list(self._steps))
+
+    def __getitem__(self, name: str) -> type[StageActor]:
+        for step in self._steps:
+            if step.name == name:
+                return step
+        raise KeyError(f"no step named {name!r}; the steps are {[s.name for s in self._steps]}")
+
+    def register(self, step: type[StageActor], after: str) -> None:
+        """Add `step` right after the step named `after`."""
+        if not step.name or any(s.name == step.name for s in self._steps):
+            raise ValueError(f"a step needs a name of its own: {step.name!r} (the steps: {self.names})")
+        self._steps.insert(self._steps.index(self[after]) + 1, step)
+
+    def unregister(self, name: str) -> None:
+        self._steps.remove(self[name])
+
+    @contextlib.contextmanager
+    def registered(self, step: type[StageActor], after: str) -> Iterator[None]:
+        """`step` registered for the block (a test's)."""
+        self.register(step, after)
+        try:
+            yield
+        finally:
+            self.unregister(step.name)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self._steps]
+
+    def for_run(self, cfg: CascadeConfig, actors: Mapping[str, type] | None = None) -> list[type[StageActor]]:
+        """The steps a run with this config has, in order; `actors` stands other classes in for some (by name)."""
+        return [(actors or {}).get(s.name, s) for s in self._steps if s.runs(cfg)]
+
+
+STEPS = Steps([EncodeStage, Stage1Stage, ScoreStage, Stage2Stage, Stage3Stage])

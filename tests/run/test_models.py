@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from ifbatch.configs import load_config
-from ifbatch.models.cascade import Cascade
 from ifbatch.models.loading import ModelLoadError
 from ifbatch.models.safety import Safety
 from ifbatch.models.stage_1 import Stage1
 from ifbatch.models.timesteps import schedule
 from ifbatch.models.tiny import build_tiny_cascade
+
+from .cascade import Cascade
 
 pytestmark = pytest.mark.slow
 

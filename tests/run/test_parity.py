@@ -35,7 +35,7 @@ from ifbatch.tasks.outputs.manifest import read_manifest
 from ifbatch.tasks.run import Run
 from ifbatch.tasks.storage import locate
 from ifbatch.tasks.stream.local import LocalExecutor
-from ifbatch.tasks.stream.stages import STAGE_ACTORS
+from ifbatch.tasks.stream.stages import STEPS
 
 from ..helpers import write_table
 from ..reference import TOLERANCE, Card, grey_levels
@@ -88,10 +88,11 @@ class Harness:
         self.card = Card(tiny_dir)
         self.stage_1: dict[str, np.ndarray] = {}
         self.stage_2: dict[str, np.ndarray] = {}
-        actors = dict(STAGE_ACTORS)
-        actors["stage_1"] = recording(actors["stage_1"], "image_1", self.stage_1)
-        actors["scorer"] = recording(actors["scorer"], "image_1", self.stage_1)  # best of k: the chosen candidate
-        actors["stage_2"] = recording(actors["stage_2"], "image_2", self.stage_2)
+        actors = {
+            "stage_1": recording(STEPS["stage_1"], "image_1", self.stage_1),
+            "scorer": recording(STEPS["scorer"], "image_1", self.stage_1),  # best of k: the chosen candidate
+            "stage_2": recording(STEPS["stage_2"], "image_2", self.stage_2),
+        }
         self.executor = LocalExecutor(actors)
 
     def run(self, tmp_path: Path, table: dict, overrides: list[str], tiny_dir: Path | None = None) -> list[dict]:

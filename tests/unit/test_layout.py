@@ -90,15 +90,15 @@ def test_no_import_circle():
         visit(m, [])
 
 
-def test_every_stage_has_one_name_and_one_runner_and_one_actor():
+def test_every_stage_is_one_config_section_with_one_runner_and_one_registered_step_in_its_order():
     from ifbatch.configs.schema import DIFFUSION_STAGES, STAGES, CascadeConfig
     from ifbatch.models.cascade import RUNNERS
     from ifbatch.models.params import PARAMS
-    from ifbatch.tasks.stream.stages import STAGE_ACTORS
+    from ifbatch.tasks.stream.stages import STEPS
 
-    assert tuple(RUNNERS) == tuple(STAGE_ACTORS) == STAGES and tuple(PARAMS) == DIFFUSION_STAGES
+    assert STAGES == ("text_encoder", "stage_1", "scorer", "stage_2", "stage_3")  # the rows' way through them
+    assert STEPS.names == list(STAGES) and sorted(RUNNERS) == sorted(STAGES) and tuple(PARAMS) == DIFFUSION_STAGES
     assert all(s in CascadeConfig.model_fields for s in STAGES)
-    assert [r.name for r in RUNNERS.values()] == [a.name for a in STAGE_ACTORS.values()] == list(STAGES)
 
 
 def test_the_writers_and_the_stage_plumbing_load_without_torch():
