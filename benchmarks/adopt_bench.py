@@ -31,8 +31,8 @@ import pyarrow as pa  # noqa: E402
 from ifbatch.configs import load_config  # noqa: E402
 from ifbatch.tasks.outputs import adopt  # noqa: E402
 from ifbatch.tasks.outputs.manifest import write_part  # noqa: E402
+from ifbatch.tasks.outputs.writer import ImageWriter  # noqa: E402
 from ifbatch.tasks.storage import locate  # noqa: E402
-from ifbatch.tasks.stream.writer import ImageWriter  # noqa: E402
 from tests.services import bench_s3  # noqa: E402
 
 BUCKET = "adopt-bench"

@@ -1,7 +1,7 @@
 """How fast one writer encodes and writes 1024 px images: images/s per writer CPU for png / jpeg / webp, to a local
 folder and to S3 (a SeaweedFS server this script starts), as files and as WebDataset shards.
 
-A writer actor runs exactly this code (tasks/stream/writer.py): ImageWriter per batch of stage III's size, then,
+A writer actor runs exactly this code (tasks/outputs/writer.py): ImageWriter per batch of stage III's size, then,
 for shards, ShardWriter per shard. Here both run in this one process, one image at a time, so the rate is what one
 writer CPU sustains. The planner sizes the writer pool from these figures (configs/costs_data/costs.yaml,
 `writers`): enough writers for WRITER_HEADROOM x the rate it plans the GPUs for. The last table runs the real Ray
@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from ifbatch.configs import load_config  # noqa: E402
 from ifbatch.configs.costs import load_costs  # noqa: E402
+from ifbatch.tasks.outputs.writer import ImageWriter, ShardWriter  # noqa: E402
 from ifbatch.tasks.stream.planner import WRITER_HEADROOM, plan  # noqa: E402
-from ifbatch.tasks.stream.writer import ImageWriter, ShardWriter  # noqa: E402
 from tests.helpers import writer_rows  # noqa: E402
 
 BUCKET = "bench"

@@ -218,10 +218,12 @@ class OutputConfig(Section):
         30.0, gt=0, le=3600, description="Write a part at least this often; a killed run loses at most these rows."
     )
     compact: bool = Field(True, description="Merge the run's manifest parts into one when it ends (ifbatch compact).")
-    format: Literal["files", "webdataset"] = Field(
+    format: str = Field(
         "files",
-        description="files: one image file per image under images/ (with images/metadata.parquet for "
-        "load_dataset('imagefolder')); webdataset: tar shards under shards/ (<key>.png, <key>.json, <key>.txt).",
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="The output format (tasks/outputs/formats.py; checked when the run starts): files: one image "
+        "file per image under images/ (with images/metadata.parquet for load_dataset('imagefolder')); webdataset: "
+        "tar shards under shards/ (<key>.png, <key>.json, <key>.txt); or a format registered by its name.",
     )
     shard_samples: int = Field(256, ge=1, le=100_000, description="webdataset: at most this many images per shard.")
     shard_bytes: int = Field(

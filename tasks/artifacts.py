@@ -61,7 +61,8 @@ def contact_sheet(
     whole output's); written as runs/<run>-contact-sheet.png."""
     if not parts:
         return None
-    t = read_manifest(loc, ["id", "row", "status", "image_uri", "shard", "offset", "bytes"], paths=parts)
+    where = ["format", "image_uri", "shard", "member", "offset", "bytes"]  # what reading an image back needs
+    t = read_manifest(loc, ["id", "row", "status", *where], paths=parts)
     rows = sorted((r for r in t.to_pylist() if r["status"] == "ok"), key=lambda r: r["row"])[:n]
     if not rows:
         return None

@@ -41,7 +41,6 @@ from .outputs.drift import SettingsChanged, drift
 from .outputs.formats import FORMATS
 from .outputs.images import IMAGES_DIR
 from .outputs.lease import Lease, LeaseHeld
-from .outputs.loadable import write_image_metadata
 from .outputs.manifest import MANIFEST_DIR
 from .outputs.records import RUNS_DIR, versions, write_rejected, write_run_record
 from .outputs.shards import SHARDS_DIR
@@ -83,6 +82,7 @@ def cause_traceback(stopped: RunStopped) -> str:
 def preflight(prompts: str, output: str, cfg: CascadeConfig) -> None:
     """Before anything starts: the cluster to join answers (bounded: stream/ray_session.reach), the table's columns
     can be read and the output written (tasks/preflight.py)."""
+    FORMATS.of(cfg)  # output.format names a format
     if cfg.executor == "ray" and join_address(cfg.ray):
         reach(join_address(cfg.ray), address_origin(cfg.ray))
     check_table_and_output(prompts, output, cfg)
@@ -227,9 +227,9 @@ class Run:
         if len(done) == 0:
             return Resumed(rows, adopted=adopted)
         if found.changes:
-            files = self.cfg.output.format == "files"
-            if self.cfg.data.on_changed_settings == "refuse" or not files:
-                raise found.refusal(output, files)
+            in_place = FORMATS.of(self.cfg).remakes_in_place
+            if self.cfg.data.on_changed_settings == "refuse" or not in_place:
+                raise found.refusal(output, in_place)
             log.warning(
                 "remaking %d images made with other settings (data.on_changed_settings=remake): %s",
                 len(found.ids),
@@ -345,7 +345,7 @@ class Run:
                 result.parts = written
                 self.log.info("merged the run's %d manifest parts into %d", len(removed), len(written))
         if result.done:
-            write_image_metadata(loc)  # images/metadata.parquet, for load_dataset("imagefolder")
+            FORMATS.of(self.cfg).finish(loc)  # the format's own files (images/metadata.parquet for files)
         rejected = write_rejected(loc, self.run_id, plan.rejected)
         status = "done" if result.failed == 0 and not plan.rejected else "failed"
         return self.write(dataclasses.replace(record(status), rejected_file=rejected), spill=False)

@@ -7,6 +7,10 @@ stages group rows on these columns and run them as they are; the manifest copies
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -48,3 +52,10 @@ def resolve_params(overrides: dict[str, pa.Array], rows: int, cfg: CascadeConfig
 def row_params(row: dict, stage: str) -> StageParams:
     """A stage's parameters from a row that holds the resolved columns."""
     return StageParams(**{name: row[f"{stage}_{name}"] for name in PARAMS[stage]})
+
+
+def cell(value: Any) -> Any:
+    """One numpy cell as a plain Python value; null and NaN (of any float width) become None."""
+    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value

@@ -68,7 +68,7 @@ class Adopted:
 
 def unrecorded(loc: Location) -> tuple[list[Unit], pa.Table]:
     """Every unit no record names, of every format (an output may hold both); and the manifest's latest records."""
-    manifest = read_manifest(loc, ["id", "status", "image_uri", "shard"])
+    manifest = read_manifest(loc, ["id", "status", "format", "image_uri", "shard"])
     return [u for fmt in FORMATS.values() for u in fmt.unrecorded(loc, manifest)], manifest
 
 

@@ -1,27 +1,35 @@
 """The output formats, one class each: `files` (an image file per record under images/) and `webdataset` (records
-point into tar shards under shards/). Everything that meets an output's images goes through them: verify (checks
-and orphans), resume (what a killed run left that readers would see twice), --overwrite (what to delete) and
-reading an image. (The stream's writers of each format: stream/writer.py writer_steps.) An output may hold
-records of both kinds, when its format changed between runs: each record is held by the format it names.
+point into tar shards under shards/). A format owns its whole life: the stream's writers of its images (`writers`:
+outputs/writer.py's operators), reading an image back, verify's checks and orphans, resume's tidy-up (what a killed
+run left that readers would see twice), --overwrite (its folder), repair's unit, and its end-of-run files. The run
+chooses it once (`output.format`), and each manifest record names its format (`format`), so an output whose format
+changed between runs holds records of both. A new format is a subclass of Format and `FORMATS.register(...)`
+(tests/run/test_new_format.py adds Parquet rows holding the image bytes that way, with no product file changed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ifbatch.configs import ConfigError
+from ifbatch.configs.schema import CascadeConfig
+
 from ..storage import TMP_MARK, Location
 from .images import IMAGES_DIR, image_path, read_provenance
-from .loadable import METADATA
+from .loadable import METADATA, write_image_metadata
 from .shards import SHARDS_DIR, members, orphan_shards, recorded_shards, remove_orphan_shards, sample_key, shard_path
 from .unrecorded import Unit, record_of
+from .writer import ImageWriter, ShardWriter, WriterStep
 
 READERS = 16  # unrecorded images read at once (the work is I/O)
 
@@ -51,12 +59,70 @@ def compare(data: bytes, rec: dict, uri: str) -> Problem | None:
     return None
 
 
-class Files:
-    name = "files"
-    folder = IMAGES_DIR
+class Format:
+    """An output format. `name`: output.format's value and each record's `format`; `folder`: where its images go
+    under the output (--overwrite removes it); `remakes_in_place`: an image made with other settings can be made
+    again in its place (data.on_changed_settings=remake)."""
+
+    name = ""
+    folder = ""
+    remakes_in_place = False
+
+    def writers(
+        self, cfg: CascadeConfig, output: str, run_id: str, models: dict, ledger: Any = None
+    ) -> list[WriterStep]:
+        """The stream's writer operators, in order; the first encodes each image (ImageWriter). ledger: a Ray run's
+        (stream/ledger.py), which every write asks first."""
+        raise NotImplementedError
+
+    def encoder(self, cfg: CascadeConfig, output: str, run_id: str, models: dict, ledger: Any, to_files: bool):
+        """The encoding writer step every format starts with: each ok row's image encoded with its provenance, and
+        written as a file (to_files) or handed on as bytes (`payload`, `meta`) to the format's next writer."""
+        kwargs = dict(cfg=cfg, output=output, models=models, run_id=run_id, ledger=ledger, fmt=self.name)
+        return WriterStep(
+            ImageWriter, {**kwargs, "to_files": to_files}, cfg.stage_3.batch_size, "numpy", 1.0,
+            cfg.output.writer_cpus, calls=2,  # an upload overlaps the next encode
+        )  # fmt: skip
 
     def holds(self, rec: dict) -> bool:
-        return not rec.get("shard")
+        return format_of(rec) is self
+
+    def read(self, loc: Location, rec: dict) -> bytes:
+        raise NotImplementedError
+
+    def checks(self, loc: Location, recs: list[dict]) -> list[Check]:
+        raise NotImplementedError
+
+    def unrecorded(self, loc: Location, manifest: pa.Table) -> list[Unit]:
+        """What it wrote that no record names, each read for the records it carries (taken over, or orphans)."""
+        return []
+
+    def read_unit(self, loc: Location, path: str) -> Unit:
+        raise NotImplementedError
+
+    def tidy(self, loc: Location) -> list[str]:
+        """Before a resumed run: remove what readers would see twice once the run makes it again."""
+        return []
+
+    def unit(self, loc: Location, ok: pa.Table, broken: dict[str, Problem], problems: list[Problem]) -> list[str]:
+        """What `verify --repair` removes with the broken images (adding to `broken` what goes with them)."""
+        return []
+
+    def finish(self, loc: Location) -> None:
+        """The end of a run that made images: the format's own files beside them."""
+
+
+class Files(Format):
+    name = "files"
+    folder = IMAGES_DIR
+    remakes_in_place = True  # a file is replaced whole
+
+    def writers(self, cfg, output, run_id, models, ledger=None):
+        """The encoders write each image as a file, durable before its record is returned."""
+        return [self.encoder(cfg, output, run_id, models, ledger, to_files=True)]
+
+    def finish(self, loc: Location) -> None:
+        write_image_metadata(loc)  # images/metadata.parquet, for load_dataset("imagefolder")
 
     def read(self, loc: Location, rec: dict) -> bytes:
         return loc.fs.cat_file(image_path(loc, rec["image_uri"]))
@@ -91,7 +157,7 @@ class Files:
         uri = loc.uri(path)
         try:
             data = loc.fs.cat_file(path)
-            rec = record_of(read_provenance(data), data, image_uri=uri)
+            rec = record_of(read_provenance(data), data, format=self.name, image_uri=uri)
         except Exception as e:  # not an image at all
             rec = f"it cannot be read as an image: {type(e).__name__}: {e}"
         if isinstance(rec, str):
@@ -111,12 +177,18 @@ class Files:
         return []
 
 
-class WebDataset:
+class WebDataset(Format):
     name = "webdataset"
     folder = SHARDS_DIR
 
-    def holds(self, rec: dict) -> bool:
-        return bool(rec.get("shard"))
+    def writers(self, cfg, output, run_id, models, ledger=None):
+        """The encoders hand the bytes on to the shard writers, which take output.shard_samples images a call and
+        write each batch as a shard (tar assembly and one upload: a quarter of the encoders' count is plenty)."""
+        shards = dict(cfg=cfg, output=output, run_id=run_id, ledger=ledger)
+        return [
+            self.encoder(cfg, output, run_id, models, None, to_files=False),  # (the shard writers ask the ledger)
+            WriterStep(ShardWriter, shards, cfg.output.shard_samples, "pyarrow", 0.25, SHARD_WRITER_CPUS),
+        ]
 
     def read(self, loc: Location, rec: dict) -> bytes:
         """One range read of the member's bytes."""
@@ -182,7 +254,7 @@ class WebDataset:
             except ValueError:
                 meta = None
             name, offset, size = image[0]
-            rec = record_of(meta, data[offset : offset + size], shard=uri, member=name, offset=offset)
+            rec = record_of(meta, data[offset : offset + size], format=self.name, shard=uri, member=name, offset=offset)
             if isinstance(rec, str):
                 return Unit(uri, None, f"sample {key!r}: {rec}")
             if sample_key(rec["id"]) != key:
@@ -209,18 +281,55 @@ class WebDataset:
         return sorted(damaged | {shard_path(loc, u) for u in orphans})
 
 
-def read_units(fmt: Files | WebDataset, loc: Location, paths: list[str]) -> list[Unit]:
+def read_units(fmt: Format, loc: Location, paths: list[str]) -> list[Unit]:
     """Each unrecorded file or shard read by its format, READERS at once (the work is I/O)."""
     with ThreadPoolExecutor(max_workers=READERS) as pool:
         return list(pool.map(lambda p: fmt.read_unit(loc, p), paths))
 
 
-FORMATS: dict[str, Files | WebDataset] = {f.name: f for f in (Files(), WebDataset())}
+SHARD_WRITER_CPUS = 0.25
 
 
-def format_of(rec: dict) -> Files | WebDataset:
-    """The format that holds a record's image."""
-    return next(f for f in FORMATS.values() if f.holds(rec))
+class Formats(dict[str, Format]):
+    """The output formats by name."""
+
+    def register(self, fmt: Format) -> None:
+        if not fmt.name or fmt.name in self:
+            raise ValueError(f"a format needs a name of its own: {fmt.name!r} (the formats: {sorted(self)})")
+        self[fmt.name] = fmt
+
+    @contextlib.contextmanager
+    def registered(self, fmt: Format) -> Iterator[None]:
+        """`fmt` registered for the block (a test's)."""
+        self.register(fmt)
+        try:
+            yield
+        finally:
+            del self[fmt.name]
+
+    def of(self, cfg: CascadeConfig) -> Format:
+        """The run's format (output.format)."""
+        try:
+            return self[cfg.output.format]
+        except KeyError:
+            raise ConfigError(
+                f"output.format = {cfg.output.format!r} is not an output format; expected one of "
+                f"{', '.join(sorted(self))}"
+            ) from None
+
+
+FORMATS = Formats({f.name: f for f in (Files(), WebDataset())})
+
+
+def format_of(rec: dict) -> Format:
+    """The format that holds a record's image: the one it names (a record from before records named it: shards
+    are WebDataset's, the rest files)."""
+    name = rec.get("format") or ("webdataset" if rec.get("shard") else "files")
+    if name not in FORMATS:
+        raise ConfigError(
+            f"record {rec.get('id')!r} names output format {name!r}, which is not one of {sorted(FORMATS)}"
+        )
+    return FORMATS[name]
 
 
 def read_image(loc: Location, rec: dict) -> bytes:

@@ -20,7 +20,7 @@ from .images import IMAGES_DIR
 from .manifest import read_manifest
 
 METADATA = "metadata.parquet"  # under images/
-DROPPED = ("status", "error", "image_uri", "shard", "member", "offset", "placement")  # not facts of the image
+DROPPED = ("status", "error", "format", "image_uri", "shard", "member", "offset", "placement")  # not facts of the image
 
 
 def write_image_metadata(loc: Location) -> str | None:

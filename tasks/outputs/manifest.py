@@ -22,13 +22,15 @@ from ..storage import Location
 from .spill import write_or_spill
 
 MANIFEST_DIR = "manifest"
-# One record per image, as the writer makes it (columnar, no per-run facts). An image is a file (image_uri) or a
-# member of a WebDataset shard (shard, member, and the offset of its bytes in the tar) ...
+# One record per image, as the writer makes it (columnar, no per-run facts). Its `format` (outputs/formats.py) says
+# where the image is: a file (image_uri), or a member of a container (shard, member, and the offset of its bytes
+# in it: a WebDataset tar shard) ...
 RECORD_SCHEMA = pa.schema(
     [
         ("id", pa.string()), ("row", pa.int64()), ("prompt_id", pa.string()), ("image_index", pa.int32()),
         ("prompt", pa.string()), ("negative_prompt", pa.string()),
         ("seed", pa.int64()), ("status", pa.string()), ("error", pa.string()),
+        ("format", pa.string()),
         ("image_uri", pa.string()), ("shard", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
         ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("bytes", pa.int64()),
         ("nsfw", pa.bool_()), ("watermark_detected", pa.bool_()), ("watermarked", pa.bool_()),

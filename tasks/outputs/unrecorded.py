@@ -1,7 +1,7 @@
 """Whole images no manifest record names, and the records they would have had.
 
 A writer makes an image durable before its record, so a run killed between the two (SIGKILL, the OOM killer, a lost
-node) leaves whole images without records. Each carries its provenance (stream/writer.py `provenance`: every fact
+node) leaves whole images without records. Each carries its provenance (outputs/writer.py `provenance`: every fact
 of its record that is not of the file), so its record can be made again from the image alone. The formats find them
 (formats.py `unrecorded`); adopt.py decides which a run takes over, verify.py lists them.
 """
@@ -44,8 +44,9 @@ class Unit:
 
 def record_of(meta: dict | None, data: bytes, **where) -> dict | str:
     """The manifest record (RECORD_SCHEMA, plus the part's `models`) of an image from its bytes and the provenance
-    it carries; `where`: image_uri, or shard, member and offset. A string says why it cannot be. (Its run's times,
-    placement and score floor are not in the image: null. Its `run_id` is the run that records it.)"""
+    it carries; `where`: its format, and image_uri, or shard, member and offset. A string says why it cannot be.
+    (Its run's times, placement and score floor are not in the image: null. Its `run_id` is the run that records
+    it.)"""
     if not isinstance(meta, dict):
         return "it carries no ifbatch provenance"
     missing = [k for k in NEEDED if k not in meta]

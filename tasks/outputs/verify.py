@@ -29,7 +29,8 @@ from .records import RUNS_DIR
 from .shards import remove_shard
 from .unrecorded import Unit
 
-CHECKED = ["id", "status", "image_uri", "shard", "member", "sha256", "bytes"]  # the manifest columns verify reads
+# the columns verify reads: what a record says of its image, and where its format keeps it
+CHECKED = ["id", "status", "format", "image_uri", "shard", "member", "offset", "sha256", "bytes"]
 CHUNK = 10_000  # records turned into checks at once (a million records as Python dicts would hold ~1 GB)
 
 

@@ -12,9 +12,7 @@ stops waiting for it and leaves what it wrote to the next run, which takes it ov
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 
 import pyarrow as pa
 
@@ -70,25 +68,6 @@ def start_ledger():
     return ray.remote(num_cpus=0)(Ledger).remote()
 
 
-@contextlib.contextmanager
-def writing(ledger, items: list[tuple[str, str]]) -> Iterator[bool]:
-    """In a writer: whether to write `items` (False once the run has stopped); the ledger is told when done. No
-    ledger (the local executor, whose writes finish on the driver's own thread): always."""
-    if ledger is None or not items:
-        yield True
-        return
-    import ray
-
-    seq = ray.get(ledger.begin.remote(items))
-    if seq is None:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        ledger.end.remote(seq)
-
-
 def settle(ledger, poll_s: float = 0.05) -> dict[str, str] | None:
     """In the driver, once stopped: refuse new writes, wait until none is under way; the images written whose
     records the driver has not received, with their file or shard. None when a writer died mid-write."""
@@ -107,6 +86,3 @@ def read_back(written: dict[str, str], loc: Location, fmt: str) -> pa.Table:
     units = [FORMATS[fmt].read_unit(loc, unit) for unit in sorted(set(written.values()))]
     records = [r for u in units for r in u.records or [] if r["id"] in written]
     return pa.Table.from_pylist(records, schema=SCHEMA).select(RECORD_SCHEMA.names)
-
-
-STOPPED = "stopped: the run was stopped before this image was written"

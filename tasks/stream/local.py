@@ -16,10 +16,10 @@ import pyarrow as pa
 
 from ifbatch.configs.schema import CascadeConfig
 
+from ..outputs.formats import FORMATS
 from ..storage import Location
 from .pipeline import PipelineResult
 from .stages import STEPS, StageActor
-from .writer import writer_steps
 
 Batch = dict[str, np.ndarray]
 
@@ -111,7 +111,7 @@ class LocalSession:
         for step in STEPS.for_run(cfg, self.executor.actors):
             stream = map(self.executor.stage(cfg, step), _until(stop, rebatch(stream, step.rows_per_call(cfg))))
         out: Iterable = stream
-        for writer in writer_steps(cfg, output, run_id, models):  # the output format's writers
+        for writer in FORMATS.of(cfg).writers(cfg, output, run_id, models):  # the output format's writers
             cut = rebatch if writer.batch_format == "numpy" else retable
             out = map(writer.cls(**writer.kwargs), _until(stop, cut(out, writer.batch_size)))
         yield from out

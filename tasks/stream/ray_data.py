@@ -18,6 +18,7 @@ import pyarrow as pa
 from ifbatch.configs.schema import CascadeConfig
 
 from ..inputs.expand import image_count
+from ..outputs.formats import FORMATS
 from ..outputs.manifest import RECORD_SCHEMA, SCHEMA
 from ..storage import Location, locate
 from .ledger import read_back, settle, start_ledger
@@ -25,7 +26,6 @@ from .pipeline import PipelineResult
 from .placing import Calibration, Placement, placed
 from .ray_session import ray_session
 from .stages import STEPS
-from .writer import writer_steps
 
 BLOCK_BYTES = 64 << 10  # see build_dataset
 ACTOR_START_S = 600  # how long a stage's actors may take to start and load their models
@@ -205,12 +205,12 @@ def build_dataset(
 
 
 def _write(ds, cfg: CascadeConfig, output: str, run_id: str, models: dict, ledger=None):
-    """The writer pools of the output's format (writer.writer_steps), each sized to its share of output.writers
+    """The writer pools of the output's format (formats.Format.writers), each sized to its share of output.writers
     (sized to the plan)."""
     import ray
 
     writers = cfg.output.writers or 1
-    for step in writer_steps(cfg, output, run_id, models, ledger):
+    for step in FORMATS.of(cfg).writers(cfg, output, run_id, models, ledger):
         ds = ds.map_batches(
             step.cls,
             fn_constructor_kwargs=step.kwargs,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -26,15 +25,9 @@ from ifbatch.configs.schema import SECTIONS, CascadeConfig, Execution
 from ifbatch.models.params import PARAM_TYPES, PARAMS, StageParams
 
 from ..inputs.expand import expand
+from ..inputs.params import cell
 
 Batch = dict[str, np.ndarray]
-
-
-def cell(value: Any) -> Any:
-    """One numpy cell as a plain Python value; null and NaN (of any float width) become None."""
-    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
-        return None
-    return value.item() if hasattr(value, "item") else value
 
 
 def param(name: str, value: Any) -> Any:

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 
 from ifbatch.configs import load_config
+from ifbatch.tasks.outputs.writer import STOPPED, ImageWriter, ShardWriter
 from ifbatch.tasks.storage import locate
-from ifbatch.tasks.stream.ledger import STOPPED, read_back, settle, start_ledger
-from ifbatch.tasks.stream.writer import ImageWriter, ShardWriter
+from ifbatch.tasks.stream.ledger import read_back, settle, start_ledger
 
 from ..conftest import BUCKET
 from ..helpers import writer_rows

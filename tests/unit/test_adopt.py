@@ -13,8 +13,8 @@ import pytest
 from ifbatch.configs import load_config
 from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA, read_manifest, write_part
 from ifbatch.tasks.outputs.verify import repair, verify
+from ifbatch.tasks.outputs.writer import ImageWriter, ShardWriter
 from ifbatch.tasks.storage import locate
-from ifbatch.tasks.stream.writer import ImageWriter, ShardWriter
 from tests.helpers import writer_rows
 
 MEASURED = {"written_at", "seconds_write", "placement", *(n for n in RECORD_SCHEMA.names if n.startswith("seconds_"))}

@@ -15,8 +15,8 @@ from ifbatch.configs import load_config
 from ifbatch.configs.schema import CASCADE
 from ifbatch.tasks.outputs.images import encode_image, image_relpath, read_provenance
 from ifbatch.tasks.outputs.manifest import RECORD_SCHEMA
+from ifbatch.tasks.outputs.writer import ImageWriter
 from ifbatch.tasks.storage import locate
-from ifbatch.tasks.stream.writer import ImageWriter
 from tests.helpers import writer_rows
 
 

@@ -26,8 +26,8 @@ from ifbatch.tasks.outputs.shards import (
     stats_path,
 )
 from ifbatch.tasks.outputs.verify import repair, verify
+from ifbatch.tasks.outputs.writer import ImageWriter, ShardWriter
 from ifbatch.tasks.storage import locate
-from ifbatch.tasks.stream.writer import ImageWriter, ShardWriter
 from tests.helpers import writer_rows
 
 

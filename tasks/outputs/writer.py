@@ -4,12 +4,14 @@ those once per manifest part)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import math
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +21,34 @@ import pyarrow as pa
 from ifbatch.configs.schema import STAGES, CascadeConfig
 from ifbatch.models.text import preprocessing
 
-from ..inputs.params import param_fields
-from ..outputs.images import EXTENSIONS, encode_image, image_relpath
-from ..outputs.manifest import RECORD_SCHEMA
-from ..outputs.shards import SHARDS_DIR, Sample, build_shard, sample_key, shard_name, write_shard
+from ..inputs.params import cell, param_fields
 from ..storage import locate
-from .ledger import STOPPED, writing
-from .stages import cell
+from .images import EXTENSIONS, encode_image, image_relpath
+from .manifest import RECORD_SCHEMA
+from .shards import SHARDS_DIR, Sample, build_shard, sample_key, shard_name, write_shard
+
+STOPPED = "stopped: the run was stopped before this image was written"
+
+
+@contextlib.contextmanager
+def writing(ledger, items: list[tuple[str, str]]) -> Iterator[bool]:
+    """In a writer: whether to write `items` (False once the run has stopped); the ledger (a Ray run's:
+    stream/ledger.py) is told when done. No ledger (the local executor, whose writes finish on the driver's own
+    thread): always."""
+    if ledger is None or not items:
+        yield True
+        return
+    import ray
+
+    seq = ray.get(ledger.begin.remote(items))
+    if seq is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        ledger.end.remote(seq)
+
 
 # Copied from the row as they are: what the row was, and what shaped its image
 COPIED = [
@@ -118,18 +141,27 @@ def _choices(batch: dict[str, np.ndarray], status: list[str]) -> dict[str, pa.Ar
 
 
 class ImageWriter:
-    """map_batches callable: encodes each ok row's image with its provenance. output.format files: writes it as a
-    file, durable before its record is returned. webdataset: hands the encoded bytes on (`payload`, `meta`) to
-    ShardWriter, which records them once their shard is written."""
+    """map_batches callable: encodes each ok row's image with its provenance. to_files: writes it as a file, durable
+    before its record is returned (output.format files). Else hands the encoded bytes on (`payload`, `meta`) to the
+    format's next writer (webdataset: ShardWriter), which records them once it has written them. fmt: the format
+    each record names (default: output.format)."""
 
     def __init__(
-        self, cfg: CascadeConfig, output: str, models: dict | None = None, run_id: str = "", ledger: Any = None
+        self,
+        cfg: CascadeConfig,
+        output: str,
+        models: dict | None = None,
+        run_id: str = "",
+        ledger: Any = None,
+        fmt: str | None = None,
+        to_files: bool | None = None,
     ):
         self.out = cfg.output
-        self.ledger = ledger if cfg.output.format == "files" else None  # (a shard's writer writes shards)
+        self.format = fmt or cfg.output.format
+        self.files = self.format == "files" if to_files is None else to_files
+        self.ledger = ledger if self.files else None  # (the next writer asks the ledger for what it writes)
         self.loc = locate(output, cfg.s3)
         self.models = models or {}
-        self.files = cfg.output.format == "files"
         # what shaped every image of the run, recorded with each (outputs/drift.py compares them on a resume)
         self.text_preprocessing = preprocessing(cfg.text_encoder.clean_caption)
         self.k, self.floor = cfg.data.candidates_per_image, cfg.data.min_clip_score
@@ -196,6 +228,7 @@ class ImageWriter:
             watermark_detected=_flags(batch["watermark_detected"]),
             watermarked=batch["watermarked"].astype(bool),
             **_choices(batch, status),
+            format=[self.format] * n,
             text_preprocessing=[self.text_preprocessing] * n,
             candidates_per_image=pa.array([self.k] * n, pa.int16()),
             min_clip_score=pa.array([self.floor] * n, pa.float32()),
@@ -303,9 +336,6 @@ class Stopped(Exception):
     """The run stopped before a shard was written."""
 
 
-SHARD_WRITER_CPUS = 0.25
-
-
 @dataclass(frozen=True)
 class WriterStep:
     """One writer operator of the stream, as every executor runs it: the callable class and its constructor
@@ -319,26 +349,3 @@ class WriterStep:
     share: float
     num_cpus: float
     calls: int = 1
-
-
-def writer_steps(cfg: CascadeConfig, output: str, run_id: str, models: dict, ledger: Any = None) -> list[WriterStep]:
-    """The writers of the run's output format, in order -- the one place the stream chooses by format. files: the
-    encoders write each image as a file. webdataset: the encoders hand the bytes on to the shard writers, which take
-    output.shard_samples images a call and write each batch as a shard (tar assembly and one upload: a quarter of
-    the encoders' count is plenty). ledger: a Ray run's (stream/ledger.py), which every write asks first."""
-    encoder = dict(cfg=cfg, output=output, models=models, run_id=run_id, ledger=ledger)
-    steps = [
-        WriterStep(
-            ImageWriter, encoder, cfg.stage_3.batch_size, "numpy", 1.0, cfg.output.writer_cpus,
-            calls=2,  # an upload overlaps the next encode
-        )
-    ]  # fmt: skip
-    if cfg.output.format == "webdataset":
-        steps.append(
-            WriterStep(
-                ShardWriter, dict(cfg=cfg, output=output, run_id=run_id, ledger=ledger), cfg.output.shard_samples,
-                "pyarrow", 0.25,
-                SHARD_WRITER_CPUS,
-            )
-        )  # fmt: skip
-    return steps
