@@ -52,7 +52,7 @@ from .storage import locate, storage_errors
 from .stream.cluster import ClusterChanged
 from .stream.executors import executor_for
 from .stream.interrupt import Interrupted
-from .stream.pipeline import PipelineResult, run_pipeline
+from .stream.pipeline import PipelineResult, Settler, run_pipeline
 from .stream.plan import PlanError
 from .stream.progress import Progress, listen
 from .stream.ray_session import ClusterUnreachable, address_origin, join_address, reach
@@ -292,28 +292,18 @@ class Run:
         stops = [listen(log_progress), *(listen(make(run_id, images)) for make in self.listeners)]
         try:
             explicit = override_keys(list(self.params.overrides))
-            with self.executor.open(cfg, explicit, images, loc) as session:
-                for line in session.lines:
-                    log.info("%s", line)
+            say = lambda line: log.info("%s", line)  # noqa: E731  (the executor's plan, a re-plan: when it happens)
+            with self.executor.open(cfg, explicit, images, loc, say) as session:
                 made.startup_seconds, made.plan = time.monotonic() - t0, session.record
                 mark_open(loc, run_id)  # until every image it writes is recorded (outputs/adopt.py)
                 output, models = self.params.output, made.models
-                stream = lambda phase, stop: session.records(phase, output, run_id, models, stop)  # noqa: E731
-
-                def on_batch(result) -> None:  # what the session has to say (a re-plan) is said when it happens
-                    session.on_batch(result)
-                    for line in session.said():
-                        log.info("%s", line)
-
+                stream = lambda rows, stop: session.records(rows, output, run_id, models, stop)  # noqa: E731
+                settler = session if isinstance(session, Settler) else None
                 try:
-                    for phase in session.phases(rows, made.result):
-                        run_pipeline(
-                            phase, session.cfg, loc, run_id, models, stream,
-                            result=made.result, on_batch=on_batch, total=images, in_process=session.in_process,
-                            settler=session,
-                        )  # fmt: skip
-                        for line in session.said():  # (a re-plan between phases)
-                            log.info("%s", line)
+                    run_pipeline(
+                        rows, session.cfg, loc, run_id, models, stream,
+                        result=made.result, total=images, in_process=session.in_process, settler=settler,
+                    )  # fmt: skip
                 except Interrupted as e:  # the user stopped it: what was done is recorded, no error to show
                     made.interrupted, made.settled = e, e.settled
                     if e.late:
@@ -326,7 +316,7 @@ class Run:
                     cancel()
                     raise
                 except Exception as e:  # generation had started: record what was done (RunStopped)
-                    raise RunStopped(session.failed(e)) from e
+                    raise RunStopped(e) from e
                 else:
                     made.settled = True  # the stream ended: every image it wrote came with its record
                 finally:

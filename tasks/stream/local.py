@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +18,6 @@ from ifbatch.configs.schema import CascadeConfig
 
 from ..outputs.formats import FORMATS
 from ..storage import Location
-from .pipeline import PipelineResult
 from .stages import STEPS, StageActor
 
 Batch = dict[str, np.ndarray]
@@ -82,23 +81,10 @@ class LocalSession:
 
     cfg: CascadeConfig
     executor: LocalExecutor
-    name: str = "local"
     in_process: bool = True  # the stream computes on the driver's thread (pipeline._records waits for it)
     record: dict = field(
         default_factory=lambda: {"mode": "local", "reason": "executor=local: every stage runs in this process"}
     )
-    lines: list[str] = field(
-        default_factory=lambda: ["plan: local: every stage runs in this process, one batch at a time (executor=local)"]
-    )
-
-    def phases(self, rows: pa.Table, result: PipelineResult) -> Iterator[pa.Table]:
-        yield rows
-
-    def on_batch(self, result: PipelineResult) -> None:
-        pass
-
-    def said(self) -> list[str]:
-        return []
 
     def records(
         self, rows: pa.Table, output: str, run_id: str, models: dict, stop: threading.Event
@@ -115,16 +101,6 @@ class LocalSession:
             cut = rebatch if writer.batch_format == "numpy" else retable
             out = map(writer.cls(**writer.kwargs), _until(stop, cut(out, writer.batch_size)))
         yield from out
-
-    def taken(self, records: pa.Table) -> None:
-        pass
-
-    def settle(self) -> pa.Table | None:
-        """Nothing to settle: a stopped stream finishes its step under way on the driver's thread, records and all."""
-        return None
-
-    def failed(self, error: BaseException) -> BaseException:
-        return error
 
 
 class LocalExecutor:
@@ -146,5 +122,10 @@ class LocalExecutor:
         return self._loaded[step][1]
 
     @contextlib.contextmanager
-    def open(self, cfg: CascadeConfig, explicit: frozenset[str], images: int, loc: Location) -> Iterator[LocalSession]:
+    def open(
+        self, cfg: CascadeConfig, explicit: frozenset[str], images: int, loc: Location, say: Callable[[str], None]
+    ) -> Iterator[LocalSession]:
+        """(Nothing to settle when stopped: the stream finishes its step under way on the driver's thread, records
+        and all.)"""
+        say("plan: local: every stage runs in this process, one batch at a time (executor=local)")
         yield LocalSession(cfg, self)

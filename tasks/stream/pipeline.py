@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,6 +26,7 @@ from . import interrupt
 from .progress import Progress, report
 
 
+@runtime_checkable
 class Settler(Protocol):
     """A stream computing elsewhere (Ray: stream/ledger.py): told of every record batch the driver takes, and, once
     the run is stopped, `settle` returns the records of the images written whose records had not come (None: it
@@ -96,18 +97,16 @@ def run_pipeline(
     models: dict,
     stream: Stream,
     result: PipelineResult | None = None,
-    on_batch: Callable[[PipelineResult], None] | None = None,
     total: int | None = None,
     in_process: bool = False,
     settler: Settler | None = None,
 ) -> PipelineResult:
     """Generate every row of `rows` (already validated, resume-filtered) through `stream` and write manifest parts
-    (records of the models `models`, under `run_id`). `result` is
-    filled as the rows come (so that a caller knows what was done when the stream fails); a result passed in from
-    an earlier phase of the same run is added to. on_batch: called with the result after each batch of records.
-    total: the images of the whole run, for progress (default: those of `rows`). in_process: the stream computes in
-    this process (the local executor), so a stopped run waits for its current step before it goes on. settler: a
-    stream computing elsewhere (Ray) records every image it wrote once stopped (Settler)."""
+    (records of the models `models`, under `run_id`). `result` is filled as the rows come (so that a caller knows
+    what was done when the stream fails). total: the images of the whole run, for progress (default: those of
+    `rows`). in_process: the stream computes in this process (the local executor), so a stopped run waits for its
+    current step before it goes on. settler: a stream computing elsewhere (Ray) records every image it wrote once
+    stopped (Settler)."""
     result = PipelineResult() if result is None else result
     if rows.num_rows == 0:
         return result
@@ -136,8 +135,6 @@ def run_pipeline(
             ):
                 flush()
             report(Progress(result.done, result.failed, images, t0))
-            if on_batch is not None:
-                on_batch(result)
     finally:
         flush()  # also when the stream failed: what was written is recorded, and a rerun resumes after it
     result.seconds = time.monotonic() - t0

@@ -10,7 +10,7 @@ import contextlib
 import math
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -34,12 +34,13 @@ ACTOR_START_S = 600  # how long a stage's actors may take to start and load thei
 @dataclass
 class RaySession:
     """A run on the Ray cluster: the plan placed and reserved (placing.py), corrected from the run's first images
-    when its costs were estimates (Calibration)."""
+    when its costs were estimates (Calibration), all inside `records`. A Settler (pipeline.py): a stopped run
+    records every image its writers wrote (ledger.py)."""
 
     placement: Placement
     calibration: Calibration
+    say: Callable[[str], None]  # what the session has to say (a re-plan), when it happens
     actors: dict | None = None  # classes standing in for some steps, by name (the cluster simulation's)
-    name: str = "ray"
     in_process: bool = False  # the driver's stream thread only waits on the cluster
     streams: list = field(default_factory=list)  # the Ray datasets this session started (close stops them)
     ledger: object = None  # the current stream's (ledger.py)
@@ -53,37 +54,49 @@ class RaySession:
     def record(self) -> dict:
         return self.placement.record
 
-    @property
-    def lines(self) -> list[str]:
-        return self.placement.lines
-
-    def phases(self, rows: pa.Table, result: PipelineResult) -> Iterator[pa.Table]:
-        """The rows as one stream; or, when a plan of estimated costs splits the GPUs between stage groups, its first
-        images as a phase of their own, then the plan corrected from their timings, then the rest."""
-        calibration = self.calibration
-        if not calibration.phased:
-            yield rows
-        else:
-            first = calibration.first_rows(rows)
-            yield rows.slice(0, first)
-            calibration.calibrate(result)
-            if first < rows.num_rows:
-                yield rows.slice(first)
-
-    def on_batch(self, result: PipelineResult) -> None:
-        self.calibration(result)
-
-    def said(self) -> list[str]:
-        """What the session has to say since it was last asked (a re-plan)."""
-        lines, self.calibration.lines = self.calibration.lines, []
-        return lines
-
     def records(
         self, rows: pa.Table, output: str, run_id: str, models: dict, stop: threading.Event
     ) -> Iterator[pa.Table]:
-        """The stream's records (`stop` is not needed: the driver only waits on the cluster, and the actors end with
-        the session). A node lost mid-run that Ray Data keeps waiting for: the node watch stops the stream
-        (cluster.NodeWatch), which then fails here, whatever Ray Data made of the stop, and the run says why."""
+        """The stream's records. A stream that fails raises the error to report: the lost node when that was the
+        cause (placing.Placement.failed)."""
+        try:
+            yield from self._calibrated(rows, output, run_id, models)
+        except Exception as e:
+            reported = self.placement.failed(e)
+            if reported is e:
+                raise
+            raise reported from e
+
+    def _calibrated(self, rows: pa.Table, output: str, run_id: str, models: dict) -> Iterator[pa.Table]:
+        """The rows as one stream, the plan corrected as soon as its first images are out (a plan of one group);
+        or, when a plan of estimated costs splits the GPUs between stage groups, its first images as a phase of
+        their own, then the plan corrected from their timings (its groups reserved again), then the rest."""
+        calibration, seen = self.calibration, PipelineResult()
+        phases = [rows]
+        if calibration.phased:
+            first = calibration.first_rows(rows)
+            phases = [rows.slice(0, first), rows.slice(first)]
+        for k, phase in enumerate(phases):
+            if k:  # between the phases
+                calibration.calibrate(seen)
+                self._said()
+            if phase.num_rows == 0:
+                continue
+            for records in self._stream(phase, output, run_id, models):
+                seen.add(records)
+                calibration(seen)
+                self._said()
+                yield records
+
+    def _said(self) -> None:
+        lines, self.calibration.lines = self.calibration.lines, []
+        for line in lines:
+            self.say(line)
+
+    def _stream(self, rows: pa.Table, output: str, run_id: str, models: dict) -> Iterator[pa.Table]:
+        """One Ray Data stream of the rows (`stop` is not needed: the driver only waits on the cluster, and the
+        actors end with the session). A node lost mid-run that Ray Data keeps waiting for: the node watch stops the
+        stream (cluster.NodeWatch), which then fails here, whatever Ray Data made of the stop."""
         self.ledger, self.output = start_ledger(), output
         ds = build_dataset(
             rows, self.placement.cfg, output, self.placement.groups, self.actors, models, run_id, self.ledger
@@ -121,9 +134,6 @@ class RaySession:
             stop_stream(ds)
         self.streams.clear()
 
-    def failed(self, error: BaseException) -> BaseException:
-        return self.placement.failed(error)
-
 
 def stop_stream(ds) -> bool:
     """Shut the executor of a dataset whose stream is running, from any thread; whether one was running. Ray Data
@@ -146,9 +156,13 @@ class RayExecutor:
         self.actors = actors
 
     @contextlib.contextmanager
-    def open(self, cfg: CascadeConfig, explicit: frozenset[str], images: int, loc: Location) -> Iterator[RaySession]:
+    def open(
+        self, cfg: CascadeConfig, explicit: frozenset[str], images: int, loc: Location, say: Callable[[str], None]
+    ) -> Iterator[RaySession]:
         with ray_session(cfg.ray), placed(cfg, explicit, images, loc) as placement:
-            session = RaySession(placement, Calibration.of(placement, cfg, explicit, images), self.actors)
+            for line in placement.lines:
+                say(line)
+            session = RaySession(placement, Calibration.of(placement, cfg, explicit, images), say, self.actors)
             try:
                 yield session
             finally:

@@ -334,8 +334,8 @@ def test_a_store_fault_mid_run_leaves_every_image_exactly_once(fault, tmp_path, 
 
 def test_what_the_session_has_to_say_mid_run_is_said_when_it_happens(tmp_path, tiny_set):
     """A re-plan from the run's first images (Calibration, on Ray) was logged only after the stream ended, after
-    `progress: 64/64`. The engine says a session's lines after the batch that made them: here a local session that
-    says something once 2 of 6 images are out (the local executor, as it runs; only what it says is the test's)."""
+    `progress: 64/64`. What an executor says goes to the run's log when it says it: here a local session that says
+    something once 2 of 6 images are out (the local executor, as it runs; only what it says is the test's)."""
     import contextlib
     import logging
 
@@ -344,20 +344,23 @@ def test_what_the_session_has_to_say_mid_run_is_said_when_it_happens(tmp_path, t
     from ifbatch.tasks.stream.local import LocalExecutor, LocalSession
 
     class Talking(LocalSession):
-        told, pending = False, []
+        say = print
 
-        def on_batch(self, result) -> None:
-            if result.done >= 2 and not self.told:
-                self.told, self.pending = True, [f"re-planned after {result.done} images"]
-
-        def said(self) -> list[str]:
-            out, self.pending = self.pending, []
-            return out
+        def records(self, *args):
+            out = 0
+            for records in super().records(*args):
+                out += records.num_rows
+                if out >= 2 and self.say is not None:
+                    self.say(f"re-planned after {out} images")
+                    self.say = None
+                yield records
 
     class Executor(LocalExecutor):
         @contextlib.contextmanager
-        def open(self, cfg, explicit, images, loc):
-            yield Talking(cfg, self)
+        def open(self, cfg, explicit, images, loc, say):
+            talking = Talking(cfg, self)
+            talking.say = say
+            yield talking
 
     heard: list[str] = []
 
