@@ -1,7 +1,7 @@
 """How close ifbatch's plan comes to using every GPU: a cluster simulation on a local Ray cluster with N fake GPUs.
 
-The real pipeline runs: ifbatch's planner and placement groups (tasks/stream/placing.py), its Ray Data stage
-plumbing and object-store hand-off (tasks/stream/ray_data.py, the StageActor batch logic) and its image writer.
+The real pipeline runs: ifbatch's planner and placement groups (tasks/stream/ray/placing.py), its Ray Data stage
+plumbing and object-store hand-off (tasks/stream/ray/executor.py, the StageActor batch logic) and its image writer.
 Only each stage's model call is replaced: it waits the cost table's seconds per image x batch, divided by a scale,
 while holding its fake GPU (an flock per GPU id, in 20 ms slices as processes time-slice a GPU), so actors sharing
 one GPU take turns as on a real one. What travels between the fake stages has the real shapes and dtypes (77x4096 fp16
@@ -46,9 +46,9 @@ from ifbatch.tasks.inputs.prompts import read_prompts  # noqa: E402
 from ifbatch.tasks.storage import locate  # noqa: E402
 from ifbatch.tasks.stream import stages as real  # noqa: E402
 from ifbatch.tasks.stream.pipeline import run_pipeline  # noqa: E402
-from ifbatch.tasks.stream.placing import placed  # noqa: E402
 from ifbatch.tasks.stream.planner import candidates, model_key  # noqa: E402
-from ifbatch.tasks.stream.ray_data import build_dataset  # noqa: E402
+from ifbatch.tasks.stream.ray.executor import build_dataset  # noqa: E402
+from ifbatch.tasks.stream.ray.placing import placed  # noqa: E402
 
 # A GPU shared by several processes time-slices between them at a grain of milliseconds, far finer than a model
 # call. The fake GPU is held in slices of this many seconds, and a process lets waiters in between two of its own

@@ -79,11 +79,11 @@ def run_writer(cfg, output: str, pixels: np.ndarray, batch: int) -> tuple[float,
 
 
 def pool_rate(cfg, output: str, pixels: np.ndarray, writers: int) -> float:
-    """Images/s through the real Ray Data writer pool of `writers` actors (tasks/stream/ray_data.py), from the first
+    """Images/s through the real Ray Data writer pool of `writers` actors (tasks/stream/ray/executor.py), from the first
     batch out to the last: the pool's rate once its actors are up (their start is a run's start-up, not its rate)."""
     import ray
 
-    from ifbatch.tasks.stream.ray_data import _write
+    from ifbatch.tasks.stream.ray.executor import _write
 
     rows = writer_rows(pixels)
     ds = ray.data.from_items([{k: v[i] for k, v in rows.items()} for i in range(len(pixels))])

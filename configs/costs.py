@@ -4,7 +4,7 @@ Costs are measured per GPU kind. A kind is found in any case and as Ray or nvidi
 `NVIDIA-H100-80GB-HBM3`). A kind without measured rows is costed from the nearest measured kind (by spec-sheet tensor
 TFLOP/s), scaled by the ratio of those TFLOP/s, and marked as an estimate; a kind the table does not know at all is
 costed conservatively -- from plan.gpu_tflops when given, else as the slowest GPU the table knows -- and marked so,
-with the nearest known name suggested. A run corrects an estimate from its own timings (tasks/stream/placing.py)."""
+with the nearest known name suggested. A run corrects an estimate from its own timings (tasks/stream/ray/placing.py)."""
 
 from __future__ import annotations
 

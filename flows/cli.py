@@ -128,7 +128,7 @@ def _presets() -> int:
 
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The run starts (or joins) Ray itself (tasks/stream/ray_session.py). Without this, a Ray call that comes after
+    # The run starts (or joins) Ray itself (tasks/stream/ray/session.py). Without this, a Ray call that comes after
     # ray.shutdown -- the stream's reader thread, once a Ctrl-C has stopped the run -- starts a new cluster.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     from ifbatch.models.quiet import VERBOSE_ENV
@@ -259,8 +259,8 @@ def _plan(args: argparse.Namespace) -> int:
     from ifbatch.tasks.inputs.expand import image_count
     from ifbatch.tasks.inputs.prompts import read_prompts
     from ifbatch.tasks.run import USER_ERRORS
-    from ifbatch.tasks.stream.cluster import DEFAULT_KIND
     from ifbatch.tasks.stream.planner import plan
+    from ifbatch.tasks.stream.ray.cluster import DEFAULT_KIND
 
     extra = [f"data.prompt_column={args.prompt_column}"] if args.prompt_column else []
     try:
@@ -269,7 +269,7 @@ def _plan(args: argparse.Namespace) -> int:
         gpus = args.gpus if cluster is None else cluster.gpus
         costs = load_costs(cfg.plan.costs, cfg.plan.gpu_tflops)
         found_kind = cluster.kind if cluster else None
-        kind = args.gpu_kind or cfg.plan.gpu_kind or found_kind or DEFAULT_KIND  # as a run picks it (placing.py)
+        kind = args.gpu_kind or cfg.plan.gpu_kind or found_kind or DEFAULT_KIND  # as a run picks it (ray/placing.py)
         p = plan(
             cfg,
             costs,
@@ -297,8 +297,8 @@ def _cluster_gpus(address: str | None):
         raise ValueError("give --gpus N, or --ray-address of a cluster whose GPUs to count")
     import ray
 
-    from ifbatch.tasks.stream.cluster import cluster_gpus
-    from ifbatch.tasks.stream.ray_session import reach
+    from ifbatch.tasks.stream.ray.cluster import cluster_gpus
+    from ifbatch.tasks.stream.ray.session import reach
 
     reach(address, "--ray-address")
     ray.init(address=address, include_dashboard=False, logging_level="ERROR")

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from urllib.parse import urlparse
 
 from ifbatch.configs.schema import RayConfig
-from ifbatch.tasks.stream.ray_session import join_address
+from ifbatch.tasks.stream.ray.session import join_address
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 LEASE_S = 120.0

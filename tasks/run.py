@@ -49,13 +49,13 @@ from .preflight import OutputError
 from .preflight import preflight as check_table_and_output
 from .run_record import Cancelled, Counts, RunParams, RunRecord, RunStopped, new_run_id
 from .storage import locate, storage_errors
-from .stream.cluster import ClusterChanged
 from .stream.executors import executor_for
 from .stream.interrupt import Interrupted
 from .stream.pipeline import PipelineResult, Settler, run_pipeline
 from .stream.plan import PlanError
 from .stream.progress import Progress, listen
-from .stream.ray_session import ClusterUnreachable, address_origin, join_address, reach
+from .stream.ray.cluster import ClusterChanged
+from .stream.ray.session import ClusterUnreachable, address_origin, join_address, reach
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ def cause_traceback(stopped: RunStopped) -> str:
 
 
 def preflight(prompts: str, output: str, cfg: CascadeConfig) -> None:
-    """Before anything starts: the cluster to join answers (bounded: stream/ray_session.reach), the table's columns
+    """Before anything starts: the cluster to join answers (bounded: stream/ray/session.reach), the table's columns
     can be read and the output written (tasks/preflight.py)."""
     FORMATS.of(cfg)  # output.format names a format
     if cfg.executor == "ray" and join_address(cfg.ray):

@@ -72,7 +72,7 @@ class Format:
         self, cfg: CascadeConfig, output: str, run_id: str, models: dict, ledger: Any = None
     ) -> list[WriterStep]:
         """The stream's writer operators, in order; the first encodes each image (ImageWriter). ledger: a Ray run's
-        (stream/ledger.py), which every write asks first."""
+        (stream/ray/ledger.py), which every write asks first."""
         raise NotImplementedError
 
     def encoder(self, cfg: CascadeConfig, output: str, run_id: str, models: dict, ledger: Any, to_files: bool):

@@ -33,7 +33,7 @@ STOPPED = "stopped: the run was stopped before this image was written"
 @contextlib.contextmanager
 def writing(ledger, items: list[tuple[str, str]]) -> Iterator[bool]:
     """In a writer: whether to write `items` (False once the run has stopped); the ledger (a Ray run's:
-    stream/ledger.py) is told when done. No ledger (the local executor, whose writes finish on the driver's own
+    stream/ray/ledger.py) is told when done. No ledger (the local executor, whose writes finish on the driver's own
     thread): always."""
     if ledger is None or not items:
         yield True

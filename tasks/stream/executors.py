@@ -1,7 +1,7 @@
 """Executors: what runs a run's stream. One pipeline -- the stage classes (stages.py) and writers (writer.py) --
 and two ways to run it (datatrove's executors are the model):
 
-- `ray` (ray_data.py): Ray Data actor pools on a Ray cluster, planned and placed on its GPUs; the product's.
+- `ray` (ray/executor.py): Ray Data actor pools on a Ray cluster, planned and placed on its GPUs; the product's.
 - `local` (local.py): the same classes chained in this process; for tests and for a machine without a cluster.
 
 An executor's `open(cfg, explicit, images, loc, say)` is a context manager giving a session for one run (a Session):
@@ -25,7 +25,7 @@ from ifbatch.configs.schema import CascadeConfig
 
 from ..storage import Location
 from .local import LocalExecutor
-from .ray_data import RayExecutor
+from .ray.executor import RayExecutor
 
 EXECUTORS = typing.get_args(CascadeConfig.model_fields["executor"].annotation)  # the config's choices
 

@@ -28,7 +28,7 @@ from .progress import Progress, report
 
 @runtime_checkable
 class Settler(Protocol):
-    """A stream computing elsewhere (Ray: stream/ledger.py): told of every record batch the driver takes, and, once
+    """A stream computing elsewhere (Ray: stream/ray/ledger.py): told of every record batch the driver takes, and, once
     the run is stopped, `settle` returns the records of the images written whose records had not come (None: it
     cannot tell; the next run takes them over)."""
 
@@ -166,7 +166,7 @@ def _records(
     an active exception`, SIGABRT).
 
     Otherwise (Ray: the work is out on the cluster) the settler stops the writers and waits for the writes under
-    way (stream/ledger.py); the records in hand are taken, then those of the images written whose records had not
+    way (stream/ray/ledger.py); the records in hand are taken, then those of the images written whose records had not
     come (read back from the images). A busy machine only makes this slower, never lossy. The settler hears of
     every batch as the driver takes it, from this thread (so that its later questions come after)."""
     stop = threading.Event()

@@ -1,5 +1,5 @@
 """The stage planner: from the cluster's GPUs and the cost table to each stage's replicas, GPU share, CPUs and
-batch (a Plan: tasks/stream/plan.py). Pure arithmetic; tasks/stream/cluster.py learns the cluster and reserves what
+batch (a Plan: tasks/stream/plan.py). Pure arithmetic; tasks/stream/ray/cluster.py learns the cluster and reserves what
 a plan says.
 
 Plan "colocated": every GPU runs the whole cascade, one actor of each diffusion stage. Actors that share a GPU

@@ -17,9 +17,9 @@ from collections import defaultdict
 import pytest
 
 from ifbatch.configs import load_config
-from ifbatch.tasks.stream.cluster import cluster_gpus, release, reserve
-from ifbatch.tasks.stream.placing import Calibration, make_plan
 from ifbatch.tasks.stream.plan import PlanError
+from ifbatch.tasks.stream.ray.cluster import cluster_gpus, release, reserve
+from ifbatch.tasks.stream.ray.placing import Calibration, make_plan
 
 from ..services import fake_gpu_cluster
 
@@ -205,7 +205,7 @@ def test_a_plain_run_starts_its_own_cluster_beside_a_dead_ones_address_file():
         """
         import ray
         from ifbatch.configs.schema import RayConfig
-        from ifbatch.tasks.stream.ray_session import ray_session
+        from ifbatch.tasks.stream.ray.session import ray_session
         with ray_session(RayConfig(num_cpus=1, num_gpus=0, object_store_gb=0.1)):
             print("gcs", ray.get_runtime_context().gcs_address, ray.cluster_resources().get("CPU"))
         """
@@ -283,7 +283,7 @@ def test_a_node_that_leaves_is_named_by_id_and_address(cluster):
     import ray
     from ray.util.placement_group import placement_group
 
-    from ifbatch.tasks.stream.cluster import NodeWatch
+    from ifbatch.tasks.stream.ray.cluster import NodeWatch
 
     c, _ = cluster
     extra = c.add_node(num_cpus=1, num_gpus=1, resources={"leaving": 1}, object_store_memory=128 << 20)

@@ -119,7 +119,7 @@ def test_ctrl_c_on_a_busy_machine_records_every_finished_image_and_after_sigkill
 ):
     """Ray, with two other processes holding both CPUs (and whatever else the suite runs beside it): the records of
     images already written reach the driver late, or not at all, through Ray Data; the run still records each one
-    (stream/ledger.py) and ends within 10 s. Then SIGKILL to every process of a run on Ray, and a rerun that takes
+    (stream/ray/ledger.py) and ends within 10 s. Then SIGKILL to every process of a run on Ray, and a rerun that takes
     over what it left (outputs/adopt.py)."""
     prompts = write_table(tmp_path / "p.parquet", {"prompt": [f"a red car number {i}" for i in range(IMAGES)]})
     out = str(tmp_path / "out")

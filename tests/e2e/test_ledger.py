@@ -1,4 +1,4 @@
-"""The ledger a Ray run's writers share with the driver (tasks/stream/ledger.py), on the session's Ray cluster and
+"""The ledger a Ray run's writers share with the driver (tasks/stream/ray/ledger.py), on the session's Ray cluster and
 the real S3 server, with the writers' own code called here: once the run is stopped no write starts, and every image
 written whose record the driver had not taken is read back from the output, record for record what the writer
 returned -- files and WebDataset shards, in a folder and on S3. (A whole stopped run on Ray: test_interrupts.)"""
@@ -12,7 +12,7 @@ import pytest
 from ifbatch.configs import load_config
 from ifbatch.tasks.outputs.writer import STOPPED, ImageWriter, ShardWriter
 from ifbatch.tasks.storage import locate
-from ifbatch.tasks.stream.ledger import read_back, settle, start_ledger
+from ifbatch.tasks.stream.ray.ledger import read_back, settle, start_ledger
 
 from ..conftest import BUCKET
 from ..helpers import writer_rows
@@ -68,7 +68,7 @@ def test_a_running_stream_is_stopped_from_another_thread(ray_cluster):
 
     import ray
 
-    from ifbatch.tasks.stream.ray_data import stop_stream
+    from ifbatch.tasks.stream.ray.executor import stop_stream
 
     def slow(batch):
         time.sleep(0.2)

@@ -70,7 +70,7 @@ def test_a_clusters_gcs_passes_reach_and_the_same_gcs_hung_is_refused(ray_cluste
     accepts connections) it is refused after the time given, and answers again once continued."""
     import psutil
 
-    from ifbatch.tasks.stream.ray_session import ClusterUnreachable, reach
+    from ifbatch.tasks.stream.ray.session import ClusterUnreachable, reach
 
     reach(ray_cluster, "RAY_ADDRESS")
     port = int(ray_cluster.rsplit(":", 1)[1])

@@ -1,6 +1,6 @@
 """A run's private local Ray cluster outlasts a SIGTERM sent to the run's whole process group -- how a Prefect worker
 and `ifbatch serve` cancel a run -- so that the run, handling it, still reaches its object store to record what it
-made (tasks/stream/ray_session.py). The whole path, a worker cancelling a run: tests/e2e/test_work_pool.py."""
+made (tasks/stream/ray/session.py). The whole path, a worker cancelling a run: tests/e2e/test_work_pool.py."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ RUN = """
 import signal, sys, time
 import numpy as np, ray
 from ifbatch.configs.schema import RayConfig
-from ifbatch.tasks.stream.ray_session import ray_session
+from ifbatch.tasks.stream.ray.session import ray_session
 
 @ray.remote
 def total(x):

@@ -97,7 +97,7 @@ def test_a_worker_runs_cancels_and_resumes_a_run_with_its_own_ray(pool_server, w
         done = manifest_ids(out)
         assert 0 < len(done) < 10
         # The worker's SIGTERM goes to the run's whole process group: the cluster's processes, started with SIGTERM
-        # blocked, outlast it, and the run records what it made (ray_session._spared_from_group_sigterm).
+        # blocked, outlast it, and the run records what it made (stream/ray/session._spared_from_group_sigterm).
         (record,) = run_records(out)
         assert record["status"] == "cancelled" and record["counts"]["done"] == len(done), record
 

@@ -13,10 +13,10 @@ import pytest
 from ifbatch.configs import load_config
 from ifbatch.configs.costs import load_costs
 from ifbatch.configs.schema import CASCADE
-from ifbatch.tasks.stream.cluster import ClusterGpus, GpuNode, assign
 from ifbatch.tasks.stream.pipeline import PipelineResult
-from ifbatch.tasks.stream.placing import Calibration, make_plan
 from ifbatch.tasks.stream.planner import MEMORY_HEADROOM, PlanError, plan
+from ifbatch.tasks.stream.ray.cluster import ClusterGpus, GpuNode, assign
+from ifbatch.tasks.stream.ray.placing import Calibration, make_plan
 
 COSTS = load_costs()
 H200 = {s: COSTS.cost("H200", s, getattr(load_config("if-xl"), s).source) for s in CASCADE}
@@ -210,7 +210,7 @@ def test_estimated_costs_are_corrected_from_the_runs_first_images_within_the_run
 def scripted_watch(answers: list, stop_after_s: float):
     """A NodeWatch whose check answers from a script (the Ray side, check(), is tested on real clusters:
     tests/e2e/test_multinode.py); release() is the test's, which notes what it was asked to remove."""
-    from ifbatch.tasks.stream.cluster import NodeWatch
+    from ifbatch.tasks.stream.ray.cluster import NodeWatch
 
     class Scripted(NodeWatch):
         def check(self):
@@ -226,7 +226,7 @@ def test_a_node_watch_stops_a_stream_left_waiting_and_survives_a_failed_check(mo
     import threading
     import time
 
-    from ifbatch.tasks.stream import cluster
+    from ifbatch.tasks.stream.ray import cluster
 
     released = []
     monkeypatch.setattr(cluster, "release", released.append)

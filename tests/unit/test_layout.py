@@ -108,7 +108,7 @@ def test_the_writers_and_the_stage_plumbing_load_without_torch():
     import sys
 
     code = (
-        "import sys, ifbatch.tasks.outputs.writer, ifbatch.tasks.stream.stages, ifbatch.tasks.stream.ray_data\n"
+        "import sys, ifbatch.tasks.outputs.writer, ifbatch.tasks.stream.stages, ifbatch.tasks.stream.ray.executor\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Reaching a Ray cluster is bounded (tasks/stream/ray_session.py `reach`): an address that does not answer is
+"""Reaching a Ray cluster is bounded (tasks/stream/ray/session.py `reach`): an address that does not answer is
 refused at once, naming the address as given and where it came from. Ray itself retried a dead head for minutes,
 then for ever, saying only `Failed to connect to GCS` with another address."""
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ifbatch.tasks.stream.ray_session import ClusterUnreachable, reach
+from ifbatch.tasks.stream.ray.session import ClusterUnreachable, reach
 
 
 def test_an_address_nothing_listens_on_is_refused_at_once_naming_it_and_where_it_came_from():

@@ -17,15 +17,15 @@ import pyarrow as pa
 
 from ifbatch.configs.schema import CascadeConfig
 
-from ..inputs.expand import image_count
-from ..outputs.formats import FORMATS
-from ..outputs.manifest import RECORD_SCHEMA, SCHEMA
-from ..storage import Location, locate
+from ...inputs.expand import image_count
+from ...outputs.formats import FORMATS
+from ...outputs.manifest import RECORD_SCHEMA, SCHEMA
+from ...storage import Location, locate
+from ..pipeline import PipelineResult
+from ..stages import STEPS
 from .ledger import read_back, settle, start_ledger
-from .pipeline import PipelineResult
 from .placing import Calibration, Placement, placed
-from .ray_session import ray_session
-from .stages import STEPS
+from .session import ray_session
 
 BLOCK_BYTES = 64 << 10  # see build_dataset
 ACTOR_START_S = 600  # how long a stage's actors may take to start and load their models

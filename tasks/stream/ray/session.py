@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from ifbatch.configs.schema import RayConfig
 from ifbatch.models.quiet import VERBOSE_ENV, verbose
 
-from . import interrupt
+from .. import interrupt
 
 
 def quiet_ray_data() -> None:

@@ -17,11 +17,11 @@ from ifbatch.configs import ConfigError
 from ifbatch.configs.costs import load_costs
 from ifbatch.configs.schema import STAGES, CascadeConfig
 
-from ..outputs.records import measured_costs
-from ..storage import Location
+from ...outputs.records import measured_costs
+from ...storage import Location
+from ..plan import Plan, PlanError
+from ..planner import plan
 from .cluster import DEFAULT_KIND, ClusterChanged, ClusterGpus, NodeWatch, cluster_gpus, release, reserve
-from .plan import Plan, PlanError
-from .planner import plan
 
 
 @dataclass

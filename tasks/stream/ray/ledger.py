@@ -16,9 +16,9 @@ import time
 
 import pyarrow as pa
 
-from ..outputs.formats import FORMATS
-from ..outputs.manifest import RECORD_SCHEMA, SCHEMA
-from ..storage import Location
+from ...outputs.formats import FORMATS
+from ...outputs.manifest import RECORD_SCHEMA, SCHEMA
+from ...storage import Location
 
 STUCK_S = 120.0  # a write open this long: its writer is gone (a 1 GiB shard's PUT takes seconds)
 

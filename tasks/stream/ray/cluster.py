@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .plan import Plan, PlanError
+from ..plan import Plan, PlanError
 
 DEFAULT_KIND = "H200"  # planned as when the cluster does not say (fake GPUs, older Ray)
 RESERVE_TIMEOUT_S = 15.0  # a reservation placed node by node takes well under a second, or it will not come
