@@ -130,3 +130,21 @@ def test_the_readme_is_short_and_every_link_in_the_docs_resolves():
         if not target.startswith(("http://", "https://")) and not (page.parent / target).exists()
     ]
     assert not broken, broken
+
+
+def test_every_manifest_column_is_in_the_output_pages_table():
+    """docs/output.md's table names every column a manifest record has (a stage's parameters and seconds by their
+    pattern), and no column it does not have."""
+    import re
+
+    from ifbatch.configs.schema import STAGES
+    from ifbatch.tasks.outputs.manifest import SCHEMA
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "output.md").read_text()
+    named = {n for row in re.findall(r"^\| (`.*?) \|", page, re.M) for n in re.findall(r"`([^`]+)`", row)}
+    columns = set(SCHEMA.names)
+    patterns = {
+        re.sub(r"^stage_\d_", "stage_N_", c) if c.startswith("stage_") else "seconds_<stage>" if c[8:] in STAGES else c
+        for c in columns
+    }
+    assert patterns == named, (sorted(patterns - named), sorted(named - patterns))
