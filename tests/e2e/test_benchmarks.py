@@ -65,3 +65,10 @@ def test_best_of_k_benchmark_prints_the_cost_per_kept_image_from_the_table_and_t
     figures = json.loads(out.read_text())
     for t, s in zip(figures["table"], figures["simulation"], strict=True):
         assert abs(s["busy_seconds"] / t["gpu_seconds"] - 1) < 0.1, (t, s)
+
+
+def test_the_end_of_run_benchmark_prints_its_table():
+    res = benchmark("end_of_run_bench.py", "--sizes", "2000", "--repeat", "1")
+    import re
+
+    assert re.search(r"^\| 2,000 \| [\d.]+ s \| [\d.]+ s \|$", res.stdout, re.M), res.stdout
