@@ -1,5 +1,5 @@
 """What a small run pays for the size of the output it writes into: the seconds of resume's read of what is done
-(`drift.made_with`, at a run's start) and of the files format's end-of-run file (`Files.finish`:
+(`drift.made_with` of the run's own images, at its start) and of the files format's end-of-run file (`Files.finish`:
 images/metadata.parquet), for a 36-image run into outputs of N earlier records (synthetic: one compacted manifest
 part of N `ok` file records, as a long run leaves it; the image files themselves are not needed by either step).
 Each step runs in a fresh process, three times; the table gives the median.
@@ -58,11 +58,11 @@ def build(out: str, n: int) -> None:
 
 
 STEPS = {
-    "start: what is done (resume)": (
+    "start: what is done (resume's read)": (
         "from ifbatch.configs import load_config\n"
         "from ifbatch.tasks.outputs.drift import made_with\n"
         "from ifbatch.tasks.storage import locate\n"
-        "made_with(locate(OUT), load_config('tiny'))\n"
+        "made_with(locate(OUT), load_config('tiny'), [f'img-{i:08d}' for i in range(N, N + 36)])\n"
     ),
     "end: images/metadata.parquet": (
         "from ifbatch.tasks.outputs.formats import FORMATS\n"
@@ -72,11 +72,11 @@ STEPS = {
 }
 
 
-def timed(code: str, out: str) -> float:
+def timed(code: str, out: str, n: int) -> float:
     """Seconds of `code` in a fresh Python (imports not counted)."""
     script = (
         "import time\n"
-        f"OUT = {out!r}\n"
+        f"OUT, N = {out!r}, {n}\n"
         + "\n".join(line for line in code.splitlines() if line.startswith("from "))
         + "\nt0 = time.perf_counter()\n"
         + "\n".join(line for line in code.splitlines() if not line.startswith("from "))
@@ -100,7 +100,7 @@ def main() -> None:
             build(out, n)
             built = time.perf_counter() - t0
             figures = {
-                name: statistics.median(timed(code, out) for _ in range(args.repeat)) for name, code in STEPS.items()
+                name: statistics.median(timed(code, out, n) for _ in range(args.repeat)) for name, code in STEPS.items()
             }
             rows.append((n, built, figures))
             print(f"  N = {n:,}: built in {built:.1f} s", flush=True)

@@ -10,6 +10,7 @@ what this run would use, and for how many images (the run refuses, or remakes th
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,7 @@ def images(n: int) -> str:
 class Drift:
     changes: list[Change]
     ids: pa.Array  # the done images of this run made with other settings
-    done: pa.Array  # every done id in the output
+    done: pa.Array  # every done id among `compare`'s records (drift's: among this run's images)
     compared: pa.Array  # the done images that are this run's
 
     def summary(self) -> str:
@@ -81,9 +82,9 @@ class Drift:
         )
 
 
-def made_with(loc, cfg: CascadeConfig) -> pa.Table:
-    """The latest record of every done image, with what it was made with (`filled`)."""
-    return filled(done_records(loc, READ), cfg)
+def made_with(loc, cfg: CascadeConfig, ids: Iterable[str] | None = None) -> pa.Table:
+    """The latest record of every done image (of `ids` only, when given), with what it was made with (`filled`)."""
+    return filled(done_records(loc, READ, ids), cfg)
 
 
 def filled(t: pa.Table, cfg: CascadeConfig) -> pa.Table:
@@ -168,8 +169,10 @@ def _model_changes(done: pa.Table, cfg: CascadeConfig) -> tuple[list[Change], np
 
 
 def drift(loc, rows: pa.Table, cfg: CascadeConfig) -> Drift:
-    """What differs between the done images of this run's rows and what this run would make of them."""
-    return compare(made_with(loc, cfg), rows, cfg)
+    """What differs between the done images of this run's rows and what this run would make of them. Only the
+    records of this run's images are kept as the manifest is read (its `done`: those of them that are done), so
+    what a run holds and compares follows its table, not the output."""
+    return compare(made_with(loc, cfg, this_runs_images(rows).column("id").to_pylist()), rows, cfg)
 
 
 def compare(done: pa.Table, rows: pa.Table, cfg: CascadeConfig) -> Drift:

@@ -136,7 +136,10 @@ def latest_per_id(t: pa.Table) -> pa.Table:
 DONE = ("ok", "filtered")  # the statuses a rerun does not make again
 
 
-def done_records(loc: Location, columns: Iterable[str] = ("id", "status")) -> pa.Table:
-    """The latest record of each id whose status is `ok` or `filtered`, with `columns` (status among them)."""
-    t = read_manifest(loc, list(dict.fromkeys(["status", *columns])))
+def done_records(
+    loc: Location, columns: Iterable[str] = ("id", "status"), ids: Iterable[str] | None = None
+) -> pa.Table:
+    """The latest record of each id (of `ids` only, when given) whose status is `ok` or `filtered`, with `columns`
+    (status among them)."""
+    t = read_manifest(loc, list(dict.fromkeys(["status", *columns])), ids=ids)
     return t.filter(pc.is_in(t.column("status"), pa.array(DONE)))
