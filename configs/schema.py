@@ -20,9 +20,6 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
     tiny_subdir: ClassVar[str] = ""  # its models' folder in a generated tiny cascade (laid out like the hub repos)
-    tiny_subdir: ClassVar[str] = (
-        ""  # its models' sub-directory of a generated tiny cascade (laid out like the hub repos)
-    )
 
 
 class ModelRef(Section):

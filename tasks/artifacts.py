@@ -10,6 +10,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from .outputs.formats import read_image
@@ -54,16 +55,21 @@ class LiveProgress:
             update_progress_artifact(self.id, progress=pct, description=p.line())
 
 
+WHERE = ["format", "image_uri", "shard", "member", "offset", "bytes"]  # what reading an image back needs
+
+
+def run_records(loc: Location, parts: list[str]) -> pa.Table:
+    """The run's own records (its manifest `parts`, not the whole output's), by input row: what the contact sheet
+    and the summary's first rows show."""
+    return read_manifest(loc, ["id", "row", "status", "prompt", *WHERE], paths=parts).sort_by("row")
+
+
 def contact_sheet(
-    loc: Location, run_id: str, parts: list[str], n: int = 16, thumb: int = 128, columns: int = 4
+    loc: Location, run_id: str, records: pa.Table, n: int = 16, thumb: int = 128, columns: int = 4
 ) -> str | None:
-    """A grid of the run's first `n` ok images (by input row) with their ids, from its own manifest `parts` (not the
-    whole output's); written as runs/<run>-contact-sheet.png."""
-    if not parts:
-        return None
-    where = ["format", "image_uri", "shard", "member", "offset", "bytes"]  # what reading an image back needs
-    t = read_manifest(loc, ["id", "row", "status", *where], paths=parts)
-    rows = sorted((r for r in t.to_pylist() if r["status"] == "ok"), key=lambda r: r["row"])[:n]
+    """A grid of the first `n` ok images of `records` (run_records) with their ids; written as
+    runs/<run>-contact-sheet.png."""
+    rows = [r for r in records.select(["id", "row", "status", *WHERE]).to_pylist() if r["status"] == "ok"][:n]
     if not rows:
         return None
     label = 14

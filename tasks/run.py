@@ -346,21 +346,19 @@ class Run:
         self,
         status: str,
         gpu_slot: dict | None,
-        plan: PromptPlan | None,
-        resumed: Resumed | None,
+        plan: PromptPlan,
+        resumed: Resumed,
         made: Generation,
         stopped: RunStopped | None = None,
     ) -> RunRecord:
         """The run's record as it stands: what it was given, what it made, and why it ended (`stopped`)."""
         result = made.result
-        rows = plan.rows if plan is not None else None
-        resumed = resumed or Resumed(pa.table({}))
         counts = Counts(
-            total=plan.total if plan else 0,
-            images=image_count(rows) if rows is not None else 0,
+            total=plan.total,
+            images=image_count(plan.rows),
             done=result.done,
             failed=result.failed,
-            rejected=len(plan.rejected) if plan else 0,
+            rejected=len(plan.rejected),
             skipped=resumed.skipped,
             adopted=resumed.adopted,
             filtered=result.filtered,

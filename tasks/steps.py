@@ -12,8 +12,8 @@ from prefect.states import Failed
 
 from ifbatch.configs.schema import CascadeConfig
 
-from .artifacts import artifact_key, contact_sheet, counts_table, summary_markdown
-from .outputs.manifest import MANIFEST_DIR, read_manifest
+from .artifacts import artifact_key, contact_sheet, counts_table, run_records, summary_markdown
+from .outputs.manifest import MANIFEST_DIR
 from .run import USER_ERRORS
 from .run_record import RunRecord, RunStopped
 from .storage import locate
@@ -57,14 +57,14 @@ def publish_artifacts(record: RunRecord, cfg: CascadeConfig) -> str | None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     loc = locate(record.output, cfg.s3)
-    sheet = contact_sheet(loc, record.run_id, record.manifest_parts)
+    records = run_records(loc, record.manifest_parts)  # read once, for the sheet and the first rows
+    sheet = contact_sheet(loc, record.run_id, records)
     create_table_artifact(
         key=artifact_key(record.run_id, "counts"),
         table=counts_table(record),
         description=f"ifbatch run {record.run_id}: counts and per-stage time",
     )
-    first = record.manifest_parts[:1]
-    sample = read_manifest(loc, ["id", "prompt"], paths=first).slice(0, 5).to_pylist() if first else []
+    sample = records.slice(0, 5).select(["id", "prompt"]).to_pylist()
     md = summary_markdown(record, loc.uri(loc.path(MANIFEST_DIR)), sheet, sample)
     create_markdown_artifact(
         key=artifact_key(record.run_id, "summary"), markdown=md, description=f"ifbatch run {record.run_id}: summary"

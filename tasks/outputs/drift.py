@@ -172,14 +172,16 @@ def drift(loc, rows: pa.Table, cfg: CascadeConfig) -> Drift:
     """What differs between the done images of this run's rows and what this run would make of them. Only the
     records of this run's images are kept as the manifest is read (its `done`: those of them that are done), so
     what a run holds and compares follows its table, not the output."""
-    return compare(made_with(loc, cfg, this_runs_images(rows).column("id").to_pylist()), rows, cfg)
-
-
-def compare(done: pa.Table, rows: pa.Table, cfg: CascadeConfig) -> Drift:
-    """What differs between records (`filled`) of images of this run's rows and what this run would make of
-    them: the done images of an output, or those a run killed before recording them left whole (outputs/adopt.py)."""
-    ids = done.column("id").combine_chunks()
     mine = this_runs_images(rows)
+    return compare(made_with(loc, cfg, mine.column("id").to_pylist()), rows, cfg, mine)
+
+
+def compare(done: pa.Table, rows: pa.Table, cfg: CascadeConfig, mine: pa.Table | None = None) -> Drift:
+    """What differs between records (`filled`) of images of this run's rows and what this run would make of
+    them: the done images of an output, or those a run killed before recording them left whole (outputs/adopt.py).
+    mine: this_runs_images(rows), when the caller has it already."""
+    ids = done.column("id").combine_chunks()
+    mine = this_runs_images(rows) if mine is None else mine
     mine = mine.rename_columns([c if c == "id" else f"now_{c}" for c in mine.column_names])
     both = done.filter(pc.is_in(done.column("id"), mine.column("id"))).join(mine, "id")
     n = both.num_rows

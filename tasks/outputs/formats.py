@@ -327,7 +327,7 @@ def format_of(rec: dict) -> Format:
     name = rec.get("format") or ("webdataset" if rec.get("shard") else "files")
     if name not in FORMATS:
         raise ConfigError(
-            f"record {rec.get('id')!r} names output format {name!r}, which is not one of {sorted(FORMATS)}"
+            f"record {rec.get('id')!r} names output format {name!r}, which is not one of {', '.join(sorted(FORMATS))}"
         )
     return FORMATS[name]
 

@@ -382,7 +382,7 @@ class Steps:
         for step in self._steps:
             if step.name == name:
                 return step
-        raise KeyError(f"no step named {name!r}; the steps are {[s.name for s in self._steps]}")
+        raise KeyError(f"no step named {name!r}; the steps are {self.names}")
 
     def register(self, step: type[StageActor], after: str) -> None:
         """Add `step` right after the step named `after`."""
