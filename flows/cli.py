@@ -140,6 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     from ifbatch.flows.generate import GenerateParams
     from ifbatch.tasks.run import USER_ERRORS
     from ifbatch.tasks.run_record import NOT_STARTED
+    from ifbatch.tasks.stream.interrupt import exit_status
 
     try:
         params = GenerateParams(**{name: getattr(args, name) for name in GenerateParams.model_fields})
@@ -175,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
                 f"Rerun the same command to run it",
                 file=sys.stderr,
             )
-            return 128 + signum
+            return exit_status(signum)
 
 
 def _flow_run(params) -> tuple[object, str]:

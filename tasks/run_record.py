@@ -12,6 +12,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .stream.interrupt import exit_status
+
 Status = Literal["done", "failed", "stopped", "interrupted", "cancelled"]
 # done: every image made; failed: the run ended, some images failed or rows were rejected; stopped: generation
 # started and then stopped (the store stayed down, a node left); interrupted: Ctrl-C / SIGTERM / SIGHUP on a
@@ -108,7 +110,7 @@ class RunRecord:
         """0 every image done; 1 some failed or rows were rejected, or it stopped or was cancelled (what was done
         is recorded: rerun to resume); 128 + the signal for an interrupted run (130 for Ctrl-C, 143 for SIGTERM)."""
         if self.status == "interrupted":
-            return 128 + (self.signal or signal.SIGINT)
+            return exit_status(self.signal or signal.SIGINT)
         return 0 if self.status == "done" else 1
 
     @property

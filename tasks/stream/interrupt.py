@@ -25,6 +25,12 @@ STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _armed = False
 
 
+def exit_status(signum: int) -> int:
+    """The exit status of a process a signal stopped, by the shell's convention: 130 for Ctrl-C, 143 for SIGTERM,
+    129 for SIGHUP."""
+    return 128 + signum
+
+
 class Interrupted(Exception):
     """The user stopped the run (Ctrl-C, SIGTERM or SIGHUP on a terminal run)."""
 
@@ -36,7 +42,7 @@ class Interrupted(Exception):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+        return exit_status(self.signum)
 
 
 class SignalInterrupt(KeyboardInterrupt):
@@ -110,7 +116,7 @@ def hard_exit(signum: int) -> None:
         for child in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 child.kill()
-    os._exit(128 + signum)
+    os._exit(exit_status(signum))
 
 
 @contextlib.contextmanager
