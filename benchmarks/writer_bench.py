@@ -8,8 +8,13 @@ writer CPU sustains. The planner sizes the writer pool from these figures (confi
 Data writer pool at 1 and 2 writers (this machine's cores) on the same images, to show the pool scaling with its
 writers.
 
+With `--c2pa both`, every measurement is made without and with C2PA content credentials (output.c2pa, a
+certificate chain the script makes: tests/certs.py) in the same run, and a table gives what signing adds per image:
+its share of the writer's time and of one GPU's time per image (the cost table's plan for one GPU).
+
     python benchmarks/writer_bench.py                     # every format, target and layout; 24 images each
     python benchmarks/writer_bench.py --images 4 --formats png --targets folder --no-pool   # a quick look
+    python benchmarks/writer_bench.py --formats png jpeg --targets folder --layouts files --c2pa both --no-pool
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 from ifbatch.configs import load_config  # noqa: E402
 from ifbatch.configs.costs import load_costs  # noqa: E402
+from ifbatch.tasks.outputs.credentials import with_key_files  # noqa: E402
 from ifbatch.tasks.outputs.writer import ImageWriter, ShardWriter  # noqa: E402
 from ifbatch.tasks.stream.planner import WRITER_HEADROOM, plan  # noqa: E402
+from tests.certs import make_chain  # noqa: E402
 from tests.helpers import writer_rows  # noqa: E402
 
 BUCKET = "bench"
@@ -117,6 +124,7 @@ def main() -> int:
     ap.add_argument("--layouts", nargs="+", default=["files", "webdataset"])
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 64], help="plans to size the pool for")
     ap.add_argument("--no-pool", action="store_true", help="skip the Ray writer-pool table")
+    ap.add_argument("--c2pa", choices=["off", "on", "both"], default="off", help="sign with content credentials")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -127,25 +135,29 @@ def main() -> int:
         roots = {"folder": str(tmp / "out")}
         if "s3" in args.targets:
             roots["s3"] = stack.enter_context(s3_target(tmp))
+        signer = make_chain(tmp / "certs").overrides
         for fmt in args.formats:
             for target in args.targets:
                 for layout in args.layouts:
-                    cfg = load_config("if-xl", [f"output.image_format={fmt}", f"output.format={layout}"])
-                    out = f"{roots[target]}/{fmt}-{layout}"
-                    seconds, size = run_writer(cfg, out, pixels, cfg.stage_3.batch_size)
-                    results.append(
-                        dict(
-                            format=fmt,
-                            target=target,
-                            layout=layout,
-                            images=len(pixels),
-                            seconds=seconds,
-                            images_per_second=len(pixels) / seconds,
-                            mb_per_image=size / len(pixels) / 1e6,
+                    for c2pa in ("off", "on") if args.c2pa == "both" else (args.c2pa,):
+                        sets = [f"output.image_format={fmt}", f"output.format={layout}"]
+                        cfg = with_key_files(load_config("if-xl", sets + (signer if c2pa == "on" else [])))
+                        out = f"{roots[target]}/{fmt}-{layout}-{c2pa}"
+                        seconds, size = run_writer(cfg, out, pixels, cfg.stage_3.batch_size)
+                        results.append(
+                            dict(
+                                format=fmt,
+                                target=target,
+                                layout=layout,
+                                c2pa=c2pa,
+                                images=len(pixels),
+                                seconds=seconds,
+                                images_per_second=len(pixels) / seconds,
+                                mb_per_image=size / len(pixels) / 1e6,
+                            )
                         )
-                    )
-                    r = results[-1]
-                    print(f"  {fmt} {target} {layout}: {r['images_per_second']:.2f} images/s", file=sys.stderr)
+                        rate = results[-1]["images_per_second"]
+                        print(f"  {fmt} {target} {layout} c2pa {c2pa}: {rate:.2f} images/s", file=sys.stderr)
         pool = []
         if not args.no_pool:
             import ray
@@ -162,14 +174,30 @@ def main() -> int:
         f"\nWriter rates, {args.size} px, one writer CPU ({platform.node()}: {os.cpu_count()} cores, "
         f"{platform.processor() or platform.machine()}), {args.images} images each\n"
     )
-    print("| format | target | layout | MB/image | images/s per writer CPU |")
-    print("|---|---|---|---|---|")
+    print("| format | target | layout | C2PA | MB/image | images/s per writer CPU |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         rate = r["images_per_second"]
-        print(f"| {r['format']} | {r['target']} | {r['layout']} | {r['mb_per_image']:.2f} | {rate:.2f} |")
+        print(f"| {r['format']} | {r['target']} | {r['layout']} | {r['c2pa']} | {r['mb_per_image']:.3f} | {rate:.2f} |")
     costs = load_costs()
     kind = next(iter(costs.costs))
     xl = load_config("if-xl")
+    if args.c2pa == "both":
+        gpu_s = 1 / plan(xl, costs, 1, kind).stage_rate  # one GPU's seconds per image (the cost table's plan)
+        print(
+            f"\nWhat content credentials add per image (the same images, off then on, in this run; one {kind} GPU "
+            f"makes an image in {gpu_s:.2f} s by the cost table)\n"
+        )
+        print(
+            "| format | target | layout | writer ms/image off | on | added ms | of the writer's time | of a GPU image |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for off, on in zip(results[::2], results[1::2], strict=True):
+            a, b = 1e3 / off["images_per_second"], 1e3 / on["images_per_second"]
+            print(
+                f"| {off['format']} | {off['target']} | {off['layout']} | {a:.1f} | {b:.1f} | {b - a:.1f} | "
+                f"{(b - a) / a:.1%} | {(b - a) / 1e3 / gpu_s:.2%} |"
+            )
 
     print(
         f"\nWriters the plan needs for {WRITER_HEADROOM:g}x its rate ({kind} cost table, the slowest target and "

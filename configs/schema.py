@@ -200,6 +200,57 @@ class DataConfig(Section):
     )
 
 
+class C2paKey(Section):
+    """A signer's certificate chain and private key, read and checked when the run's config is made
+    (tasks/outputs/credentials.py). Secret-typed key: a repr, a log line or an error shows ******."""
+
+    cert: str = Field(description="The PEM certificate chain, signer first (public).")
+    key: SecretStr
+    alg: str = Field(description="The C2PA signing algorithm the key calls for (es256, ps256, ed25519, ...).")
+    signer: str = Field(description="The signing certificate as a C2PA reader names it (common name, issuer, serial).")
+    source: str = Field(description="Where they came from: the files or the block's name (never the key).")
+
+
+class C2paConfig(Section):
+    cert_file: str | None = Field(
+        None,
+        description="C2PA content credentials: the PEM certificate chain (signer first) that signs every image; "
+        "with output.c2pa.key_file. null (and no block) = images are not signed.",
+    )
+    key_file: str | None = Field(None, description="The PEM private key of output.c2pa.cert_file's signer.")
+    block: str | None = Field(
+        None,
+        description='Instead of the files: the name of a Prefect Secret block whose value is {"cert": <PEM chain>, '
+        '"key": <PEM key>}.',
+    )
+    include_prompt: bool = Field(
+        False, description="Put each image's prompt and negative prompt into its signed C2PA manifest."
+    )
+    # Never written anywhere: excluded from every dump (run record, `ifbatch config`), only pickled to the writers.
+    signing: C2paKey | None = Field(None, exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _one_signer(self) -> C2paConfig:
+        files = (self.cert_file is not None, self.key_file is not None)
+        if files[0] != files[1]:
+            given, other = ("cert_file", "key_file") if files[0] else ("key_file", "cert_file")
+            raise ValueError(
+                f"output.c2pa.{given} = {getattr(self, given)!r} needs output.c2pa.{other} too (the signer's "
+                f"certificate chain and its private key)"
+            )
+        if files[0] and self.block is not None:
+            raise ValueError(
+                f"output.c2pa.block = {self.block!r} and output.c2pa.cert_file = {self.cert_file!r}: give the "
+                f"signer one way, the files or the block"
+            )
+        return self
+
+    @property
+    def wanted(self) -> bool:
+        """Whether the run signs its images (a signer was given)."""
+        return self.cert_file is not None or self.block is not None
+
+
 class OutputConfig(Section):
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
@@ -230,6 +281,7 @@ class OutputConfig(Section):
         None, ge=1, le=1024, description="Writer actors (encode and upload); null = sized to the plan, 1 without one."
     )
     writer_cpus: float = Field(1.0, gt=0, le=16, description="CPUs each writer actor reserves.")
+    c2pa: C2paConfig = C2paConfig()
 
 
 class RayConfig(Section):

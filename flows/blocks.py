@@ -1,11 +1,15 @@
-"""S3 credentials kept in Prefect: a prefect-aws `AwsCredentials` block (or an `S3Bucket` block's credentials),
-named in a run's parameters. The keys go into the run's config as secret-typed values that no dump includes (the
-run record, `ifbatch config`), and reach the Ray workers that write images only by pickling."""
+"""Secrets kept in Prefect. S3 credentials: a prefect-aws `AwsCredentials` block (or an `S3Bucket` block's
+credentials), named in a run's parameters. A C2PA signer: a `Secret` block holding {"cert": <PEM chain>, "key": <PEM
+key>}, named by output.c2pa.block. The keys go into the run's config as secret-typed values that no dump includes
+(the run record, `ifbatch config`), and reach the Ray workers that write images only by pickling."""
 
 from __future__ import annotations
 
+import json
+
 from ifbatch.configs import ConfigError
 from ifbatch.configs.schema import CascadeConfig, S3Credentials
+from ifbatch.tasks.outputs.credentials import CredentialsError, load_key, with_key_files, with_signing
 
 KINDS = ("aws-credentials", "s3-bucket")
 
@@ -54,3 +58,31 @@ def with_block_credentials(cfg: CascadeConfig, spec: str) -> CascadeConfig:
         )
     )
     return cfg.model_copy(update={"s3": s3})
+
+
+def with_signer(cfg: CascadeConfig) -> CascadeConfig:
+    """cfg with output.c2pa's signer read and proven: from its files, or from the Prefect Secret block it names."""
+    name = cfg.output.c2pa.block
+    if name is None or cfg.output.c2pa.signing is not None:
+        return with_key_files(cfg)
+    from prefect.blocks.system import Secret
+
+    where = f"output.c2pa.block = {name!r}"
+    try:
+        value = Secret.load(name).get()
+    except ValueError as e:  # Prefect: "Unable to find block document named ..."
+        raise CredentialsError(
+            f"{where}: no Secret block named {name!r} in Prefect at this API (create it in the dashboard under "
+            f"Blocks, or with prefect.blocks.system.Secret(value={{'cert': ..., 'key': ...}}).save({name!r}))"
+        ) from e
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict) or not all(isinstance(value.get(k), str) for k in ("cert", "key")):
+        raise CredentialsError(
+            f"{where}: the block's value must be an object with 'cert' (the PEM certificate chain, signer first) and "
+            f"'key' (its PEM private key)"
+        )
+    return with_signing(cfg, load_key(value["cert"].encode(), value["key"].encode(), where, where))

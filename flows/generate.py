@@ -18,7 +18,7 @@ from ifbatch.tasks.run import Run, operator_errors
 from ifbatch.tasks.run_record import RunParams, RunRecord
 from ifbatch.tasks.steps import prefect_step, publish_artifacts
 
-from .blocks import with_block_credentials
+from .blocks import with_block_credentials, with_signer
 from .gpu_slot import gpu_slot
 from .terminal import DETAIL
 
@@ -59,7 +59,8 @@ class GenerateParams(BaseModel):
         if self.ray_address:
             extra.append(f"ray.address={self.ray_address}")
         cfg = load_config(self.preset, [*self.overrides, *extra])
-        return with_block_credentials(cfg, self.aws_credentials) if self.aws_credentials else cfg
+        cfg = with_block_credentials(cfg, self.aws_credentials) if self.aws_credentials else cfg
+        return with_signer(cfg)  # output.c2pa's signer, read and proven before anything starts
 
 
 def _run_name() -> str:

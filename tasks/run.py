@@ -35,6 +35,7 @@ from ifbatch.models.tiny import tiny_ready
 
 from .inputs.expand import image_count, without_done
 from .inputs.prompts import PromptPlan, PromptTableError, read_prompts
+from .outputs import credentials
 from .outputs.adopt import mark_closed, mark_open, open_runs, take_over
 from .outputs.compact import compact
 from .outputs.drift import SettingsChanged, drift
@@ -83,6 +84,7 @@ def preflight(prompts: str, output: str, cfg: CascadeConfig) -> None:
     """Before anything starts: the cluster to join answers (bounded: stream/ray/session.reach), the table's columns
     can be read and the output written (tasks/preflight.py)."""
     FORMATS.of(cfg)  # output.format names a format
+    credentials.ready(cfg)  # a run asked to sign has a signer that signs
     if cfg.executor == "ray" and join_address(cfg.ray):
         reach(join_address(cfg.ray), address_origin(cfg.ray))
     check_table_and_output(prompts, output, cfg)

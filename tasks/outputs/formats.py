@@ -25,6 +25,7 @@ from ifbatch.configs import ConfigError
 from ifbatch.configs.schema import CascadeConfig
 
 from ..storage import TMP_MARK, Location
+from . import credentials
 from .images import IMAGES_DIR, image_path, read_provenance
 from .loadable import METADATA, write_image_metadata
 from .shards import SHARDS_DIR, members, orphan_shards, recorded_shards, remove_orphan_shards, sample_key, shard_path
@@ -49,14 +50,19 @@ class Problem:
 
 
 def compare(data: bytes, rec: dict, uri: str) -> Problem | None:
-    """The image's bytes against its record's size and sha256."""
+    """The image's bytes against its record's size and sha256, and a signed image's content credentials (read by
+    the C2PA library: outputs/credentials.py) against the signer its record names."""
+    found = []
+    if rec.get("c2pa_signer"):
+        found += [credentials.problem(data, rec["c2pa_signer"]) or ""]
     size = rec.get("bytes")
-    if size is not None and len(data) != size:
-        return Problem("corrupt", uri, rec["id"], f"{len(data)} bytes, the manifest says {size}")
     digest = hashlib.sha256(data).hexdigest()
-    if digest != rec["sha256"]:
-        return Problem("corrupt", uri, rec["id"], f"sha256 {digest[:12]}..., the manifest says {rec['sha256'][:12]}...")
-    return None
+    if size is not None and len(data) != size:
+        found.append(f"{len(data)} bytes, the manifest says {size}")
+    elif digest != rec["sha256"]:
+        found.append(f"sha256 {digest[:12]}..., the manifest says {rec['sha256'][:12]}...")
+    found = [f for f in found if f]
+    return Problem("corrupt", uri, rec["id"], "; ".join(found)) if found else None
 
 
 class Format:

@@ -33,6 +33,7 @@ RECORD_SCHEMA = pa.schema(
         ("format", pa.string()),
         ("image_uri", pa.string()), ("shard", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
         ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("bytes", pa.int64()),
+        ("c2pa_signer", pa.string()),
         ("nsfw", pa.bool_()), ("watermark_detected", pa.bool_()), ("watermarked", pa.bool_()),
         ("truncated", pa.bool_()), ("negative_truncated", pa.bool_()), ("text_preprocessing", pa.string()),
         ("clip_score", pa.float32()), ("candidate", pa.int16()), ("candidate_seed", pa.int64()),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..inputs.params import param_fields
+from .credentials import signer_of
 from .manifest import RECORD_SCHEMA
 
 # What a record needs from an image's provenance (ifbatch before 2026-12 stored less: its images are not taken over)
@@ -71,6 +72,7 @@ def record_of(meta: dict | None, data: bytes, **where) -> dict | str:
         height=height,
         sha256=hashlib.sha256(data).hexdigest(),
         bytes=len(data),
+        c2pa_signer=signer_of(data),  # its content credentials, when it has whole ones
         written_at=dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),  # taken over now: its latest record
         models=json.dumps(meta["models"], sort_keys=True),
         **where,

@@ -30,7 +30,7 @@ from .shards import remove_shard
 from .unrecorded import Unit
 
 # the columns verify reads: what a record says of its image, and where its format keeps it
-CHECKED = ["id", "status", "format", "image_uri", "shard", "member", "offset", "sha256", "bytes"]
+CHECKED = ["id", "status", "format", "image_uri", "shard", "member", "offset", "sha256", "bytes", "c2pa_signer"]
 CHUNK = 10_000  # records turned into checks at once (a million records as Python dicts would hold ~1 GB)
 
 

@@ -23,6 +23,7 @@ from ifbatch.models.text import preprocessing
 
 from ..inputs.params import cell, param_fields
 from ..storage import locate
+from .credentials import Signer
 from .images import EXTENSIONS, encode_image, image_relpath
 from .manifest import RECORD_SCHEMA
 from .shards import SHARDS_DIR, Sample, build_shard, sample_key, shard_name, write_shard
@@ -168,6 +169,8 @@ class ImageWriter:
         # Not the run's id, nor its score floor (which decides whether an image is made, not how): the same rows,
         # seeds and settings give the same bytes, run after run
         self.run = {"candidates_per_image": self.k}
+        c2pa = cfg.output.c2pa
+        self.signer = None if c2pa.signing is None else Signer(c2pa.signing, self.models, c2pa.include_prompt)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])
@@ -175,6 +178,7 @@ class ImageWriter:
         filtered = batch.get("filtered", np.zeros(n, bool))
         status, error = ["ok"] * n, [None] * n
         uri, width, height, sha, size, seconds = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n, [0.0] * n
+        signed: list[str | None] = [None] * n
         payload, meta = [None] * n, [None] * n
         paths = {
             i: self.loc.path(image_relpath(str(batch["id"][i]), self.out))
@@ -197,6 +201,9 @@ class ImageWriter:
                     pixels = batch["image"][i]
                     how = provenance(batch, i, self.models, self.text_preprocessing, self.run)
                     data = encode_image(pixels, self.out, how)
+                    if self.signer is not None:
+                        data = self.sign(data, how)
+                        signed[i] = self.signer.signing.signer
                     if self.files:
                         self.loc.write_bytes(paths[i], data)
                         uri[i] = self.loc.uri(paths[i])
@@ -204,6 +211,8 @@ class ImageWriter:
                         payload[i], meta[i] = data, json.dumps(how, sort_keys=True, ensure_ascii=False)
                     sha[i], size[i] = hashlib.sha256(data).hexdigest(), len(data)
                     height[i], width[i] = int(pixels.shape[0]), int(pixels.shape[1])
+                except Unsigned as e:
+                    status[i], error[i] = "failed", str(e)[:2000]
                 except Exception as e:
                     status[i], error[i] = "failed", f"write: {type(e).__name__}: {e}"[:2000]
                 seconds[i] = time.perf_counter() - t0
@@ -224,6 +233,7 @@ class ImageWriter:
             height=height,
             sha256=sha,
             bytes=pa.array(size, pa.int64()),
+            c2pa_signer=pa.array(signed, pa.string()),
             nsfw=_flags(batch["nsfw"]),
             watermark_detected=_flags(batch["watermark_detected"]),
             watermarked=batch["watermarked"].astype(bool),
@@ -241,6 +251,18 @@ class ImageWriter:
             table = table.append_column("payload", pa.array(payload, pa.binary()))
             table = table.append_column("meta", pa.array(meta, pa.string()))
         return table
+
+    def sign(self, data: bytes, how: dict) -> bytes:
+        """The encoded image with its content credentials; a signer that fails (a certificate that expired during
+        the run, a key store that stopped answering) fails this image with the reason, and the others go on."""
+        try:
+            return self.signer.sign(data, self.out.image_format, how)
+        except Exception as e:
+            raise Unsigned(f"sign: {self.signer.signing.source}: {type(e).__name__.lstrip('_')}: {e}") from e
+
+
+class Unsigned(Exception):
+    """An image's content credentials could not be made: the image is not written."""
 
 
 def _now() -> str:

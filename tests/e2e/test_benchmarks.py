@@ -1,5 +1,6 @@
 """The GPU smoke benchmark keeps working: its tiny mode runs the same code on the CPU."""
 
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +73,13 @@ def test_the_end_of_run_benchmark_prints_its_table():
     import re
 
     assert re.search(r"^\| 2,000 \| [\d.]+ s \| [\d.]+ s \|$", res.stdout, re.M), res.stdout
+
+
+def test_the_writer_benchmark_prints_what_content_credentials_add(tmp_path):
+    out = tmp_path / "writer.json"
+    args = ["--images", "2", "--size", "64", "--formats", "jpeg", "--targets", "folder", "--layouts", "files"]
+    res = benchmark("writer_bench.py", *args, "--c2pa", "both", "--no-pool", "--json", str(out))
+    assert "| jpeg | folder | files | off |" in res.stdout and "| jpeg | folder | files | on |" in res.stdout
+    assert "What content credentials add per image" in res.stdout and "of a GPU image" in res.stdout
+    rates = json.loads(out.read_text())["rates"]
+    assert [r["c2pa"] for r in rates] == ["off", "on"] and rates[1]["mb_per_image"] > rates[0]["mb_per_image"]

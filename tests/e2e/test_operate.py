@@ -19,6 +19,7 @@ from ifbatch.configs import load_config
 from ifbatch.tasks.outputs.manifest import read_manifest
 from ifbatch.tasks.storage import locate
 
+from ..certs import make_chain
 from ..helpers import SMALL, write_table
 from ..prefect_helpers import (
     actor_names,
@@ -387,15 +388,21 @@ def test_two_runs_triggered_at_once_take_turns_on_the_gpus(server, served, tmp_p
 STRICT_KEY, STRICT_SECRET = "vault-key", "vault-secret-d41d8cd98f00b204"
 
 
-def test_s3_keys_from_a_prefect_block_reach_the_writers_and_nowhere_else(
+def test_s3_keys_and_a_c2pa_signer_from_prefect_blocks_reach_the_writers_and_nowhere_else(
     server, served, tmp_path, tiny_dir, ray_cluster
 ):
-    """An AwsCredentials block holds the keys and endpoint of an S3 server that takes no others; the run names the
-    block. Its images land there, and the secret is in no parameter, log, artifact, run record or manifest, nor in
-    the serving process's or the Ray cluster's logs."""
+    """An AwsCredentials block holds the keys and endpoint of an S3 server that takes no others, and a Secret block
+    a C2PA signer (tests/certs.py); the run names both. Its images land there, signed (the C2PA library reads the
+    record's signer in each), and neither the S3 secret nor the signing key is in any parameter, log, artifact, run
+    record or manifest, nor in the Prefect server's database (which keeps block values encrypted) or logs, the
+    serving process's or the Ray cluster's logs."""
+    import pyarrow.parquet as pq
     import ray
     import s3fs
+    from prefect.blocks.system import Secret
     from prefect_aws import AwsClientParameters, AwsCredentials
+
+    from ifbatch.tasks.outputs.credentials import signer_of
 
     folder = tmp_path / "vault"
     folder.mkdir()
@@ -411,7 +418,12 @@ def test_s3_keys_from_a_prefect_block_reach_the_writers_and_nowhere_else(
                 aws_secret_access_key=STRICT_SECRET,
                 aws_client_parameters=AwsClientParameters(endpoint_url=vault.endpoint),
             ).save("vault-keys", overwrite=True)
-            params = {**tiny_params(prompts, out, tiny_dir, ray_cluster), "aws_credentials": "vault-keys"}
+            chain = make_chain(tmp_path / "certs")
+            Secret(value={"cert": chain.cert_file.read_text(), "key": chain.key_pem.decode()}).save(
+                "signer", overwrite=True
+            )
+            signed = tiny_params(prompts, out, tiny_dir, ray_cluster, "output.c2pa.block=signer")
+            params = {**signed, "aws_credentials": "vault-keys"}
             run = start(params)
             assert run.state.is_completed(), run.state.message
             texts = {"parameters": json.dumps(run.parameters), "state": str(run.state.message)}
@@ -427,7 +439,15 @@ def test_s3_keys_from_a_prefect_block_reach_the_writers_and_nowhere_else(
         assert any("/manifest/" in o for o in objects) and any("/runs/" in o for o in objects)
         for o in objects:
             texts[o] = fs.cat_file(o).decode("latin-1")
+        records = [r for o in objects if "/manifest/" in o for r in pq.read_table(fs.open(o)).to_pylist()]
+        texts["manifest"] = json.dumps(records, default=str)
+        assert len(records) == 2 and all(r["c2pa_signer"].startswith("ifbatch test signer;") for r in records)
+        for r in records:
+            assert signer_of(fs.cat_file(r["image_uri"].removeprefix("s3://"))) == r["c2pa_signer"]
         texts["serve log"] = served.log_path.read_text(errors="replace")
+        for f in server.home.rglob("*"):  # its database (and any journal beside it) and its log
+            if f.is_file():
+                texts[str(f)] = f.read_bytes().decode("latin-1")
         session = Path(ray._private.worker._global_node.get_session_dir_path())
         for f in (session / "logs").rglob("*"):
             if f.is_file():
@@ -435,8 +455,12 @@ def test_s3_keys_from_a_prefect_block_reach_the_writers_and_nowhere_else(
     finally:
         vault.stop()
     assert len(texts["logs"]) > 0 and len(texts["artifacts"]) > 0
+    assert any(name.endswith(".db") for name in texts), sorted(texts)
     leaks = [where for where, text in texts.items() if STRICT_SECRET in text]
     assert not leaks, f"the secret appears in {leaks}"
+    leaks = [where for where, text in texts.items() if any(line in text for line in chain.key_lines)]
+    assert not leaks, f"the signing key appears in {leaks}"
+    assert all(line in chain.key_file.read_text() for line in chain.key_lines)  # (what is searched for: the key)
 
 
 def test_retry_on_a_failed_run_resumes_into_the_same_output(server, served, tmp_path, tiny_dir, s3_server):

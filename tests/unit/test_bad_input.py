@@ -10,6 +10,7 @@ refuse: tests/run/test_storage_errors.py (they need a server).
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 from ifbatch.configs import load_config
 from ifbatch.flows import cli
 from ifbatch.tasks.inputs.prompts import read_prompts
+from tests.certs import make_chain
 
 from ..helpers import EXAMPLES
 
@@ -180,6 +182,23 @@ def test_refused_before_anything_starts(case, make, args, words, tmp_path, capsy
     kept = sorted(p.name for p in (tmp_path / "out").rglob("*"))
     assert earlier.read_bytes() == b"an earlier run's part"
     assert kept == sorted(["manifest", "part-earlier-00000.parquet", *inside])
+
+
+def test_a_signer_that_cannot_sign_is_refused_before_anything_starts(tmp_path, capsys, guarded):
+    """output.c2pa: an expired certificate, or a key file that cannot be read, is refused naming the file and why,
+    before the cluster, a model or the output is touched."""
+    expired = make_chain(tmp_path / "certs", valid_from=dt.timedelta(days=-10), valid_for=dt.timedelta(days=1))
+    gone = tmp_path / "certs" / "gone.key"
+    cases = [
+        (expired.overrides, [f"output.c2pa.cert_file = '{expired.cert_file}'", "expired on"]),
+        ([expired.overrides[0], f"output.c2pa.key_file={gone}"], [f"output.c2pa.key_file = '{gone}'", "cannot read"]),
+    ]
+    for overrides, words in cases:
+        sets = [a for o in overrides for a in ("--set", o)]
+        code = cli.main(["run", str(EXAMPLES), str(tmp_path / "out"), "--no-progress", *sets])
+        err = capsys.readouterr().err
+        assert code == 2 and all(w in err for w in words), err
+        assert not (tmp_path / "out").exists()
 
 
 def test_a_quoted_glob_is_expanded_and_hive_partition_keys_are_columns(tmp_path):

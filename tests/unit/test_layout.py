@@ -148,3 +148,18 @@ def test_every_manifest_column_is_in_the_output_pages_table():
         for c in columns
     }
     assert patterns == named, (sorted(patterns - named), sorted(named - patterns))
+
+
+def test_every_package_of_the_tree_is_installed():
+    """pyproject's package list names every folder with an __init__.py below the four roots: a non-editable install
+    (a wheel, a Docker image) has exactly those, and a package left out imports here (editable) and not there."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {
+        ".".join([name, *init.parent.relative_to(root / folder).parts])
+        for name, folder in setup["package-dir"].items()
+        for init in (root / folder).rglob("__init__.py")
+    }
+    assert set(setup["packages"]) == found, sorted(found ^ set(setup["packages"]))
