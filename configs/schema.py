@@ -208,6 +208,7 @@ class C2paKey(Section):
     key: SecretStr
     alg: str = Field(description="The C2PA signing algorithm the key calls for (es256, ps256, ed25519, ...).")
     signer: str = Field(description="The signing certificate as a C2PA reader names it (common name, issuer, serial).")
+    valid_until: str = Field(description="The signing certificate's notAfter (ISO 8601, UTC): nothing is signed after.")
     source: str = Field(description="Where they came from: the files or the block's name (never the key).")
 
 

@@ -25,7 +25,7 @@ def benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
 def test_gpu_smoke_tiny_mode_prints_a_table(tmp_path):
     out = tmp_path / "table.md"
     res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--tiny", "--batches", "1", "2", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--tiny", "--batches", "2", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -34,7 +34,7 @@ def test_gpu_smoke_tiny_mode_prints_a_table(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     table = out.read_text()
     for stage in ("text_encoder", "stage_1", "stage_2", "stage_3+safety", "all"):
-        assert f"| 1 | {stage} |" in table and f"| 2 | {stage} |" in table
+        assert f"| 2 | {stage} |" in table
     assert "OOM" not in table and (tmp_path / "gpu_smoke.json").is_file()
 
 
@@ -80,6 +80,6 @@ def test_the_writer_benchmark_prints_what_content_credentials_add(tmp_path):
     args = ["--images", "2", "--size", "64", "--formats", "jpeg", "--targets", "folder", "--layouts", "files"]
     res = benchmark("writer_bench.py", *args, "--c2pa", "both", "--no-pool", "--json", str(out))
     assert "| jpeg | folder | files | off |" in res.stdout and "| jpeg | folder | files | on |" in res.stdout
-    assert "What content credentials add per image" in res.stdout and "of a GPU image" in res.stdout
+    assert "What content credentials add per image" in res.stdout and "| jpeg | " in res.stdout.split("signing ms")[1]
     rates = json.loads(out.read_text())["rates"]
     assert [r["c2pa"] for r in rates] == ["off", "on"] and rates[1]["mb_per_image"] > rates[0]["mb_per_image"]

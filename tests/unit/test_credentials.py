@@ -186,7 +186,7 @@ def test_a_certificate_that_expires_mid_run_fails_the_images_after_it(tmp_path):
     after = writer(rows).to_pylist()
     assert [r["status"] for r in after] == ["failed", "failed", "failed"]
     for r in after[:2]:
-        assert r["error"].startswith("sign: output.c2pa.cert_file") and "not valid at time of signing" in r["error"]
+        assert r["error"].startswith("sign: output.c2pa.cert_file") and "signing certificate expired on" in r["error"]
         assert r["image_uri"] is None and r["c2pa_signer"] is None
     assert after[2]["error"] == "stage_2: RuntimeError: boom"  # failed upstream, as before
     assert not list((tmp_path / "out").rglob("a.png")) and not list((tmp_path / "out").rglob("b.png"))
