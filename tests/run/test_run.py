@@ -169,9 +169,9 @@ def _whole_unrecorded(loc, layout: str) -> set[str]:
     return {k.replace("%2E", ".") for k in keys} - recorded
 
 
-@pytest.mark.parametrize(
-    "where, layout", [("local", "files"), ("local", "webdataset"), ("s3", "files"), ("s3", "webdataset")]
-)
+# Each layout and each store once (local files are taken over in tests/e2e/test_interrupts.py too, after a SIGKILL of
+# a run on Ray); the files a killed write leaves aside, of every kind, on the local store.
+@pytest.mark.parametrize("where, layout", [("local", "webdataset"), ("s3", "files")])
 def test_killed_mid_run_then_rerun_takes_over_every_whole_image(where, layout, tmp_path, tiny_set, s3_server):
     """SIGKILL mid-run (an OOM kill, a preempted VM, `kill -9`) with records held back, so that images are whole
     in the output without records; rerun: every image whole before the kill is taken over as it is (its bytes and
