@@ -106,16 +106,28 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def validate(data: Mapping[str, Any], origin: str = "config") -> CascadeConfig:
+def validate(data: Mapping[str, Any], origin: str = "config", overridden: Iterable[str] = ()) -> CascadeConfig:
+    """The config, or a ConfigError naming each bad key where it was given: by an override (`--set`, the keys in
+    `overridden`), else in `origin` (the preset file)."""
     try:
         return CascadeConfig.model_validate(dict(data))
     except ValidationError as e:
-        problems = "; ".join(_describe(err, CascadeConfig) for err in e.errors())
-        raise ConfigError(f"{origin}: {problems}") from None
+        set_keys = [k.split(".") for k in overridden]
+
+        def where(err: dict[str, Any]) -> str:
+            loc = [str(p) for p in err["loc"]]
+            if not loc:  # a rule across the whole config
+                return f"{origin} with --set" if set_keys else origin
+            return "--set" if any(k[: len(loc)] == loc or loc[: len(k)] == k for k in set_keys) else origin
+
+        problems = [(where(err), _describe(err, CascadeConfig)) for err in e.errors()]
+        origins = list(dict.fromkeys(w for w, _ in problems))
+        raise ConfigError("; ".join(f"{w}: " + "; ".join(m for x, m in problems if x == w) for w in origins)) from None
 
 
 def load_config(preset: str | Path = "tiny", overrides: Iterable[str] | Mapping[str, Any] = ()) -> CascadeConfig:
     """Read a preset by name (`tiny`, `if-xl`, ...) or path, apply overrides, validate."""
     origin, data = _read_preset(preset)
+    keys = list(overrides) if isinstance(overrides, Mapping) else list(override_keys(overrides))
     data = apply_overrides(data, overrides)
-    return validate(data, origin)
+    return validate(data, origin, keys)

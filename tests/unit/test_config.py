@@ -73,6 +73,17 @@ def test_bad_values_are_refused_by_name(override, must_say):
         load_config("if-xl", [override])
     for text in must_say:
         assert text in str(e.value), (text, str(e.value))
+    if "=" in override:  # the key is said to come from where it was given: the override, not the preset file
+        assert str(e.value).startswith("--set: ") and "if-xl.yaml" not in str(e.value), str(e.value)
+
+
+def test_a_bad_key_in_a_preset_file_is_said_to_be_there(tmp_path):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("stage_1:\n  stepz: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(preset), ["stage_2.steps=-1"])
+    said = str(e.value)
+    assert said.startswith(f"{preset}: unknown key 'stage_1.stepz'") and "; --set: stage_2.steps = -1" in said, said
 
 
 def test_a_stage_needs_steps_or_timesteps():
@@ -91,7 +102,7 @@ def test_best_of_k_needs_a_scorer_and_adds_its_stage():
         load_config("if-xl", ["data.candidates_per_image=4", "scorer.source=null"])
     # one sentence that says what to do: the config the rule was checked on is not dumped before it
     said = str(e.value)
-    assert said.split("if-xl.yaml: ", 1)[1].startswith("data.candidates_per_image = 4"), said
+    assert said.split("if-xl.yaml with --set: ", 1)[1].startswith("data.candidates_per_image = 4"), said
     assert len(said) < 300 and "{" not in said, said
     with pytest.raises(ConfigError, match=r"data.candidates_per_image.*65.*less than or equal to 64"):
         load_config("if-xl", ["data.candidates_per_image=65"])
