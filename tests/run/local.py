@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ifbatch.configs import load_config
+from ifbatch.tasks.outputs.credentials import with_key_files
 from ifbatch.tasks.run import Run
 
 LOCAL = ["executor=local"]
@@ -18,7 +19,7 @@ SMALL_BATCHES = [f"{s}.batch_size=2" for s in ("text_encoder", "stage_1", "stage
 
 def run_local(prompts: str, output: str, overrides: list[str], **params):
     """One run in this process: its RunRecord."""
-    cfg = load_config("tiny", [*overrides, *LOCAL])
+    cfg = with_key_files(load_config("tiny", [*overrides, *LOCAL]))  # (a signer, as GenerateParams.config reads it)
     return Run({"prompts": prompts, "output": output, "overrides": overrides, **params}, cfg)()
 
 

@@ -2,7 +2,8 @@
 output (image files in a folder, WebDataset shards on the SeaweedFS server): the run's records and files are right
 and open with the standard tools (Hugging Face `datasets`, `webdataset`); a deleted image, a truncated image and an
 orphan are found; --repair plus a rerun restores exactly the two broken images (the rerun skips the rest);
-compaction keeps read_manifest."""
+compaction keeps read_manifest. The files output is signed with C2PA content credentials: verify checks them and
+the images remade are signed again."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ import pytest
 from PIL import Image
 
 from ifbatch.tasks.inputs.expand import image_id
+from ifbatch.tasks.outputs.credentials import signer_of
 from ifbatch.tasks.outputs.formats import read_image
 from ifbatch.tasks.outputs.manifest import part_paths, read_manifest
 from ifbatch.tasks.outputs.shards import sample_key, shard_paths, stats_path
 from ifbatch.tasks.storage import locate
 
+from ..certs import make_chain
 from ..conftest import BUCKET
 from ..helpers import SMALL, check_outputs, cli, read_bytes, sha256, shard_samples, table_ids, write_table
 from .local import run_local
@@ -35,6 +38,8 @@ def _path(uri: str) -> str:
 @pytest.mark.parametrize("where, layout", [("local", "files"), ("s3", "webdataset")])
 def test_verify_repair_rerun_and_compact(where, layout, tmp_path, tiny_dir, s3_server):
     tiny_set = [f"tiny.dir={tiny_dir}", f"output.format={layout}", "output.shard_samples=1"]
+    if layout == "files":  # signed with content credentials: verify reads them, the rerun signs what it remakes
+        tiny_set += make_chain(tmp_path / "certs").overrides
     prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:3], "n": [2, 1, 1]})  # 4 images
     out = str(tmp_path / "out") if where == "local" else f"s3://{BUCKET}/verify-{tmp_path.name}"
     first = run_local(prompts, out, tiny_set)
@@ -99,6 +104,9 @@ def test_verify_repair_rerun_and_compact(where, layout, tmp_path, tiny_dir, s3_s
         loc.fs.rm_file(stray)
     res = cli("verify", out, timeout=120)
     assert res.returncode == 0 and "whole: 4 images checked" in res.stdout, res.stdout + res.stderr
+    for r in after.values():  # signed (files) or not (shards): as the C2PA library reads each image
+        assert signer_of(read_image(loc, r)) == r["c2pa_signer"]
+        assert (r["c2pa_signer"] or "").startswith("ifbatch test signer;") == (layout == "files")
     if layout == "files":
         assert loaded_with_datasets(out, str(tmp_path / "hf2")) == ids  # the rerun rewrote images/metadata.parquet
     else:
