@@ -75,6 +75,11 @@ def with_signer(cfg: CascadeConfig) -> CascadeConfig:
             f"{where}: no Secret block named {name!r} in Prefect at this API (create it in the dashboard under "
             f"Blocks, or with prefect.blocks.system.Secret(value={{'cert': ..., 'key': ...}}).save({name!r}))"
         ) from e
+    except Exception as e:  # the API did not answer: said in one line, before anything starts
+        from prefect.settings import PREFECT_API_URL
+
+        api = PREFECT_API_URL.value() or "the temporary API"
+        raise CredentialsError(f"{where}: cannot read the block from Prefect at {api}: {type(e).__name__}: {e}") from e
     if isinstance(value, str):
         try:
             value = json.loads(value)
