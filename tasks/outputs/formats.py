@@ -90,9 +90,6 @@ class Format:
             cfg.output.writer_cpus, calls=2,  # an upload overlaps the next encode
         )  # fmt: skip
 
-    def holds(self, rec: dict) -> bool:
-        return format_of(rec) is self
-
     def read(self, loc: Location, rec: dict) -> bytes:
         raise NotImplementedError
 

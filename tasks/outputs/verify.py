@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from ..storage import Location
 from .adopt import record
-from .formats import FORMATS, Problem
+from .formats import FORMATS, Format, Problem, format_of
 from .images import IMAGES_DIR
 from .loadable import write_image_metadata
 from .manifest import MANIFEST_DIR, RECORD_SCHEMA, part_paths, read_manifest, write_part
@@ -107,7 +107,10 @@ def verify(
     done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for recs in _chunks(ok):
-            jobs = [job for fmt in FORMATS.values() for job in fmt.checks(loc, [r for r in recs if fmt.holds(r)])]
+            held: dict[Format, list[dict]] = {}  # each record's format, worked out once
+            for r in recs:
+                held.setdefault(format_of(r), []).append(r)
+            jobs = [job for fmt, rs in held.items() for job in fmt.checks(loc, rs)]
             for (n, _), problems in zip(jobs, pool.map(lambda job: job[1](), jobs), strict=True):
                 done += n
                 report.problems += problems
