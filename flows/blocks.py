@@ -66,19 +66,17 @@ def with_signer(cfg: CascadeConfig) -> CascadeConfig:
     if name is None or cfg.output.c2pa.signing is not None:
         return with_key_files(cfg)
     from prefect.blocks.system import Secret
+    from prefect.settings import PREFECT_API_URL
 
-    where = f"output.c2pa.block = {name!r}"
+    where, api = f"output.c2pa.block = {name!r}", PREFECT_API_URL.value() or "the temporary API"
     try:
         value = Secret.load(name).get()
     except ValueError as e:  # Prefect: "Unable to find block document named ..."
         raise CredentialsError(
-            f"{where}: no Secret block named {name!r} in Prefect at this API (create it in the dashboard under "
+            f"{where}: no Secret block named {name!r} in Prefect at {api} (create it in the dashboard under "
             f"Blocks, or with prefect.blocks.system.Secret(value={{'cert': ..., 'key': ...}}).save({name!r}))"
         ) from e
     except Exception as e:  # the API did not answer: said in one line, before anything starts
-        from prefect.settings import PREFECT_API_URL
-
-        api = PREFECT_API_URL.value() or "the temporary API"
         raise CredentialsError(f"{where}: cannot read the block from Prefect at {api}: {type(e).__name__}: {e}") from e
     if isinstance(value, str):
         try:

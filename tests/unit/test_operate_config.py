@@ -57,12 +57,15 @@ def test_a_credentials_block_of_the_wrong_kind_is_named(spec):
     assert repr(spec) in str(e.value) and "AwsCredentials" in str(e.value)
 
 
-def test_a_signer_block_on_an_api_that_does_not_answer_is_refused_in_one_line(monkeypatch):
+def test_a_signer_block_on_an_api_that_does_not_answer_is_refused_in_one_line():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from ifbatch.flows.blocks import with_signer
     from ifbatch.tasks.outputs.credentials import CredentialsError
 
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens on the discard port
-    with pytest.raises(CredentialsError) as e:
+    # nothing listens on the discard port (settings, not the environment: a worker that ran a test with a Prefect
+    # API before has its settings loaded)
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}), pytest.raises(CredentialsError) as e:
         with_signer(load_config("tiny", ["output.c2pa.block=signer"]))
     said = str(e.value)
     assert said.startswith("output.c2pa.block = 'signer': cannot read the block from Prefect at http://127.0.0.1:9/api")
