@@ -131,8 +131,9 @@ def test_ctrl_c_on_a_busy_machine_records_every_finished_image_and_after_sigkill
     with busy(2):
         time.sleep(1.0)  # busy before the stop
         os.killpg(proc.pid, signal.SIGINT)
-        # 3.3 s beside three busy processes alone; 11.7 s seen once beside these two and the suite's other worker
-        stopped(proc, out, signal.SIGINT, seen, 130, before=0, within=20)
+        # 3.3 s beside three busy processes alone; beside these two and the suite's other worker (four or more
+        # processes wanting the two cores) 11.7 s seen once, 28 s once in a fresh-clone CI: seconds, not minutes
+        stopped(proc, out, signal.SIGINT, seen, 130, before=0, within=45)
     wait_gone(proc.pid)
     assert 4 <= len(manifest_rows(out)) < IMAGES
 
