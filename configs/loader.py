@@ -128,6 +128,9 @@ def validate(data: Mapping[str, Any], origin: str = "config", overridden: Iterab
 def load_config(preset: str | Path = "tiny", overrides: Iterable[str] | Mapping[str, Any] = ()) -> CascadeConfig:
     """Read a preset by name (`tiny`, `if-xl`, ...) or path, apply overrides, validate."""
     origin, data = _read_preset(preset)
-    keys = list(overrides) if isinstance(overrides, Mapping) else list(override_keys(overrides))
+    if isinstance(overrides, Mapping):  # keys dotted or already split, as apply_overrides takes them
+        keys = [k if isinstance(k, str) else ".".join(k) for k in overrides]
+    else:
+        keys = list(override_keys(overrides))
     data = apply_overrides(data, overrides)
     return validate(data, origin, keys)

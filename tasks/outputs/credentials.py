@@ -21,6 +21,8 @@ from importlib.metadata import PackageNotFoundError, version
 from ifbatch.configs import ConfigError
 from ifbatch.configs.schema import C2paKey, CascadeConfig
 
+from .images import EXTENSIONS
+
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 GENERATION = "org.ifbatch.generation"  # ifbatch's own assertion: the models (and, when asked, the prompts)
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -84,7 +86,7 @@ def load_key(cert_pem: bytes, key_pem: bytes, cert_from: str, key_from: str) -> 
         trial = Signer(signing).sign(_blank_png(), "png", {"id": "ifbatch-trial"})
         signer = signer_of(trial)
     except Exception as e:
-        raise CredentialsError(f"{source}: the C2PA library cannot sign with them: {_reason(e)}") from None
+        raise CredentialsError(f"{source}: the C2PA library cannot sign with them: {reason(e)}") from None
     if signer is None:
         raise CredentialsError(f"{source}: an image signed with them does not read back as validly signed")
     return signing.model_copy(update={"signer": signer})
@@ -182,7 +184,7 @@ class Signer:
         created = {"action": "c2pa.created", "digitalSourceType": TRAINED, "softwareAgent": GENERATOR}
         return {
             "claim_generator_info": [GENERATOR],
-            "title": f"{how.get('id', 'image')}.{'jpg' if image_format == 'jpeg' else image_format}",
+            "title": f"{how.get('id', 'image')}.{EXTENSIONS[image_format]}",
             "assertions": [
                 {"label": "c2pa.actions", "data": {"actions": [created]}},
                 {"label": GENERATION, "data": generation},
@@ -236,7 +238,8 @@ def _failures(doc: dict) -> list[str]:
     return [f["code"] for f in active.get("failure") or [] if f.get("code") != UNTRUSTED]
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
+    """An error as one line: its class without the SDK's private prefix, and its message."""
     return f"{type(e).__name__.lstrip('_').removeprefix('C2pa')}: {e}"
 
 
@@ -256,7 +259,7 @@ def problem(data: bytes, signer: str) -> str | None:
     except Exception as e:
         if "ManifestNotFound" in type(e).__name__:
             return f"content credentials: none (stripped); the record says it was signed by {signer}"
-        return f"content credentials: unreadable: {_reason(e)}"
+        return f"content credentials: unreadable: {reason(e)}"
     failures = _failures(doc)
     if doc.get("validation_state") not in TRUSTED_STATES or failures:
         return f"content credentials: invalid: {', '.join(failures) or doc.get('validation_state')}"

@@ -23,7 +23,7 @@ from ifbatch.models.text import preprocessing
 
 from ..inputs.params import cell, param_fields
 from ..storage import locate
-from .credentials import Signer
+from .credentials import Signer, reason
 from .images import EXTENSIONS, encode_image, image_relpath
 from .manifest import RECORD_SCHEMA
 from .shards import SHARDS_DIR, Sample, build_shard, sample_key, shard_name, write_shard
@@ -258,7 +258,7 @@ class ImageWriter:
         try:
             return self.signer.sign(data, self.out.image_format, how)
         except Exception as e:
-            raise Unsigned(f"sign: {self.signer.signing.source}: {type(e).__name__.lstrip('_')}: {e}") from e
+            raise Unsigned(f"sign: {self.signer.signing.source}: {reason(e)}") from e
 
 
 class Unsigned(Exception):
