@@ -266,12 +266,15 @@ class OutputConfig(Section):
     manifest_flush_seconds: float = Field(
         30.0, gt=0, le=3600, description="Write a part at least this often; a killed run loses at most these rows."
     )
-    compact: bool = Field(True, description="Merge the run's manifest parts into one when it ends (ifbatch compact).")
+    compact: bool = Field(
+        True, description="Merge the run's manifest parts when it ends (split by id hash past 4,096: ifbatch compact)."
+    )
     format: str = Field(
         "files",
         pattern=r"^[a-z][a-z0-9_]*$",
         description="The output format (tasks/outputs/formats.py; checked when the run starts): files: one image "
-        "file per image under images/ (with images/metadata.parquet for load_dataset('imagefolder')); webdataset: "
+        "file per image under images/ (with a metadata.parquet per first-level folder, for "
+        "load_dataset('imagefolder')); webdataset: "
         "tar shards under shards/ (<key>.png, <key>.json, <key>.txt); or a format registered by its name.",
     )
     shard_samples: int = Field(256, ge=1, le=100_000, description="webdataset: at most this many images per shard.")

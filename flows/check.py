@@ -33,12 +33,13 @@ def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compact",
         help="merge an output's manifest parts into few large ones (safe to interrupt)",
-        description="Merge every manifest part of OUTPUT into parts of at most --part-rows records, the latest "
-        "record per image only; read_manifest gives the same result before and after, and after a crash "
-        "mid-way. Runs do this for their own parts when they end.",
+        description="Merge every manifest part of OUTPUT into few, the latest record per image only; more than "
+        "--part-rows records are split by the hash of their ids into 16, 256, ... parts, so that a later run reads "
+        "only the parts its own images can be in. read_manifest gives the same result before and after, and after "
+        "a crash mid-way. Runs do this for their own parts when they end.",
     )
     c.add_argument("output", help="output folder or s3://bucket/prefix")
-    c.add_argument("--part-rows", type=int, default=1_000_000, help="records per merged part (default 1,000,000)")
+    c.add_argument("--part-rows", type=int, default=None, help="records per merged part, about (default 4,096)")
 
 
 def verify_command(args: argparse.Namespace) -> int:
@@ -96,7 +97,8 @@ def compact_command(args: argparse.Namespace) -> int:
         return 2
     try:
         with Lease(loc, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-compact").held():
-            written, removed = compact(loc, part_rows=max(1, args.part_rows))
+            rows = {} if args.part_rows is None else {"part_rows": max(1, args.part_rows)}
+            written, removed = compact(loc, **rows)
     except LeaseHeld as e:
         print(f"ifbatch: cannot compact: {e}", file=sys.stderr)
         return 2

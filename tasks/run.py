@@ -36,13 +36,13 @@ from ifbatch.models.tiny import tiny_ready
 from .inputs.expand import image_count, without_done
 from .inputs.prompts import PromptPlan, PromptTableError, read_prompts
 from .outputs import credentials
-from .outputs.adopt import mark_closed, mark_open, open_runs, take_over
+from .outputs.adopt import BEHIND, OPEN, Adopted, mark_closed, mark_open, open_runs, take_over
 from .outputs.compact import compact
 from .outputs.drift import SettingsChanged, drift
 from .outputs.formats import FORMATS
 from .outputs.images import IMAGES_DIR
 from .outputs.lease import Lease, LeaseHeld
-from .outputs.manifest import MANIFEST_DIR
+from .outputs.manifest import MANIFEST_DIR, read_manifest
 from .outputs.records import RUNS_DIR, versions, write_rejected, write_run_record
 from .outputs.shards import SHARDS_DIR
 from .outputs.spill import StoreDown, unspill
@@ -103,6 +103,8 @@ class Resumed:
     skipped: int = 0  # images already in the manifest
     adopted: int = 0  # whole images an earlier run left unrecorded, recorded by this one (outputs/adopt.py)
     changed: dict | None = None  # done images remade for their other settings (outputs/drift.py)
+    parts: tuple[str, ...] = ()  # the manifest parts of the images it took over
+    behind: tuple[str, ...] = ()  # earlier runs that ended before the format's files had their records
 
 
 @dataclass
@@ -173,11 +175,15 @@ class Run:
             except RunStopped as e:
                 stopped = e
                 status = "interrupted" if isinstance(e.cause, Interrupted) else "stopped"
+                try:  # what it did record is in the format's files too (else its mark says so to the next run)
+                    self.finish_files(resumed, made)
+                except Exception as f:  # noqa: BLE001  (the store that stopped it, most often)
+                    log.warning("the output's %s files were not brought up to date: %s", self.cfg.output.format, f)
                 return self.step("write-stopped-record", lambda: self.write(record(status, stopped)), 0)
             except self.cancels:  # cancelled from outside (Prefect) before or after the stream
                 cancel()
                 raise
-            return self.step("write-run-record", lambda: self.finish(plan, made, record), 2)
+            return self.step("write-run-record", lambda: self.finish(plan, resumed, made, record), 2)
 
     # -- the steps ------------------------------------------------------------------------------------------------
 
@@ -200,8 +206,9 @@ class Run:
             for sub in (MANIFEST_DIR, *(fmt.folder for fmt in FORMATS.values())):
                 if loc.fs.exists(loc.path(sub)):
                     loc.fs.rm(loc.path(sub), recursive=True)
-            for run in open_runs(loc, but=self.run_id):  # nothing of theirs is left to take over
-                mark_closed(loc, run)
+            for kind in (OPEN, BEHIND):  # nothing of theirs is left to take over or to list
+                for run in open_runs(loc, but=self.run_id, kind=kind):
+                    mark_closed(loc, run, kind)
             log.info("--overwrite: removed earlier manifest, images and shards under %s", output)
             return Resumed(rows)
         # from writes a full disk or a kill cut short
@@ -213,8 +220,13 @@ class Run:
         uploaded = unspill(loc)
         if uploaded:
             log.info("wrote %d records an earlier run kept while the store was down: %s", len(uploaded), uploaded)
-        adopted = self.take_over(rows)
-        for fmt in FORMATS.values():
+        behind = tuple(open_runs(loc, but=self.run_id, kind=BEHIND))  # their records may be missing from the files
+        unclean = open_runs(loc, but=self.run_id)
+        if unclean:  # it may record the images they left
+            mark_open(loc, self.run_id, BEHIND)
+        taken = self.take_over(rows, unclean)
+        adopted, parts = taken.images, tuple(taken.parts)
+        for fmt in FORMATS.values() if unclean else ():  # only a run that ended unrecorded leaves what to tidy
             orphans = fmt.tidy(loc)  # what a reader would otherwise see twice once the run makes it again
             if orphans:
                 log.info(
@@ -227,7 +239,7 @@ class Run:
         found = drift(loc, rows, self.cfg)
         done, changed = found.done, None
         if len(done) == 0:
-            return Resumed(rows, adopted=adopted)
+            return Resumed(rows, adopted=adopted, parts=parts, behind=behind)
         if found.changes:
             in_place = FORMATS.of(self.cfg).remakes_in_place
             if self.cfg.data.on_changed_settings == "refuse" or not in_place:
@@ -242,16 +254,15 @@ class Run:
         todo = without_done(rows, done)
         skipped = image_count(rows) - image_count(todo) - adopted
         log.info("resuming: %d images already in the manifest are skipped, %d to generate", skipped, image_count(todo))
-        return Resumed(todo, skipped, adopted, changed)
+        return Resumed(todo, skipped, adopted, changed, parts, behind)
 
-    def take_over(self, rows: pa.Table) -> int:
-        """After a run that ended before recording every image it wrote (its mark is left on the output): record
-        the whole images it left that this run would make exactly so, and make only the rest (outputs/adopt.py).
-        Returns how many images it took over."""
+    def take_over(self, rows: pa.Table, unclean: list[str]) -> Adopted:
+        """After runs that ended before recording every image they wrote (`unclean`: their marks are left on the
+        output): record the whole images they left that this run would make exactly so, and make only the rest
+        (outputs/adopt.py)."""
         loc, log = self.loc, self.log
-        unclean = open_runs(loc, but=self.run_id)
         if not unclean:
-            return 0
+            return Adopted()
         adopted = take_over(loc, rows, self.cfg, self.run_id)
         log.info(
             "run %s ended before recording every image it wrote: %d whole images it left are taken over, not made "
@@ -265,10 +276,10 @@ class Run:
         )
         if adopted.others:  # whole images another table's rerun will take over: the marks stay for it
             log.info("%d unrecorded files or shards hold images of another table: left for its rerun", adopted.others)
-            return adopted.images
+            return adopted
         for run in unclean:  # every image they left is recorded now, or will be made again
             mark_closed(loc, run)
-        return adopted.images
+        return adopted
 
     def generate(self, rows: pa.Table, made: Generation, cancel: Callable[[], None]) -> None:
         """Check the models, open the executor (Ray: start or join the cluster, plan and reserve the placement),
@@ -298,6 +309,7 @@ class Run:
             with self.executor.open(cfg, explicit, images, loc, say) as session:
                 made.startup_seconds, made.plan = time.monotonic() - t0, session.record
                 mark_open(loc, run_id)  # until every image it writes is recorded (outputs/adopt.py)
+                mark_open(loc, run_id, BEHIND)  # until the format's files have every record it writes
                 output, models = self.params.output, made.models
                 stream = lambda rows, stop: session.records(rows, output, run_id, models, stop)  # noqa: E731
                 settler = session if isinstance(session, Settler) else None
@@ -327,7 +339,9 @@ class Run:
             for stop in stops:
                 stop()
 
-    def finish(self, plan: PromptPlan, made: Generation, record: Callable[..., RunRecord]) -> RunRecord:
+    def finish(
+        self, plan: PromptPlan, resumed: Resumed, made: Generation, record: Callable[..., RunRecord]
+    ) -> RunRecord:
         """Compact the run's manifest parts, write the format's end-of-run files, the rejected rows and the run
         record."""
         loc, result = self.loc, made.result
@@ -336,11 +350,23 @@ class Run:
             if removed:
                 result.parts = written
                 self.log.info("merged the run's %d manifest parts into %d", len(removed), len(written))
-        if result.done:
-            FORMATS.of(self.cfg).finish(loc)  # the format's own files (images/metadata.parquet for files)
+        self.finish_files(resumed, made)
         rejected = write_rejected(loc, self.run_id, plan.rejected)
         status = "done" if result.failed == 0 and not plan.rejected else "failed"
         return self.write(dataclasses.replace(record(status), rejected_file=rejected), spill=False)
+
+    def finish_files(self, resumed: Resumed, made: Generation) -> None:
+        """The format's end-of-run files (formats.py `finish`: images/<ab>/metadata.parquet for files) for the
+        images this run recorded -- for the whole output when an earlier run ended before its own (its mark is
+        left) -- then this run's mark and theirs removed."""
+        parts = [*resumed.parts, *made.result.parts]
+        if resumed.behind:  # (an output may hold more than one format)
+            for fmt in FORMATS.values():
+                fmt.finish(self.loc)
+        elif parts:
+            FORMATS.of(self.cfg).finish(self.loc, read_manifest(self.loc, ["id"], paths=parts).column("id").to_pylist())
+        for run in (*resumed.behind, self.run_id):
+            mark_closed(self.loc, run, BEHIND)
 
     # -- the record -----------------------------------------------------------------------------------------------
 

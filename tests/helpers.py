@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from ifbatch.configs.schema import CASCADE
 from ifbatch.tasks.inputs.expand import image_id
@@ -151,8 +154,6 @@ def image_ids(prompts: str, overrides: list[str]) -> dict[str, tuple[str, int]]:
 
 
 def part_ids(loc, path):
-    import pyarrow.parquet as pq
-
     with loc.fs.open(path, "rb") as f:
         t = pq.read_table(f, columns=["id", "status"]).to_pylist()
     return [r["id"] for r in t if r["status"] == "ok"]
@@ -186,3 +187,30 @@ def wait_gone(sid: int, timeout: float = 20) -> None:
     while session_processes(sid) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not session_processes(sid), session_processes(sid)
+
+
+def loaded_with_datasets(output: str, cache: str) -> set[str]:
+    """Open a files output with `load_dataset("imagefolder")`, as the README shows; check every image and its
+    columns against the manifest; the ids it holds."""
+    import datasets
+
+    loc = locate(output)
+    manifest = {r["id"]: r for r in read_manifest(loc).to_pylist() if r["status"] == "ok"}
+    opts = {"storage_options": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}} if output.startswith("s3://") else {}
+    files = {"data_files": f"{output}/images/**"} if output.startswith("s3://") else {"data_dir": f"{output}/images"}
+    # The suite runs with HF_HUB_OFFLINE=1 (no test may reach a model hub); datasets then refuses every remote URL,
+    # also the tests' own S3 server, so it is lifted for this read only.
+    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", not output.startswith("s3://")):
+        ds = datasets.load_dataset(
+            "imagefolder", split="train", cache_dir=cache, streaming=output.startswith("s3://"), **files, **opts
+        )
+    seen = set()
+    for row in ds:  # each image decoded by datasets is the image the manifest names, with its sha256 and size
+        rec = manifest[row["id"]]
+        data = read_image(loc, rec)
+        assert sha256(data) == rec["sha256"] and len(data) == rec["bytes"]
+        assert np.array_equal(np.asarray(row["image"]), np.asarray(Image.open(io.BytesIO(data))))
+        assert (row["prompt"], row["seed"], row["prompt_id"]) == (rec["prompt"], rec["seed"], rec["prompt_id"])
+        assert row["id"] not in seen
+        seen.add(row["id"])
+    return seen

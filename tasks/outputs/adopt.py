@@ -32,29 +32,32 @@ from .records import RUNS_DIR
 from .unrecorded import Unit
 
 OPEN = ".open"  # runs/<run id>.open: the run may have written images it has not recorded yet
+BEHIND = ".behind"  # runs/<run id>.behind: the format's end-of-run files (formats.py `finish`) may lack its records
 
 
-def mark_open(loc: Location, run_id: str) -> None:
-    """Before a run writes its first image."""
+def mark_open(loc: Location, run_id: str, kind: str = OPEN) -> None:
+    """Before a run writes its first image (OPEN) or record (BEHIND)."""
     doc = dict(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), at=dt.datetime.now(dt.UTC).isoformat())
-    loc.write_bytes(loc.path(RUNS_DIR, run_id + OPEN), json.dumps(doc).encode())
+    loc.write_bytes(loc.path(RUNS_DIR, run_id + kind), json.dumps(doc).encode())
 
 
-def mark_closed(loc: Location, run_id: str) -> None:
-    """Once every image the run wrote is recorded (or taken over by a later run)."""
-    path = loc.path(RUNS_DIR, run_id + OPEN)
+def mark_closed(loc: Location, run_id: str, kind: str = OPEN) -> None:
+    """Once every image the run wrote is recorded, or taken over by a later run (OPEN); once the format's files
+    include every record it wrote (BEHIND)."""
+    path = loc.path(RUNS_DIR, run_id + kind)
     if loc.fs.exists(path):
         loc.fs.rm_file(path)
 
 
-def open_runs(loc: Location, but: str | None = None) -> list[str]:
-    """The runs that may have left unrecorded images in this output (not `but`: the run asking)."""
+def open_runs(loc: Location, but: str | None = None, kind: str = OPEN) -> list[str]:
+    """The runs that may have left unrecorded images in this output (OPEN), or records the format's files lack
+    (BEHIND); not `but`: the run asking."""
     base = loc.path(RUNS_DIR)
     loc.fs.invalidate_cache(base)
     if not loc.fs.exists(base):
         return []
     names = [p.rsplit("/", 1)[-1] for p in loc.fs.ls(base, detail=False)]
-    return sorted(n[: -len(OPEN)] for n in names if n.endswith(OPEN) and n[: -len(OPEN)] != but)
+    return sorted(n[: -len(kind)] for n in names if n.endswith(kind) and n[: -len(kind)] != but)
 
 
 @dataclass

@@ -103,15 +103,17 @@ class Format:
         raise NotImplementedError
 
     def tidy(self, loc: Location) -> list[str]:
-        """Before a resumed run: remove what readers would see twice once the run makes it again."""
+        """Before a run that follows one that ended before recording every image it wrote: remove what readers
+        would see twice once the run makes it again."""
         return []
 
     def unit(self, loc: Location, ok: pa.Table, broken: dict[str, Problem], problems: list[Problem]) -> list[str]:
         """What `verify --repair` removes with the broken images (adding to `broken` what goes with them)."""
         return []
 
-    def finish(self, loc: Location) -> None:
-        """The end of a run that made images: the format's own files beside them."""
+    def finish(self, loc: Location, ids: list[str] | None = None) -> None:
+        """The end of a run that recorded images (`ids`, whatever their status; None: after `verify --repair`, the
+        whole output): the format's own files beside them."""
 
 
 class Files(Format):
@@ -123,8 +125,9 @@ class Files(Format):
         """The encoders write each image as a file, durable before its record is returned."""
         return [self.encoder(cfg, output, run_id, models, ledger, to_files=True)]
 
-    def finish(self, loc: Location) -> None:
-        write_image_metadata(loc)  # images/metadata.parquet, for load_dataset("imagefolder")
+    def finish(self, loc: Location, ids: list[str] | None = None) -> None:
+        if loc.fs.exists(loc.path(IMAGES_DIR)):  # images/<ab>/metadata.parquet, for load_dataset("imagefolder")
+            write_image_metadata(loc, ids)
 
     def read(self, loc: Location, rec: dict) -> bytes:
         return loc.fs.cat_file(image_path(loc, rec["image_uri"]))
@@ -150,9 +153,8 @@ class Files(Format):
         base = loc.path(IMAGES_DIR)
         loc.fs.invalidate_cache(base)
         files = loc.fs.find(base) if loc.fs.exists(base) else []
-        index = loc.path(IMAGES_DIR, METADATA)
-        # a local write in flight (or killed in flight) is not an image yet; the metadata table is the output's own
-        paths = [p for p in sorted(set(files) - named) if TMP_MARK not in p and p != index]
+        # a local write in flight (or killed in flight) is not an image yet; the metadata tables are the output's own
+        paths = [p for p in sorted(set(files) - named) if TMP_MARK not in p and posixpath.basename(p) != METADATA]
         return read_units(self, loc, paths)
 
     def read_unit(self, loc: Location, path: str) -> Unit:

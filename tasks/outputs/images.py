@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 
@@ -13,6 +12,7 @@ from PIL.PngImagePlugin import PngInfo
 from ifbatch.configs.schema import OutputConfig
 
 from ..storage import Location
+from .manifest import id_hash
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 IMAGES_DIR = "images"  # under the output root
@@ -23,7 +23,7 @@ EXIF_DESCRIPTION, EXIF_SOFTWARE = 0x010E, 0x0131
 
 def image_relpath(row_id: str, out: OutputConfig) -> str:
     """images/ab/cd/<id>.png: hashed shards keep every folder small, also with millions of rows."""
-    h = hashlib.blake2b(row_id.encode(), digest_size=8).hexdigest()
+    h = id_hash(row_id)
     shards = [h[2 * i : 2 * i + 2] for i in range(out.shard_depth)]
     return "/".join([IMAGES_DIR, *shards, f"{row_id}.{EXTENSIONS[out.image_format]}"])
 

@@ -3,11 +3,18 @@
 A row is done when an `ok` record for its id exists, or a `filtered` one (its best candidate scored under
 data.min_clip_score: a rerun does not make it again). Parts are an append-only log named by run and sequence;
 `read_manifest` keeps the latest record per id (a failed row that later succeeded shows once, as ok).
+
+Merged parts (outputs/compact.py) of many records are split by the hash of their ids (`id_hash`, the same hash
+that places an image file under images/): a part named `...-h<hex>.parquet` holds only ids whose hash starts with
+<hex>. What a run reads for its own images (resume) or folders (images/<ab>/metadata.parquet) is then those parts
+and the unsplit ones, not the whole output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,6 +57,34 @@ SCHEMA = pa.schema(list(RECORD_SCHEMA) + RUN_FIELDS)
 
 READERS = 16  # manifest parts read at once (resume, verify, compact: a long run writes thousands)
 BATCH = 512  # manifest parts held at once before they are cut down to their latest records
+
+
+BUCKET = re.compile(r"-h(?P<hex>[0-9a-f]{1,4})\.parquet$")  # a merged part of the ids whose hash starts with <hex>
+
+
+def id_hash(row_id: str) -> str:
+    """16 hex digits of an id's hash: where its image file goes (images/<ab>/<cd>/) and which split merged part
+    holds its record."""
+    return hashlib.blake2b(row_id.encode(), digest_size=8).hexdigest()
+
+
+def bucket_of(path: str) -> str | None:
+    """The hash prefix a split merged part holds (None: a part of any ids)."""
+    m = BUCKET.search(path)
+    return m.group("hex") if m else None
+
+
+def parts_of(paths: list[str], prefixes: Iterable[str]) -> list[str]:
+    """Of `paths`, the parts that may hold a record of an id whose hash starts with one of `prefixes`: every part
+    not split by hash, and the split ones whose prefix and one of `prefixes` agree as far as both go."""
+    wanted = set(prefixes)
+    heads = {w[:k] for w in wanted for k in range(1, len(w) + 1)}
+    out = []
+    for p in paths:
+        b = bucket_of(p)
+        if b is None or b in heads or any(b[:k] in wanted for k in range(1, len(b))):
+            out.append(p)
+    return out
 
 
 def part_paths(loc: Location) -> list[str]:
@@ -97,9 +132,11 @@ def read_manifest(
     columns: Iterable[str] | None = None,
     ids: Iterable[str] | None = None,
     paths: list[str] | None = None,
+    prefixes: Iterable[str] | None = None,
 ) -> pa.Table:
-    """All parts (or `paths`), the latest record per id (of `ids` only, when given); an empty table with the schema
-    when nothing was written yet. Memory follows the records, not the parts: parts are read BATCH at a time and each
+    """All parts (or `paths`), the latest record per id (of `ids` only, or of the ids whose hash starts with one of
+    `prefixes`, when given: then only the parts that may hold them are read); an empty table with the schema when
+    nothing was written yet. Memory follows the records, not the parts: parts are read BATCH at a time and each
     batch is cut down to its latest records and made one contiguous table before the next is read (a part read on
     its own costs ~80 KB of Arrow and Python objects, whatever it holds: 100,000 parts held at once took ~8 GB).
     A batch's parts are read READERS at once (on S3, as many requests)."""
@@ -107,6 +144,11 @@ def read_manifest(
     need = list(dict.fromkeys(["id", "written_at", *cols]))
     wanted = None if ids is None else pa.array(sorted(set(ids)), pa.string())
     paths = part_paths(loc) if paths is None else paths
+    heads = None if prefixes is None else tuple(sorted(set(prefixes)))
+    if wanted is not None:  # a record of these ids is only in the parts of their hashes' prefixes
+        paths = parts_of(paths, {id_hash(i) for i in wanted.to_pylist()})
+    elif heads is not None:
+        paths = parts_of(paths, heads)
     kept = []
     with ThreadPoolExecutor(max_workers=min(READERS, max(1, len(paths)))) as pool:  # parts are I/O: read at once
         for start in range(0, len(paths), BATCH):
@@ -114,6 +156,8 @@ def read_manifest(
             t = pa.concat_tables(pool.map(lambda path: _read_part(loc, path, need), paths[start : start + BATCH]))
             if wanted is not None:
                 t = t.filter(pc.is_in(t.column("id"), value_set=wanted))
+            elif heads is not None:
+                t = t.filter(pa.array([id_hash(i).startswith(heads) for i in t.column("id").to_pylist()], pa.bool_()))
             # the latest of a batch's records keep their order: the latest of the batches' latest is the latest
             kept.append(latest_per_id(t).combine_chunks())
     if not kept:

@@ -160,7 +160,7 @@ def repair(loc: Location, report: Report, ok: pa.Table) -> Repair:
     for WebDataset a damaged shard is the unit of repair -- every image in it is recorded as failed and the shard
     removed, so that readers of shards/ never meet the damage or, after the rerun, a second copy of a sample --
     and orphaned shards are removed too; orphaned files are listed, not deleted (a rerun overwrites any it makes
-    again). Rewrites images/metadata.parquet."""
+    again). Rewrites every images/<ab>/metadata.parquet."""
     recorded = set(ok.column("id").to_pylist())
     adopted = [u for u in report.adoptable if not set(u.ids) & recorded]
     parts = record(loc, adopted, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-verify")

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
 from ..helpers import manifest_rows, wait_gone, write_table
@@ -95,6 +96,8 @@ def stopped(proc, out: str, signum: int, seen: set[str], code: int, before: int,
     assert record["reason"] == f"stopped by {signal.Signals(signum).name}", record
     assert not Path(out, ".ifbatch-lease.json").exists()  # the output is free again
     assert not list(Path(out, "runs").glob("*.open"))  # every image it wrote is recorded: nothing to take over
+    tables = [str(p) for p in Path(out, "images").glob("*/metadata.parquet")]  # what load_dataset("imagefolder") reads
+    assert set(pq.read_table(tables).column("id").to_pylist()) == recorded and not list(Path(out).glob("runs/*.behind"))
 
 
 @pytest.fixture(scope="module")

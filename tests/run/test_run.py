@@ -26,6 +26,7 @@ from ..helpers import (
     cli,
     each_image_once,
     image_ids,
+    loaded_with_datasets,
     part_ids,
     read_bytes,
     sha256,
@@ -233,7 +234,9 @@ def test_killed_mid_run_then_rerun_takes_over_every_whole_image(where, layout, t
     assert sorted(len(v) for v in by_prompt.values()) == [1, 2, 2, 2, 3, 4]  # each image of a prompt differs
     if layout == "webdataset":
         assert sorted(shard_samples(out)) == sorted(sample_key(i) for i in expect)
-    assert not loc.fs.glob(loc.path("runs", "*.open"))  # nothing left to take over
+    else:  # the killed run's records too are in images/<ab>/metadata.parquet, not only the folders the rerun wrote
+        assert loaded_with_datasets(out, str(tmp_path / "hf")) == set(expect)
+    assert not loc.fs.glob(loc.path("runs", "*.open")) and not loc.fs.glob(loc.path("runs", "*.behind"))
 
 
 def test_two_runs_into_one_output_the_second_refuses_or_waits(tmp_path, tiny_set):

@@ -7,14 +7,9 @@ the images remade are signed again."""
 
 from __future__ import annotations
 
-import io
 import json
-import os
-from unittest import mock
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from ifbatch.tasks.inputs.expand import image_id
 from ifbatch.tasks.outputs.credentials import signer_of
@@ -25,7 +20,16 @@ from ifbatch.tasks.storage import locate
 
 from ..certs import make_chain
 from ..conftest import BUCKET
-from ..helpers import SMALL, check_outputs, cli, read_bytes, sha256, shard_samples, table_ids, write_table
+from ..helpers import (
+    SMALL,
+    check_outputs,
+    cli,
+    loaded_with_datasets,
+    read_bytes,
+    shard_samples,
+    table_ids,
+    write_table,
+)
 from .local import run_local
 
 pytestmark = pytest.mark.slow
@@ -108,7 +112,7 @@ def test_verify_repair_rerun_and_compact(where, layout, tmp_path, tiny_dir, s3_s
         assert signer_of(read_image(loc, r)) == r["c2pa_signer"]
         assert (r["c2pa_signer"] or "").startswith("ifbatch test signer;") == (layout == "files")
     if layout == "files":
-        assert loaded_with_datasets(out, str(tmp_path / "hf2")) == ids  # the rerun rewrote images/metadata.parquet
+        assert loaded_with_datasets(out, str(tmp_path / "hf2")) == ids  # the rerun rewrote images/<ab>/metadata.parquet
     else:
         assert sorted(shard_samples(out)) == sorted(sample_key(i) for i in ids)
 
@@ -118,33 +122,6 @@ def test_verify_repair_rerun_and_compact(where, layout, tmp_path, tiny_dir, s3_s
     assert res.returncode == 0 and "3 manifest parts merged into 1" in res.stdout, res.stdout + res.stderr
     loc.fs.invalidate_cache()
     assert len(part_paths(loc)) == 1 and sorted(read_manifest(loc).to_pylist(), key=lambda r: r["id"]) == before
-
-
-def loaded_with_datasets(output: str, cache: str) -> set[str]:
-    """Open a files output with `load_dataset("imagefolder")`, as the README shows; check every image and its
-    columns against the manifest; the ids it holds."""
-    import datasets
-
-    loc = locate(output)
-    manifest = {r["id"]: r for r in read_manifest(loc).to_pylist() if r["status"] == "ok"}
-    opts = {"storage_options": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}} if output.startswith("s3://") else {}
-    files = {"data_files": f"{output}/images/**"} if output.startswith("s3://") else {"data_dir": f"{output}/images"}
-    # The suite runs with HF_HUB_OFFLINE=1 (no test may reach a model hub); datasets then refuses every remote URL,
-    # also the tests' own S3 server, so it is lifted for this read only.
-    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", not output.startswith("s3://")):
-        ds = datasets.load_dataset(
-            "imagefolder", split="train", cache_dir=cache, streaming=output.startswith("s3://"), **files, **opts
-        )
-    seen = set()
-    for row in ds:  # each image decoded by datasets is the image the manifest names, with its sha256 and size
-        rec = manifest[row["id"]]
-        data = read_image(loc, rec)
-        assert sha256(data) == rec["sha256"] and len(data) == rec["bytes"]
-        assert np.array_equal(np.asarray(row["image"]), np.asarray(Image.open(io.BytesIO(data))))
-        assert (row["prompt"], row["seed"], row["prompt_id"]) == (rec["prompt"], rec["seed"], rec["prompt_id"])
-        assert row["id"] not in seen
-        seen.add(row["id"])
-    return seen
 
 
 def test_outputs_on_s3_open_with_the_standard_tools(tmp_path, s3_server):

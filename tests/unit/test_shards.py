@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -143,7 +144,8 @@ def test_a_files_output_opens_with_datasets_imagefolder(failed, tmp_path):
     out = str(tmp_path / "out")
     records = {r["id"]: r for r in write_output(out, 3, [], failed=failed).to_pylist()}
     loc = locate(out)
-    assert write_image_metadata(loc).endswith("images/metadata.parquet")
+    written = write_image_metadata(loc)  # a table per first-level folder of the ok images
+    assert written and all(re.search(r"/images/[0-9a-f]{2}/metadata\.parquet$", w) for w in written), written
     ds = datasets.load_dataset("imagefolder", data_dir=f"{out}/images", split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.num_rows == 3 - failed
     for row in ds.cast_column("image", datasets.Image(decode=False)):
