@@ -77,14 +77,14 @@ def bucket_of(path: str) -> str | None:
 def parts_of(paths: list[str], prefixes: Iterable[str]) -> list[str]:
     """Of `paths`, the parts that may hold a record of an id whose hash starts with one of `prefixes`: every part
     not split by hash, and the split ones whose prefix and one of `prefixes` agree as far as both go."""
+    buckets = {p: bucket_of(p) for p in paths}
+    lengths = {len(b) for b in buckets.values() if b}
+    if not lengths:
+        return list(paths)
     wanted = set(prefixes)
-    heads = {w[:k] for w in wanted for k in range(1, len(w) + 1)}
-    out = []
-    for p in paths:
-        b = bucket_of(p)
-        if b is None or b in heads or any(b[:k] in wanted for k in range(1, len(b))):
-            out.append(p)
-    return out
+    heads = {w[:k] for w in wanted for k in lengths if len(w) >= k}  # parts the prefix's ids are all in
+    shorter = tuple(w for w in wanted if len(w) < max(lengths))  # (a folder's prefix: parts it spans)
+    return [p for p, b in buckets.items() if b is None or b in heads or (shorter and b.startswith(shorter))]
 
 
 def part_paths(loc: Location) -> list[str]:
@@ -145,7 +145,7 @@ def read_manifest(
     wanted = None if ids is None else pa.array(sorted(set(ids)), pa.string())
     paths = part_paths(loc) if paths is None else paths
     heads = None if prefixes is None else tuple(sorted(set(prefixes)))
-    if wanted is not None:  # a record of these ids is only in the parts of their hashes' prefixes
+    if wanted is not None and any(bucket_of(p) for p in paths):  # their records are in their hashes' parts only
         paths = parts_of(paths, {id_hash(i) for i in wanted.to_pylist()})
     elif heads is not None:
         paths = parts_of(paths, heads)

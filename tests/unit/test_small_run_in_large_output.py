@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ifbatch.configs import load_config
+from ifbatch.tasks.outputs import manifest
 from ifbatch.tasks.outputs.compact import compact, split_digits
 from ifbatch.tasks.outputs.loadable import folder_of, metadata_paths, write_image_metadata
 from ifbatch.tasks.outputs.manifest import bucket_of, id_hash, part_paths, read_manifest, write_part
@@ -45,6 +46,16 @@ def test_split_digits_keep_parts_near_their_size():
     assert [split_digits(n, 4096) for n in (36, 4096, 4097, 65_536, 65_537, 1_000_000, 10**7, 10**10)] == [
         0, 0, 1, 1, 2, 2, 3, 4,
     ]  # fmt: skip
+
+
+def test_the_parts_an_id_or_a_folder_can_be_in_are_those_whose_prefixes_agree():
+    paths = [f"part-a-c20261201T000000000000Z-h{p:02x}.parquet" for p in range(256)] + ["part-b-00000.parquet"]
+    paths += [f"part-c-c20261201T000000000000Z-h{p:03x}.parquet" for p in range(4096)]
+    for wanted in ({id_hash(f"i{k}") for k in range(5)}, {"ab"}, {"0", "fff"}):
+        agree = [
+            p for p in paths if (b := bucket_of(p)) is None or any(b.startswith(w) or w.startswith(b) for w in wanted)
+        ]
+        assert manifest.parts_of(paths, wanted) == agree
 
 
 def test_a_merge_is_split_by_id_hash_and_a_few_ids_read_only_their_parts(tmp_path):
