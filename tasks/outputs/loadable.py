@@ -35,48 +35,65 @@ def folder_of(row_id: str) -> str:
     return id_hash(row_id)[:2]
 
 
+def table_path(loc: Location, folder: str) -> str:
+    return loc.path(IMAGES_DIR, folder, METADATA) if folder else loc.path(IMAGES_DIR, METADATA)
+
+
 def metadata_paths(loc: Location) -> dict[str, str]:
-    """The output's metadata tables, by folder (TOP: images/metadata.parquet)."""
+    """The output's metadata tables, by folder (TOP: images/metadata.parquet): one LIST of images/, then a HEAD a
+    folder (not a listing of every folder's sub-folders)."""
     base = loc.path(IMAGES_DIR)
     loc.fs.invalidate_cache(base)
     if not loc.fs.exists(base):
         return {}
-    found = loc.fs.glob(loc.path(IMAGES_DIR, "*", METADATA)) + loc.fs.glob(loc.path(IMAGES_DIR, METADATA))
-    return {_folder_of_table(loc, p): p for p in found}
-
-
-def _folder_of_table(loc: Location, path: str) -> str:
-    rel = path[len(loc.path(IMAGES_DIR)) :].strip("/")
-    return rel.split("/")[0] if "/" in rel else TOP
+    found = {}
+    for name in [TOP, *sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in loc.fs.ls(base, detail=False))]:
+        if (name == TOP or len(name) == 2) and loc.fs.exists(table_path(loc, name)):
+            found[name] = table_path(loc, name)
+    return found
 
 
 def write_image_metadata(loc: Location, ids: Iterable[str] | None = None) -> list[str]:
     """Write the metadata tables of the folders that hold `ids` (the images a run recorded, whatever their status;
     None: every folder), each for the manifest's ok image files in it; a folder left without one loses its table.
     Returns the URIs written. Every folder is rewritten instead when images/ has a table of its own (an output
-    with images directly in images/, or from an ifbatch before per-folder tables) or a table with other columns
-    (from another ifbatch version): `load_dataset` wants one set of columns."""
-    have = metadata_paths(loc)
-    folders = None if ids is None or TOP in have else {folder_of(i) for i in ids}
-    t = read_manifest(loc) if folders is None else read_manifest(loc, prefixes=folders)
-    t = t.filter(pc.and_(pc.equal(t.column("status"), "ok"), pc.is_valid(t.column("image_uri"))))
+    with images directly in images/, or from an ifbatch before per-folder tables) or another folder's table has
+    other columns (from another ifbatch version): `load_dataset` wants one set of columns. What it asks the store
+    for a run's folders: one LIST of images/ and a HEAD a folder, not every table."""
+    if ids is None or loc.fs.exists(table_path(loc, TOP)):
+        return _write(loc, None, metadata_paths(loc))
+    folders = {folder_of(i) for i in ids}
+    t = _ok(read_manifest(loc, prefixes=folders))
     tables = _tables(t)
-    if folders is not None and TOP in tables:  # images directly in images/: one table of them all
-        return write_image_metadata(loc)
-    other = None if folders is None else next((p for f, p in have.items() if f not in folders), None)
+    if TOP in tables:  # images directly in images/: one table of them all
+        return _write(loc, None, metadata_paths(loc))
+    base = loc.path(IMAGES_DIR)
+    loc.fs.invalidate_cache(base)
+    names = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in loc.fs.ls(base, detail=False))
+    untouched = [table_path(loc, f) for f in names if len(f) == 2 and f not in folders][:8]
+    other = next((p for p in untouched if loc.fs.exists(p)), None)  # (any folder with images has its table)
     if other and tables and _schema(loc, other) != next(iter(tables.values())).schema:
-        return write_image_metadata(loc)  # another version's columns in a folder this run did not touch
-    written = []
-    for folder in sorted(tables.keys() | (folders if folders is not None else set()) | have.keys()):
-        if folders is not None and folder not in folders:
-            continue
-        path = loc.path(IMAGES_DIR, folder, METADATA) if folder else loc.path(IMAGES_DIR, METADATA)
+        return _write(loc, None, metadata_paths(loc))  # another version's columns in a folder this run did not touch
+    have = {f: table_path(loc, f) for f in folders if f not in tables and loc.fs.exists(table_path(loc, f))}
+    return _write(loc, tables, have)
+
+
+def _ok(t: pa.Table) -> pa.Table:
+    return t.filter(pc.and_(pc.equal(t.column("status"), "ok"), pc.is_valid(t.column("image_uri"))))
+
+
+def _write(loc: Location, tables: dict[str, pa.Table] | None, stale: dict[str, str]) -> list[str]:
+    """Write `tables` (None: every folder's, from the whole manifest) and remove the tables in `stale` that are
+    not among them."""
+    tables = _tables(_ok(read_manifest(loc))) if tables is None else tables
+    for folder, path in stale.items():
         if folder not in tables:
-            if folder in have:
-                loc.fs.rm_file(path)
-            continue
+            loc.fs.rm_file(path)
+    written = []
+    for folder in sorted(tables):
         buf = io.BytesIO()
         pq.write_table(tables[folder], buf, compression="zstd")
+        path = table_path(loc, folder)
         loc.write_bytes(path, buf.getvalue())
         written.append(loc.uri(path))
     return written

@@ -24,6 +24,8 @@ from tests.helpers import writer_rows
 
 from .test_manifest import records
 
+SLOW = pytest.mark.slow  # each opens the output with datasets (1-2 s): in the full suite, not the fast layer
+
 
 def spoiled(paths: list[str]) -> dict[str, bytes]:
     """Make `paths` unreadable as Parquet; returns their bytes, to put back."""
@@ -116,6 +118,7 @@ def loaded(out: str, cache: str) -> dict[str, str]:
     return seen
 
 
+@SLOW
 def test_a_small_runs_end_rewrites_only_the_tables_of_its_folders(tmp_path):
     out = str(tmp_path / "out")
     loc = locate(out)
@@ -142,6 +145,7 @@ def test_a_small_runs_end_rewrites_only_the_tables_of_its_folders(tmp_path):
     assert loaded(out, str(tmp_path / "hf")) == want  # the whole output, once each, from the per-folder tables
 
 
+@SLOW
 def test_one_table_of_an_earlier_ifbatch_is_replaced_by_the_folders_tables_once(tmp_path):
     out = str(tmp_path / "out")
     loc = locate(out)
@@ -158,6 +162,7 @@ def test_one_table_of_an_earlier_ifbatch_is_replaced_by_the_folders_tables_once(
     assert set(loaded(out, str(tmp_path / "hf"))) == {f"o{i}" for i in range(30)} | {"new"}
 
 
+@SLOW
 def test_images_directly_in_images_have_one_table_rewritten_whole(tmp_path):
     out = str(tmp_path / "out")
     loc = locate(out)
@@ -167,3 +172,17 @@ def test_images_directly_in_images_have_one_table_rewritten_whole(tmp_path):
     assert write_image_metadata(loc, ["d12", "d13"]) == [loc.uri(loc.path("images", "metadata.parquet"))]
     assert list(metadata_paths(loc)) == [""]
     assert set(loaded(out, str(tmp_path / "hf"))) == {f"d{i}" for i in range(14)}
+
+
+@SLOW
+def test_a_table_with_another_versions_columns_has_every_table_rewritten(tmp_path):
+    out = str(tmp_path / "out")
+    loc = locate(out)
+    files_output(out, [f"v{i}" for i in range(40)], "20261201T000000Z-v1")
+    write_image_metadata(loc)
+    files_output(out, ["w0"], "20261202T000000Z-v2")
+    older = next(p for f, p in metadata_paths(loc).items() if f != folder_of("w0"))
+    pq.write_table(pq.read_table(older).drop_columns(["c2pa_signer"]), older)  # as an ifbatch before it wrote it
+    assert len(write_image_metadata(loc, ["w0"])) == len(metadata_paths(loc)) > 1  # every table, one set of columns
+    assert "c2pa_signer" in pq.read_schema(older).names
+    assert set(loaded(out, str(tmp_path / "hf"))) == {f"v{i}" for i in range(40)} | {"w0"}
