@@ -25,9 +25,9 @@ from ifbatch.configs.schema import CASCADE
 from ..helpers import SMALL, manifest_rows, write_table
 from ..services import fake_gpu_cluster
 
-# Not `alone` (it was: the other worker then waited ~2 min idle): beside test_operate, as the suite deals them out,
-# 163 s and everything held (both modules in 6 min 32 s; alone, 136 s plus the other worker's wait)
-pytestmark = pytest.mark.slow
+# Alone: beside test_operate it took 148-163 s and test_operate's Cancel test 213 s instead of 96 s (a whole
+# fresh-clone suite no shorter: 22 min 48 s), and test_pipeline's actor kill found no actor left once
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 SHAPE = (2, 1)  # fake GPUs per worker node
 
 
