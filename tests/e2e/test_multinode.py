@@ -26,7 +26,7 @@ from ..helpers import SMALL, manifest_rows, write_table
 from ..services import fake_gpu_cluster
 
 # Alone: beside test_operate it took 148-163 s and test_operate's Cancel test 213 s instead of 96 s (a whole
-# fresh-clone suite no shorter: 22 min 48 s), and test_pipeline's actor kill found no actor left once
+# fresh-clone suite was no shorter: 22 min 48 s)
 pytestmark = [pytest.mark.slow, pytest.mark.alone]
 SHAPE = (2, 1)  # fake GPUs per worker node
 
