@@ -17,7 +17,7 @@ import re
 import numpy as np
 
 from ..storage import Location
-from .manifest import id_hash, part_paths, read_manifest, write_table
+from .manifest import id_hash, part_paths, read_manifest, take, write_table
 
 PART = re.compile(r"^part-(?P<run>.+?)-(?:c\d{8}T\d{12}Z-(?:h[0-9a-f]{1,4}|\d{5})|\d{5})\.parquet$")
 PART_ROWS = 4096  # records per merged part, about: what a run reads per image of its own in a large output
@@ -73,5 +73,5 @@ def merge(loc: Location, parts: list[str], part_rows: int = PART_ROWS) -> list[s
     ends = np.cumsum(np.bincount(at, minlength=len(prefixes)))
     written = []
     for prefix, start, end in zip(prefixes, [0, *ends[:-1]], ends, strict=True):
-        written.append(write_table(loc, table.take(order[start:end]), f"{name}-h{prefix}.parquet"))
+        written.append(write_table(loc, take(table, order[start:end]), f"{name}-h{prefix}.parquet"))  # ascending
     return written

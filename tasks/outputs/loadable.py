@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from ..storage import Location
 from .images import IMAGES_DIR
-from .manifest import id_hash, read_manifest
+from .manifest import id_hash, read_manifest, take
 
 METADATA = "metadata.parquet"  # in each folder of images/ that holds images
 DROPPED = ("status", "error", "format", "image_uri", "shard", "member", "offset", "placement")  # not facts of the image
@@ -116,4 +116,4 @@ def _tables(t: pa.Table) -> dict[str, pa.Table]:
         rows.setdefault(folder, []).append(i)
         names.append(rest)
     table = t.select(keep).add_column(0, "file_name", pa.array(names, pa.string()))
-    return {f: table.take(pa.array(at, pa.int64())) for f, at in rows.items()}
+    return {f: take(table, at) for f, at in rows.items()}  # (positions ascending: a block at a time)

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -159,10 +160,10 @@ def read_manifest(
             elif heads is not None:
                 t = t.filter(pa.array([id_hash(i).startswith(heads) for i in t.column("id").to_pylist()], pa.bool_()))
             # the latest of a batch's records keep their order: the latest of the batches' latest is the latest
-            kept.append(latest_per_id(t).combine_chunks())
+            kept.append(contiguous(latest_per_id(t)))
     if not kept:
         return SCHEMA.empty_table().select(cols)
-    return latest_per_id(pa.concat_tables(kept)).select(cols).combine_chunks()
+    return contiguous(latest_per_id(pa.concat_tables(kept)).select(cols))
 
 
 def latest_per_id(t: pa.Table) -> pa.Table:
@@ -175,7 +176,34 @@ def latest_per_id(t: pa.Table) -> pa.Table:
     ranked = ranked.append_column("_at", order)
     best = ranked.group_by("id").aggregate([("_rank", "max")]).column("_rank_max")
     rows = pc.take(ranked.column("_at"), best)  # positions in t of each id's latest record
-    return t.take(pc.take(rows, pc.sort_indices(rows))).drop_columns(["_pos"])
+    return take(t, pc.take(rows, pc.sort_indices(rows))).drop_columns(["_pos"])
+
+
+CHUNK_ROWS = 1 << 16  # rows of a read's result in one chunk: a string column's chunk holds at most 2 GiB (32 KB a row)
+
+
+def take(t: pa.Table, indices) -> pa.Table:
+    """t.take(indices) for ascending `indices`, a block of CHUNK_ROWS rows of t at a time, each block's rows one
+    chunk: taking from a whole output's records at once concatenates each column's chunks first, which overflows
+    a string column's 32-bit offsets (seen at ten million records: `offset overflow while concatenating arrays`)."""
+    if t.num_rows <= CHUNK_ROWS:
+        return t.take(indices)
+    at = np.asarray(indices, dtype=np.int64)
+    starts = range(0, t.num_rows, CHUNK_ROWS)
+    bounds = np.searchsorted(at, [*starts, t.num_rows])
+    blocks = [
+        t.slice(start, CHUNK_ROWS).take(pa.array(at[lo:hi] - start))
+        for start, lo, hi in zip(starts, bounds[:-1], bounds[1:], strict=True)
+        if hi > lo
+    ]
+    return pa.concat_tables(blocks) if blocks else t.slice(0, 0)
+
+
+def contiguous(t: pa.Table) -> pa.Table:
+    """t.combine_chunks(), in chunks of CHUNK_ROWS rows (see take)."""
+    if t.num_rows <= CHUNK_ROWS:
+        return t.combine_chunks()
+    return pa.concat_tables([t.slice(i, CHUNK_ROWS).combine_chunks() for i in range(0, t.num_rows, CHUNK_ROWS)])
 
 
 DONE = ("ok", "filtered")  # the statuses a rerun does not make again

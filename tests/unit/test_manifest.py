@@ -91,3 +91,19 @@ def test_an_output_whose_name_holds_glob_characters_reads(tmp_path):
         ("a", "ok"),
         ("b", "failed"),
     ]
+
+
+def test_a_large_read_is_made_of_chunks_a_string_column_can_hold(tmp_path, monkeypatch):
+    """A whole output's records in one chunk overflow a string column's 32-bit offsets past 2 GiB (ten million
+    records did: benchmarks/end_of_run_bench.py); a read is made of CHUNK_ROWS-row chunks, with the same records."""
+    loc = locate(str(tmp_path))
+    ids = [f"i{n:02d}" for n in range(20)]
+    write_part(loc, records(ids, ["ok"] * 20), "run1", '{"m": 1}', 0)
+    write_part(loc, records(ids[5:], ["failed"] * 15), "run2", '{"m": 2}', 0)
+    whole = read_manifest(loc)
+    monkeypatch.setattr(manifest, "CHUNK_ROWS", 3)
+    chunked = read_manifest(loc)
+    assert chunked.equals(whole) and chunked.num_rows == 20
+    assert chunked.column("prompt").num_chunks > 1 and max(len(c) for c in chunked.column("prompt").chunks) <= 3
+    t = pa.table({"x": list(range(10))})
+    assert manifest.take(t, [0, 2, 3, 7, 9]).column("x").to_pylist() == [0, 2, 3, 7, 9]  # a block at a time
