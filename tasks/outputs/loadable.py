@@ -42,15 +42,19 @@ def table_path(loc: Location, folder: str) -> str:
 def metadata_paths(loc: Location) -> dict[str, str]:
     """The output's metadata tables, by folder (TOP: images/metadata.parquet): one LIST of images/, then a HEAD a
     folder (not a listing of every folder's sub-folders)."""
+    folders = _folders(loc)
+    if folders is None:
+        return {}
+    return {f: table_path(loc, f) for f in [TOP, *folders] if loc.fs.exists(table_path(loc, f))}
+
+
+def _folders(loc: Location) -> list[str] | None:
+    """The first-level folders under images/ (one LIST; None when there is no images/)."""
     base = loc.path(IMAGES_DIR)
     loc.fs.invalidate_cache(base)
     if not loc.fs.exists(base):
-        return {}
-    found = {}
-    for name in [TOP, *sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in loc.fs.ls(base, detail=False))]:
-        if (name == TOP or len(name) == 2) and loc.fs.exists(table_path(loc, name)):
-            found[name] = table_path(loc, name)
-    return found
+        return None
+    return sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in loc.fs.ls(base, detail=False)) if len(n) == 2)
 
 
 def write_image_metadata(loc: Location, ids: Iterable[str] | None = None) -> list[str]:
@@ -67,10 +71,7 @@ def write_image_metadata(loc: Location, ids: Iterable[str] | None = None) -> lis
     tables = _tables(t)
     if TOP in tables:  # images directly in images/: one table of them all
         return _write(loc, None, metadata_paths(loc))
-    base = loc.path(IMAGES_DIR)
-    loc.fs.invalidate_cache(base)
-    names = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in loc.fs.ls(base, detail=False))
-    untouched = [table_path(loc, f) for f in names if len(f) == 2 and f not in folders][:8]
+    untouched = [table_path(loc, f) for f in _folders(loc) or [] if f not in folders][:8]
     other = next((p for p in untouched if loc.fs.exists(p)), None)  # (any folder with images has its table)
     if other and tables and _schema(loc, other) != next(iter(tables.values())).schema:
         return _write(loc, None, metadata_paths(loc))  # another version's columns in a folder this run did not touch
