@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 
 from .quiet import quiet_libraries, quiet_progress_bars
 
@@ -164,6 +165,6 @@ def load(
         kwargs[dtype_kw] = torch_dtype(resolved.dtype)
     try:
         obj = loader(resolved.location, revision=resolved.commit or resolved.revision, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # (a damaged weights file: transformers lets the last out)
         raise ModelLoadError(f"cannot load {resolved.role} model from {resolved.location!r}: {err}") from err
     return obj.to(device) if device is not None and hasattr(obj, "to") else obj

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,6 +146,58 @@ def test_manual_placement_follows_the_config_and_auto_plans_the_gpu(tmp_path, ti
     for out in ("manual", "auto"):
         loc = locate(str(tmp_path / out))
         assert_final_images_are_the_cards(card, loc, read_manifest(loc).to_pylist())
+
+
+def test_a_model_that_cannot_load_on_the_cluster_stops_the_run_saying_which(
+    tmp_path, tiny_dir, ray_cluster, prefect_api
+):
+    """A stage actor loads its model after it is up (executor.loads_apart: the stages load at once); one whose
+    weights are unreadable stops the run in one line naming the model and the file, and no image is recorded."""
+    broken = tmp_path / "broken-cascade"
+    shutil.copytree(tiny_dir, broken)
+    weights = broken / "IF-II" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"not a safetensors file")
+    prompts = write_table(tmp_path / "p.parquet", {"prompt": SMALL[:2]})
+    t0 = time.monotonic()
+    state, summary = run_flow(prompts, str(tmp_path / "out"), [f"tiny.dir={broken}"])
+    assert state.is_failed() and time.monotonic() - t0 < 300
+    assert "ModelLoadError: cannot load stage_2 model from" in state.message and str(weights) in state.message
+    assert "Traceback" not in state.message and "\n" not in state.message.strip(), state.message
+    assert not read_manifest(locate(str(tmp_path / "out"))).num_rows
+
+
+def test_a_stage_actor_sent_sigterm_while_it_loads_leaves_without_a_crash_dump(ray_cluster):
+    """`ray stop` or a node drained while a stage loads its models: the actor leaves at once. With Ray's own handler
+    it aborted with a C++ stack dump (whether it loaded in its constructor or in a thread), which Ray forwards to
+    the driver's terminal; 3 of 3 before."""
+    import psutil
+    import ray
+
+    from ifbatch.tasks.stream.ray.startup import loads_apart
+
+    class Loading:  # a load: minutes of work on real weights, seconds here
+        name = "stage_3"
+
+        def __init__(self):
+            import torch
+
+            t = time.monotonic()
+            while time.monotonic() - t < 20:
+                torch.randn(128, 128) @ torch.randn(128, 128)
+
+        def __call__(self, batch):
+            return batch
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for _ in range(2):
+        actor = ray.remote(max_concurrency=2, num_cpus=0)(loads_apart(Loading)).remote()
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)  # up; its load under way
+        time.sleep(1)
+        os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=30)
+        (err,) = logs.glob(f"worker-*-{pid}.err")
+        assert "SIGABRT" not in err.read_text() and "Fatal Python error" not in err.read_text(), err.read_text()
 
 
 def test_cli_rejects_bad_overrides_before_starting(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -147,6 +148,26 @@ def test_missing_local_directory_is_named(tmp_path):
     cfg = load_config("if-xl", [f"stage_1.source={tmp_path}/nope", "device=cpu"])
     with pytest.raises(ModelLoadError, match=r"stage_1.*nope.*does not exist"):
         Stage1(cfg.stage_1, "cpu")
+
+
+DAMAGED = ["IF-I/text_encoder/model.safetensors", "IF-II/unet/diffusion_pytorch_model.safetensors"]
+
+
+@pytest.mark.parametrize("damaged", DAMAGED)
+def test_a_damaged_weights_file_is_named(tiny_dir, tmp_path, damaged):
+    """A truncated download or a bad disk: transformers (T5) and diffusers (a UNet) fail in different ways, and
+    both are said as the model that cannot load and the file."""
+    from ifbatch.models.encode import TextEncoder
+    from ifbatch.models.stage_2 import Stage2
+
+    copy = tmp_path / "cascade"
+    shutil.copytree(tiny_dir, copy)
+    (copy / damaged).write_bytes(b"\x00" * 64)
+    cfg = load_config("tiny", [f"tiny.dir={copy}"])
+    role = "text_encoder" if "text_encoder" in damaged else "stage_2"
+    with pytest.raises(ModelLoadError, match=rf"cannot load {role} model from '{copy}") as e:
+        TextEncoder(cfg.text_encoder, "cpu") if role == "text_encoder" else Stage2(cfg.stage_2, "cpu")
+    assert damaged.split("/")[0] in str(e.value)
 
 
 def _load_in_subprocess(env: dict[str, str], prelude: str = "") -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from ifbatch.models.params import StageParams
 from ifbatch.tasks.stream.stages import StageActor, placement
@@ -76,3 +77,43 @@ def test_parameters_that_crossed_the_object_store_keep_their_types():
     stage(batch)
     [(idx, params)] = stage.calls
     assert idx == [0, 1] and params == StageParams(4, 7.0, None) and type(params.steps) is int
+
+
+def test_a_ray_stage_actor_is_up_before_its_model_loads_and_its_batches_wait_for_the_load():
+    """loads_apart: the constructor returns while the load runs (Ray Data starts the next stage's actors then, so the
+    stages load at once); a batch waits for the load and then runs on what it loaded; a load that fails raises on
+    every batch, saying why; the class keeps its name (Ray names the actors by it)."""
+    import threading
+
+    from ifbatch.models.loading import ModelLoadError
+    from ifbatch.tasks.stream.ray.startup import load_failure, loads_apart
+
+    release = threading.Event()
+
+    class Slow(Recording):
+        def __init__(self, fail: bool = False):
+            assert release.wait(10)
+            if fail:
+                raise ModelLoadError("cannot load stage_1 model from '/m': bad header")
+            super().__init__()
+
+    actor_cls = loads_apart(Slow)
+    assert actor_cls.__name__ == "Slow" and issubclass(actor_cls, Slow)
+    actor = actor_cls()  # returns at once: the load waits on `release`
+    result = []
+    caller = threading.Thread(target=lambda: result.append(actor(batch_of(["a", "b"], [4, 4]))))
+    caller.start()
+    caller.join(0.3)
+    assert caller.is_alive() and not result  # the batch waits for the load
+    release.set()
+    caller.join(10)
+    assert result and list(result[0]["error"]) == ["", ""] and actor.calls == [([0, 1], actor.calls[0][1])]
+
+    failing = loads_apart(Slow)(fail=True)
+    for _ in range(2):
+        with pytest.raises(ModelLoadError, match="bad header"):
+            failing(batch_of(["a"], [4]))
+    # what the driver gets is Ray Data's text of it: said as the ModelLoadError itself
+    text = "UserCodeException ...\n  ifbatch.models.loading.ModelLoadError: cannot load stage_1 model from '/m': x\n"
+    assert str(load_failure(RuntimeError(text))) == "cannot load stage_1 model from '/m': x"
+    assert load_failure(RuntimeError("ValueError: other")) is None

@@ -26,9 +26,10 @@ from ..stages import STEPS
 from .ledger import read_back, settle, start_ledger
 from .placing import Calibration, Placement, placed
 from .session import ray_session
+from .startup import load_failure, loads_apart
 
 BLOCK_BYTES = 64 << 10  # see build_dataset
-ACTOR_START_S = 600  # how long a stage's actors may take to start and load their models
+ACTOR_START_S = 600  # how long a stage's actors may take to be up (their models load after: startup.py)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class RaySession:
             yield from self._calibrated(rows, output, run_id, models)
         except Exception as e:
             reported = self.placement.failed(e)
+            if reported is e:
+                reported = load_failure(e) or e
             if reported is e:
                 raise
             raise reported from e
@@ -196,8 +199,9 @@ def build_dataset(
     # At 1 MB, blocks of 2-3 stage II rows gave stage III (batch 4) a batch of 4 and one of 2, over and over
     # (8 of 19 calls were short at N = 1).
     ctx.target_max_block_size = BLOCK_BYTES
-    # Every actor of a stage is up before rows flow to it. Started lazily, the first replicas up took every
-    # batch while the others loaded (measured, 4 fake GPUs: two of four stage I replicas did all of its work).
+    # Every actor of a stage is up before rows flow to it (up: its process started; its models load after, every
+    # stage's at once: startup.py), so each replica's queue gets its share. Started lazily, the first replicas up
+    # took every batch while the others loaded (measured, 4 fake GPUs: two of four stage I replicas did all).
     ctx.wait_for_min_actors_s = ACTOR_START_S
     step = cfg.text_encoder.batch_size
     images = image_count(rows)
@@ -260,7 +264,7 @@ def _map_stage(ds, step, cfg: CascadeConfig, rows_per_call: int, where: dict, im
     # them, fetching and formatting the next batch -- then overlaps the model call instead of following it.
     # It cost 0.3 s of every 1.1 s stage III call on the 2-core machine (GPU busy 81% -> 99% at N = 1).
     return ds.map_batches(
-        step,
+        loads_apart(step),
         fn_constructor_kwargs={"cfg": cfg},
         batch_size=rows_per_call,
         batch_format="numpy",
