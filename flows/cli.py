@@ -244,9 +244,11 @@ def _generate(params, cfg, progress_bar: bool, prefect: bool = True) -> int:
     else:
         print(record.line)
         wall = time.monotonic() - t0
+        first, startup = record.first_image_seconds, record.startup_seconds
         print(
-            f"wall {wall:.1f} s: run {record.seconds:.1f} s, of which start-up (cluster, models, placement) "
-            f"{record.startup_seconds:.1f} s; {record.rows_per_second:.2f} images/s while generating"
+            f"wall {wall:.1f} s: run {record.seconds:.1f} s; start-up (cluster, placement) {startup:.1f} s"
+            + (f", first image after {first:.1f} s (models loaded)" if first is not None else "")
+            + f"; {record.rows_per_second:.2f} images/s while generating"
         )
         for err in record.errors[:5]:
             print(f"  failed {err['id']}: {err['error']}", file=sys.stderr)

@@ -416,6 +416,7 @@ class Run:
             traceback=trace,
             settled=made.settled,
             startup_seconds=made.startup_seconds,
+            first_image_seconds=made.startup_seconds + result.marks[0][0] if result.marks else None,
             rows_per_second=result.done / result.seconds if result.seconds else 0.0,
             steady_rows_per_second=result.steady_rows_per_second,
             plan=made.plan,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,4 +57,7 @@ def test_first_run_on_a_fresh_machine_completes_quietly(tmp_path):
     assert [r["truncated"] for r in rows if r["prompt"] == LONG] == [True]  # recorded, not warned about
     assert (tmp_path / "home" / ".cache" / "ifbatch" / "tiny-cascade" / "TINY_CASCADE.json").is_file()
     assert "starting a temporary Prefect API" in terminal and "4 images done, 0 failed" in terminal
+    # the timing line says when the first image came (Ray's actors load their models after the start-up)
+    timing = re.search(r"start-up \(cluster, placement\) ([\d.]+) s, first image after ([\d.]+) s", terminal)
+    assert timing and float(timing[1]) < float(timing[2]), terminal[-2000:]
     assert [n for n in NOISE if n in terminal] == []

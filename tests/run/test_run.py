@@ -53,6 +53,8 @@ def test_same_table_and_seeds_give_byte_identical_images(tmp_path, tiny_set):
     assert ha == hb and len(ha) == 4
     record = json.loads(read_bytes(str(next((tmp_path / "a" / "runs").glob("*.json")))))
     assert record["plan"]["mode"] == "local" and record["config"]["executor"] == "local"
+    # the first image came once the models had loaded: after the start-up, within the run
+    assert record["startup_seconds"] < record["first_image_seconds"] < record["seconds"], record
 
 
 def test_overwrite_starts_over(tmp_path, tiny_set):
