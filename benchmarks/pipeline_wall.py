@@ -2,8 +2,8 @@
 
 Each run is a fresh `ifbatch run` process (its own local Ray cluster and temporary Prefect API, as a user's
 first command gets) into an empty output. S3 is a SeaweedFS server started here (the tests' helper).
-Prints a table; the split comes from the CLI's own timing line: the run's start-up (cluster, placement), when its
-first image came out (the stage actors' models loaded), its rate.
+Prints a table; the split comes from the CLI's own timing line: the run's start-up (models checked, cluster,
+placement), when its first image came out (the stage actors' models loaded), its rate.
 
     python benchmarks/pipeline_wall.py [--repeat 1] [--skip-s3]
 """
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 EXAMPLES = ROOT / "examples" / "prompts.parquet"
 TIMING = re.compile(
-    r"wall ([\d.]+) s: run ([\d.]+) s; start-up \(cluster, placement\) ([\d.]+) s, "
+    r"wall ([\d.]+) s: run ([\d.]+) s; start-up \(models checked, cluster, placement\) ([\d.]+) s, "
     r"first image after ([\d.]+) s \(models loaded\); ([\d.]+) images/s while generating"
 )
 
@@ -78,7 +78,8 @@ def main() -> None:
         f"ifbatch run examples/prompts.parquet (36 rows, tiny preset) on {platform.node()}, "
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
     )
-    print("| output | process wall s | run s | start-up (cluster, placement) s | first image after s | images/s |")
+    head = ["output", "process wall s", "run s", "start-up (models checked, cluster, placement) s"]
+    print("| " + " | ".join(head) + " | first image after s | images/s |")
     print("|---|---|---|---|---|---|")
     for where, r in rows:
         print(

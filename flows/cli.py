@@ -246,7 +246,8 @@ def _generate(params, cfg, progress_bar: bool, prefect: bool = True) -> int:
         wall = time.monotonic() - t0
         first, startup = record.first_image_seconds, record.startup_seconds
         print(
-            f"wall {wall:.1f} s: run {record.seconds:.1f} s; start-up (cluster, placement) {startup:.1f} s"
+            f"wall {wall:.1f} s: run {record.seconds:.1f} s; "
+            f"start-up (models checked, cluster, placement) {startup:.1f} s"
             + (f", first image after {first:.1f} s (models loaded)" if first is not None else "")
             + f"; {record.rows_per_second:.2f} images/s while generating"
         )

@@ -87,8 +87,8 @@ class RunRecord:
     signal: int | None = None  # the signal that interrupted it
     traceback: str | None = None  # the whole chain of what stopped it (the terminal shows one line)
     settled: bool = True  # every image it wrote is recorded (else the next run takes over what it left)
-    startup_seconds: float = 0.0  # the executor's start: cluster and placement (Ray's actors load their models after)
-    first_image_seconds: float | None = None  # from the executor's start to the first image out (models loaded)
+    startup_seconds: float = 0.0  # models checked (the tiny ones built), the executor's start: cluster, placement
+    first_image_seconds: float | None = None  # from the same start to the first image out (Ray: the models loaded)
     rows_per_second: float = 0.0  # while generating
     steady_rows_per_second: float = 0.0  # between 20% and 80% of the images out
     plan: dict = field(default_factory=dict)  # the placement plan the run used, or why there was none

@@ -58,6 +58,6 @@ def test_first_run_on_a_fresh_machine_completes_quietly(tmp_path):
     assert (tmp_path / "home" / ".cache" / "ifbatch" / "tiny-cascade" / "TINY_CASCADE.json").is_file()
     assert "starting a temporary Prefect API" in terminal and "4 images done, 0 failed" in terminal
     # the timing line says when the first image came (Ray's actors load their models after the start-up)
-    timing = re.search(r"start-up \(cluster, placement\) ([\d.]+) s, first image after ([\d.]+) s", terminal)
+    timing = re.search(r"placement\) ([\d.]+) s, first image after ([\d.]+) s \(models loaded\)", terminal)
     assert timing and float(timing[1]) < float(timing[2]), terminal[-2000:]
     assert [n for n in NOISE if n in terminal] == []
