@@ -197,7 +197,8 @@ def test_a_stage_actor_sent_sigterm_while_it_loads_leaves_without_a_crash_dump(r
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).wait(timeout=30)
         (err,) = logs.glob(f"worker-*-{pid}.err")
-        assert "SIGABRT" not in err.read_text() and "Fatal Python error" not in err.read_text(), err.read_text()
+        text = err.read_text()
+        assert "SIGABRT" not in text and "Fatal Python error" not in text, text
 
 
 def test_cli_rejects_bad_overrides_before_starting(tmp_path):
