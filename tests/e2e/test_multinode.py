@@ -69,22 +69,27 @@ def placements(out: str) -> dict[tuple, set]:
     return held
 
 
-def planned_groups(address: str) -> dict[str, Counter]:
-    """{stage: Counter(node -> bundles)} of the ifbatch placement groups alive on the cluster now (read by a process
-    of its own: this one may be the driver of another cluster already)."""
+def planned_groups(address: str) -> tuple[dict[str, Counter], list[str]]:
+    """{stage: Counter(node -> bundles)} of the ifbatch placement groups alive on the cluster now, and the nodes of
+    the writers' ledger actors alive (read by a process of its own: this one may be the driver of another cluster
+    already)."""
     code = (
         "import json, ray\n"
         "from ray.util import placement_group_table\n"
+        "from ray._private.state import actors\n"  # (Ray's state API needs the dashboard, which the tests leave off)
         f"ray.init(address={address!r}, logging_level='ERROR')\n"
-        "print(json.dumps(list(placement_group_table().values())))\n"
+        "live = [a for a in actors().values() if a['ActorClassName'] == 'Ledger' and a['State'] == 'ALIVE']\n"
+        "ledgers = [a['Address']['NodeID'] for a in live]\n"
+        "print(json.dumps([list(placement_group_table().values()), ledgers]))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
+    groups, ledgers = json.loads(res.stdout.strip().splitlines()[-1])
     out = {}
-    for pg in json.loads(res.stdout.strip().splitlines()[-1]):
+    for pg in groups:
         if pg["name"].startswith("ifbatch-") and pg["state"] == "CREATED":
             out[pg["name"].removeprefix("ifbatch-")] = Counter(n[:12] for n in pg["bundles_to_node_id"].values())
-    return out
+    return out, [n[:12] for n in ledgers]
 
 
 def test_plans_for_every_gpu_of_uneven_nodes_and_survives_losing_one(cluster, tiny_dir, prefect_api, tmp_path):
@@ -100,14 +105,17 @@ def test_plans_for_every_gpu_of_uneven_nodes_and_survives_losing_one(cluster, ti
     # 1. The plan covers all 3 GPUs: each stage's bundles are on every worker, as many as it has GPUs (the head
     # has none: nothing there); stage actors run on every worker, never two of one stage on one GPU.
     proc = run_cli(prompts, out, c.address, env, *tiny, *flush, wait=False)
-    deadline, nodes, groups = time.monotonic() + 600, set(), {}
+    deadline, nodes, groups, ledgers = time.monotonic() + 600, set(), {}, []
     while time.monotonic() < deadline and proc.poll() is None and nodes != set(gpus_of):
         if Path(out, "manifest").exists() and any(Path(out, "manifest").glob("*.parquet")):
             nodes = {node for node, _ in placements(out)}
             if not set(CASCADE) <= set(groups):  # all reserved before the stream started, held until the run ends
-                groups = planned_groups(c.address)  # (a process each: asked once records come, not while it starts)
+                groups, ledgers = planned_groups(c.address)  # (a process each: asked once records come)
         time.sleep(0.5)
     assert nodes == set(gpus_of), f"stage actors ran on {nodes}, expected every worker {set(gpus_of)}"
+    # the writers' ledger is on the driver's node (the head: Ray joins a driver to the head of its host), never on a
+    # worker that may leave (it was once: the run then ended on the ledger's lost actor, not saying the node)
+    assert ledgers == [c.head_node.node_id[:12]], (ledgers, c.head_node.node_id[:12])
     for stage in ("stage_1", "stage_2", "stage_3"):
         assert groups[stage] == Counter(gpus_of), groups
     assert sum(groups["text_encoder"].values()) == 1

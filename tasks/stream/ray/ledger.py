@@ -61,11 +61,15 @@ class Ledger:
 
 
 def start_ledger():
-    """A Ledger actor for one stream (no CPU of the plan's: it only keeps lists). One call at a time: the calls of
-    one caller run in the order made (the driver's `received` before its `close` and `state`)."""
+    """A Ledger actor for one stream (no CPU of the plan's: it only keeps lists), on the driver's node: a worker node
+    that leaves mid-run must not take with it what the run's writers wrote (left to Ray's scheduler, it landed on
+    one, and the run ended on the ledger's lost actor instead of the lost node). One call at a time: the calls of one
+    caller run in the order made (the driver's `received` before its `close` and `state`)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(Ledger).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(Ledger).remote()
 
 
 def settle(ledger, poll_s: float = 0.05) -> dict[str, str] | None:
