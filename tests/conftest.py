@@ -15,6 +15,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Ray starts its workers at nice 15; on a 2-core test machine that also runs a Prefect server and a browser, the
 # stage actors then starve for minutes. The tests' own cluster gives them an even share.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# Under pytest-xdist the workers share the machine's cores, and so does every run process a test starts. Torch's
+# intra-op pool takes one thread per core in each of them by default; on 2 cores with 2 workers those threads spun
+# against each other: two run-layer modules side by side took 191 s and 362 CPU-seconds, 70 s and 106 with one
+# thread each (docs/development.md). Each worker gets its share of the cores, as Ray gives each actor its CPUs.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 import pytest  # noqa: E402
 
