@@ -20,7 +20,8 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 # against each other: two run-layer modules side by side took 191 s and 362 CPU-seconds, 70 s and 106 with one
 # thread each (docs/development.md). Each worker gets its share of the cores, as Ray gives each actor its CPUs.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    _share = len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # (macOS)
+    _share = _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 import pytest  # noqa: E402
