@@ -86,9 +86,9 @@ def prefect_api():
 LAYERS = ("unit", "run", "e2e")  # the order a serial run takes them: the fastest, most specific failures first
 
 # Under pytest-xdist (`-n 2 --dist loadfile`, pyproject's addopts) each module runs in one worker, its module-scoped
-# servers started once. The end-to-end modules are dealt out first, the longest first after test_cluster_placement
-# (about 1, 9, 3, 3, 3, 2, 2 and 1 minutes alone on 2 cores), so that they start at once on the two workers and the
-# run and unit tests fill in beside and after them. test_cluster_placement leads: its cluster must be the first one
+# servers started once. The end-to-end modules are dealt out first (about 0.6, 5, 2.6, 2, 1.5, 3.2, 1.4 and 1 minutes
+# in a whole run of the suite on 2 cores, 2026-12-07), so that they start at once on the two workers and the run and
+# unit tests fill in beside and after them. test_cluster_placement leads: its cluster must be the first one
 # its process joins (a process is the driver of one cluster at a time; the session's cluster stays joined).
 E2E_FIRST = (
     "test_cluster_placement",
@@ -102,10 +102,10 @@ E2E_FIRST = (
 )
 
 
-# Then the run layer's modules, the longest first (about 250, 95, 75, 75, 25 and 20 s beside the end-to-end tests),
+# Then the run layer's modules, the longest first (about 210, 70, 55, 35, 30 and 25 s beside the end-to-end tests),
 # so that the suite ends with short modules on both workers instead of one worker running the run layer's longest
 # while the other has finished (seen: ~2 minutes of one worker idle at the end).
-RUN_FIRST = ("test_run", "test_best_of_k", "test_parity", "test_verify", "test_models", "test_changed_settings")
+RUN_FIRST = ("test_run", "test_parity", "test_verify", "test_best_of_k", "test_models", "test_changed_settings")
 
 
 def _where(item) -> tuple[str, str]:
