@@ -115,7 +115,7 @@ def test_plans_for_every_gpu_of_uneven_nodes_and_survives_losing_one(cluster, ti
     assert nodes == set(gpus_of), f"stage actors ran on {nodes}, expected every worker {set(gpus_of)}"
     # the writers' ledger is on the driver's node (the head: Ray joins a driver to the head of its host), never on a
     # worker that may leave (it was once: the run then ended on the ledger's lost actor, not saying the node)
-    assert ledgers == [c.head_node.node_id[:12]], (ledgers, c.head_node.node_id[:12])
+    assert ledgers and set(ledgers) == {c.head_node.node_id[:12]}, (ledgers, c.head_node.node_id[:12])
     for stage in ("stage_1", "stage_2", "stage_3"):
         assert groups[stage] == Counter(gpus_of), groups
     assert sum(groups["text_encoder"].values()) == 1

@@ -61,10 +61,11 @@ class Ledger:
 
 
 def start_ledger():
-    """A Ledger actor for one stream (no CPU of the plan's: it only keeps lists), on the driver's node: a worker node
-    that leaves mid-run must not take with it what the run's writers wrote (left to Ray's scheduler, it landed on
-    one, and the run ended on the ledger's lost actor instead of the lost node). One call at a time: the calls of one
-    caller run in the order made (the driver's `received` before its `close` and `state`)."""
+    """A Ledger actor for one stream (no CPU of the plan's: it only keeps lists), on the driver's node (the head's,
+    for a driver joined through Ray Client): a worker node that leaves mid-run must not take with it what the run's
+    writers wrote (left to Ray's scheduler, it landed on one, and the run ended on the ledger's lost actor instead of
+    the lost node). One call at a time: the calls of one caller run in the order made (the driver's `received`
+    before its `close` and `state`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
